@@ -1,0 +1,177 @@
+"""Speed and memory benchmarks, measured side by side in one process. Never imported by tests for timing.
+
+    python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
+
+``step`` times one training batch (forward, backward, optimizer step) for AdamW and for PROFIT(AdamW) on the
+same model, data and settings, alternating the two in rounds so that drift (thermals, other processes) hits
+both alike, and prints the medians and their ratio. Peak memory is CUDA ``max_memory_allocated`` on a GPU;
+on the CPU it is the exact byte count of what the optimizer keeps alive (parameters, gradients, optimizer
+state, θ_ref), since the process RSS high-water mark cannot be reset between variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from profit_bench import UserError
+from profit_bench.models import MODELS, build_model
+from profit_bench.optim import PROFIT
+from profit_bench.tasks import Split, TaskData
+
+
+def synthetic_task(model: str, n: int, device: str) -> TaskData:
+    """CIFAR-shaped (3×32×32, 10 → 100 classes) random data, or the toy's 2-D regression for the MLP."""
+    if model == "mlp":
+        x, y = torch.rand(n, 2, device=device) * 2 - 1, torch.randn(n, 1, device=device)
+        s = Split(x, y)
+        return TaskData("synthetic-toy", "regression", s, s, s, s, (2,), 1, 1, "mse", False, False)
+    x = torch.randn(n, 3, 32, 32, device=device)
+    s = Split(x, torch.randint(0, 100, (n,), device=device))
+    return TaskData("synthetic-cifar", "classification", s, s, s, s, (3, 32, 32), 10, 100, "accuracy", True, True)
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+
+
+def make_variant(name: str, args, task: TaskData) -> Variant:
+    model = build_model(args.model, task, seed=0)
+    if args.device == "cuda" and args.model == "resnet18":
+        model = model.to(memory_format=torch.channels_last)
+    for p in model.heads["old"].parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    main = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
+    opt = PROFIT(main, ratio=args.ratio, n_ref=args.n_ref) if name.startswith("PROFIT") else main
+    return Variant(name, model, opt)
+
+
+def autocast(args):
+    if args.dtype == "bf16":
+        return torch.autocast(args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
+    """Run n_batches training steps; return seconds (synchronised at both ends)."""
+    x, y = task.new_train.x, task.new_train.y
+    sync(args.device)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        with autocast(args):
+            loss = task.loss(v.model(x, task="new").float(), y)
+        loss.backward()
+        v.opt.step()
+        v.opt.zero_grad(set_to_none=True)
+    sync(args.device)
+    return time.perf_counter() - t0
+
+
+def kept_bytes(v: Variant) -> int:
+    """Bytes the training state keeps between steps: parameters, gradients, optimizer state, θ_ref."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in v.model.parameters():
+        add(p)
+        if p.requires_grad:  # gradients are freed by zero_grad but live during every step
+            total += p.numel() * p.element_size()
+    states = [v.opt.state] + ([v.opt.main.state] if isinstance(v.opt, PROFIT) else [])
+    for st in states:
+        for s in st.values():
+            for t in s.values():
+                add(t)
+    return total
+
+
+def bench_step(args) -> list[dict]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    torch.manual_seed(0)
+    task = synthetic_task(args.model, args.batch_size, args.device)
+    names = ["AdamW", f"PROFIT(AdamW) ratio={args.ratio:g} n_ref={args.n_ref}"]
+    variants = [make_variant(n, args, task) for n in names]
+    block = args.n_ref + 1  # whole PROFIT cycles, so reference and main steps are weighed as they occur
+    peak = {}
+    for v in variants:  # warm-up (allocations, cudnn autotune, optimizer state), then the memory high-water mark
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        train_block(v, task, args, max(args.warmup, 2 * block))
+        peak[v.name] = torch.cuda.max_memory_allocated() if args.device == "cuda" else kept_bytes(v)
+    times = {v.name: [] for v in variants}
+    blocks = max(1, -(-args.steps // block))
+    rounds = 5
+    per_round = max(1, -(-blocks // rounds))
+    for r in range(rounds):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            for _ in range(per_round):
+                times[v.name].append(train_block(v, task, args, block) / block)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return [{"variant": v.name, "median_batch_s": statistics.median(times[v.name]),
+             "n_batches": len(times[v.name]) * block, "peak_bytes": peak[v.name]} for v in variants]
+
+
+def print_side_by_side(rows: list[dict], args) -> None:
+    base = rows[0]
+    what = "CUDA max_memory_allocated" if args.device == "cuda" else "params+grads+optimizer state"
+    print(f"model={args.model} batch={args.batch_size} dtype={args.dtype} device={args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" (threads={torch.get_num_threads()})"))
+    print(f"{'variant':<36} {'ms/batch':>10} {'time ×':>8} {'peak MiB':>10} {'mem ×':>8}   [{what}]")
+    for r in rows:
+        print(f"{r['variant']:<36} {1e3 * r['median_batch_s']:>10.2f} {r['median_batch_s'] / base['median_batch_s']:>8.3f}"
+              f" {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / base['peak_bytes']:>8.3f}")
+    print(f"(median over {rows[0]['n_batches']} batches each, in whole PROFIT cycles, alternating variants)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m profit_bench.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("step", help="per-batch time and peak memory: AdamW vs PROFIT(AdamW)")
+    st.add_argument("--model", choices=MODELS, default="resnet18")
+    st.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 32 on cpu")
+    st.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    st.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    st.add_argument("--steps", type=int, default=60, help="measured batches per variant (>= 50 recommended)")
+    st.add_argument("--warmup", type=int, default=10)
+    st.add_argument("--ratio", type=float, default=100.0)
+    st.add_argument("--n-ref", type=int, default=1)
+    st.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    args = ap.parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.batch_size is None:
+            args.batch_size = 512 if args.device == "cuda" else 32
+        rows = bench_step(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_side_by_side(rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

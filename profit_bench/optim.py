@@ -1,0 +1,247 @@
+"""PROFIT: PROximally FIne-Tuning optimizer (Algorithm 1 of the paper), as a wrapper around any torch optimizer.
+
+One ``step()`` per batch, like any optimizer. A cycle spans ``n_ref + 1`` calls:
+
+* call 1 saves θ_ref ← θ, then every reference call takes a plain SGD step θ ← θ − λ_ref·g with
+  λ_ref = group["lr"] / ratio read at that call (so it follows any LR schedule);
+* the last call computes Δ = θ − θ_ref and ω = ⟨Δ, g⟩ over *all* parameters (one global dot product),
+  projects g ← g − (ω/‖Δ‖²)·Δ when ω < 0, restores θ ← θ_ref by copy (bit-exact) and lets the main optimizer
+  step with the projected gradient, so its momentum and weight decay act at θ_ref.
+
+The fast path never syncs with the host: the ω < 0 decision is a ``torch.where`` on the device and all
+per-parameter work uses ``torch._foreach_*`` kernels. θ_ref is the only extra copy of the parameters: Δ is
+formed in place in θ (θ is overwritten by θ_ref right after), so no second parameter-sized buffer exists.
+
+``profit_bench/reference.py`` holds a literal transcription of Algorithm 1; ``tests/test_optim.py`` checks that
+this class agrees with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+__all__ = ["PROFIT"]
+
+
+class PROFIT(Optimizer):
+    """Wrap ``main`` so that it fine-tunes proximally.
+
+    Args:
+        main: the main optimizer O (any ``torch.optim.Optimizer``). PROFIT shares its ``param_groups``, so an LR
+            scheduler attached to either one drives both.
+        ratio: λ_main / λ_ref. The reference (SGD) step size of a group is ``group["lr"] / ratio``.
+        n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
+        process_group: set when parameters are *sharded* across ranks (FSDP, ZeRO): ω and ‖Δ‖² are then
+            all-reduced over it (two scalars per main step). Leave ``None`` for replicated parameters (DDP),
+            whose gradients are already identical on every rank.
+    """
+
+    def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1,
+                 process_group: dist.ProcessGroup | None = None):
+        if not isinstance(main, Optimizer):
+            raise TypeError(f"PROFIT wraps a torch.optim.Optimizer, got {type(main).__name__}")
+        if not ratio > 0:
+            raise ValueError(f"ratio must be > 0, got {ratio}")
+        if int(n_ref) != n_ref or n_ref < 1:
+            raise ValueError(f"n_ref must be an integer >= 1, got {n_ref}")
+        self.main = main
+        self.ratio = float(ratio)
+        self.n_ref = int(n_ref)
+        self.process_group = process_group
+        self.phase = 0  # calls already made in the current cycle; the call with phase == n_ref is the main step
+        self.main_steps = 0
+        super().__init__(main.param_groups, main.defaults)
+        # Share the very list, not only its dicts, so groups added to `main` later are seen here too.
+        self.param_groups = main.param_groups
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def is_main_step(self) -> bool:
+        """True when the next ``step()`` is the main step of the cycle."""
+        return self.phase == self.n_ref
+
+    @property
+    def mid_cycle(self) -> bool:
+        """True between the first reference step and the main step: θ is displaced from θ_ref."""
+        return self.phase > 0
+
+    @contextlib.contextmanager
+    def anchored(self) -> Iterator[None]:
+        """Evaluate at θ_ref: mid-cycle, swap θ_ref in and put the displaced weights back afterwards."""
+        if not self.mid_cycle:
+            yield
+            return
+        params, refs = self._saved()
+        self._swap(params, refs)
+        try:
+            yield
+        finally:
+            self._swap(params, refs)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """End training at θ_ref: abandon a cycle in progress (its reference steps are undone exactly)."""
+        if self.mid_cycle:
+            params, refs = self._saved()
+            torch._foreach_copy_(params, refs)
+        self.phase = 0
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.phase == 0:
+            self._save_reference()
+        if self.phase < self.n_ref:
+            self._reference_step()
+            self.phase += 1
+        else:
+            self._project_and_restore()
+            self.main.step()
+            self.phase = 0
+            self.main_steps += 1
+        return loss
+
+    def _save_reference(self) -> None:
+        """θ_ref ← θ for every parameter that has a gradient now; the others are never moved this cycle."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is None:
+                    state["has_ref"] = False
+                    continue
+                if "ref" not in state:
+                    state["ref"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                state["has_ref"] = True
+        params, refs = self._saved()
+        if params:
+            torch._foreach_copy_(refs, params)
+
+    def _reference_step(self) -> None:
+        for group in self.param_groups:
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is not None and self.state[p].get("has_ref", False):
+                    params.append(p)
+                    grads.append(p.grad)
+            if not params:
+                continue
+            lr = group["lr"]
+            lr_ref = (lr.item() if torch.is_tensor(lr) else lr) / self.ratio
+            sign = 1.0 if group.get("maximize", False) else -1.0
+            torch._foreach_add_(params, grads, alpha=sign * lr_ref)
+
+    def _project_and_restore(self) -> None:
+        params, refs = self._saved()
+        if not params:
+            return
+        # Δ is built in place in θ: θ is about to be overwritten by θ_ref, so Δ needs no buffer of its own.
+        torch._foreach_sub_(params, refs)
+        deltas = params
+        pairs = [(d, p.grad) for d, p in zip(deltas, params) if p.grad is not None]
+        if pairs:
+            d_g = [d for d, _ in pairs]
+            g_g = [g for _, g in pairs]
+            omega, delta_sq = self._global_dots(d_g, g_g)
+            # Projection coefficient ω/‖Δ‖² where ω < 0, else 0 — decided on the device, no host sync.
+            # ‖Δ‖ = 0 gives 0 (no projection) without any epsilon that would bias small Δ.
+            safe_sq = torch.where(delta_sq > 0, delta_sq, torch.ones_like(delta_sq))
+            coef = torch.where((omega < 0) & (delta_sq > 0), omega / safe_sq, torch.zeros_like(omega))
+            for device_pairs in _by_device(pairs):
+                d_dev = [d for d, _ in device_pairs]
+                g_dev = [g for _, g in device_pairs]
+                c = coef.to(d_dev[0].device)
+                torch._foreach_mul_(d_dev, -c)  # the Δ buffers (= θ) are scratch from here on
+                torch._foreach_add_(g_dev, d_dev)
+        torch._foreach_copy_(params, refs)  # restore θ ← θ_ref by copy: bit-exact
+
+    def _global_dots(self, deltas, grads):
+        """ω = ⟨Δ, g⟩ and ‖Δ‖² summed over every parameter of every group, as 0-d device tensors.
+
+        Both run over the parameters that have a gradient now, so the projected g is orthogonal to the Δ of
+        exactly the parameters the main step will move.
+        """
+        dev = deltas[0].device
+        omega = torch.stack([_dot(d, g).to(dev) for d, g in zip(deltas, grads)]).sum()
+        delta_sq = torch.stack([_dot(d, d).to(dev) for d in deltas]).sum()
+        if self.process_group is not None:
+            both = torch.stack([omega, delta_sq])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group)
+            omega, delta_sq = both[0], both[1]
+        return omega, delta_sq
+
+    # ------------------------------------------------------------------ state
+    def _saved(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params, refs = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state.get("has_ref", False):
+                    params.append(p)
+                    refs.append(state["ref"])
+        return params, refs
+
+    @staticmethod
+    @torch.no_grad()
+    def _swap(params: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+        # One parameter at a time, so the swap needs at most one tensor-sized temporary.
+        for p, r in zip(params, refs):
+            tmp = p.detach().clone()
+            p.copy_(r)
+            r.copy_(tmp)
+
+    def state_dict(self) -> dict:
+        """The main optimizer's state plus PROFIT's cycle position and θ_ref (by parameter index)."""
+        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
+        refs = {}
+        if self.mid_cycle:
+            for p, r in zip(*self._saved()):
+                refs[index[p]] = r
+        return {
+            "main": self.main.state_dict(),
+            "profit": {"ratio": self.ratio, "n_ref": self.n_ref, "phase": self.phase,
+                       "main_steps": self.main_steps, "refs": refs},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.main.load_state_dict(state_dict["main"])
+        self.param_groups = self.main.param_groups  # load_state_dict rebuilt the group dicts
+        saved = state_dict["profit"]
+        self.ratio, self.n_ref = float(saved["ratio"]), int(saved["n_ref"])
+        self.phase, self.main_steps = int(saved["phase"]), int(saved["main_steps"])
+        params = _all_params(self.param_groups)
+        self.state.clear()
+        for i, r in saved["refs"].items():
+            p = params[int(i)]
+            self.state[p]["ref"] = r.detach().to(device=p.device, dtype=p.dtype).clone()
+            self.state[p]["has_ref"] = True
+        for p in params:
+            self.state[p].setdefault("has_ref", False)
+
+    def __repr__(self) -> str:
+        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}, main={self.main!r})"
+
+
+def _all_params(param_groups) -> list[torch.Tensor]:
+    return [p for g in param_groups for p in g["params"]]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Accumulate in fp32 at least, whatever the parameter dtype.
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return torch.dot(a.reshape(-1).to(acc), b.reshape(-1).to(acc))
+
+
+def _by_device(pairs):
+    groups: dict[torch.device, list] = {}
+    for d, g in pairs:
+        groups.setdefault(d.device, []).append((d, g))
+    return groups.values()
