@@ -53,7 +53,10 @@ def make_variant(name: str, args, task: TaskData) -> Variant:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     main = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
-    opt = PROFIT(main, ratio=args.ratio, n_ref=args.n_ref) if name.startswith("PROFIT") else main
+    if name.startswith("PROFIT"):
+        memory = "low" if "low" in name else "full"
+        return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory))
+    opt = main
     return Variant(name, model, opt)
 
 
@@ -110,7 +113,8 @@ def bench_step(args) -> list[dict]:
         raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)
-    names = ["AdamW", f"PROFIT(AdamW) ratio={args.ratio:g} n_ref={args.n_ref}"]
+    names = ["AdamW"] + [f"PROFIT(AdamW){' low-mem' if m == 'low' else ''} ratio={args.ratio:g} n_ref={args.n_ref}"
+                         for m in (["full", "low"] if args.memory == "both" else [args.memory])]
     variants = [make_variant(n, args, task) for n in names]
     block = args.n_ref + 1  # whole PROFIT cycles, so reference and main steps are weighed as they occur
     peak = {}
@@ -125,7 +129,7 @@ def bench_step(args) -> list[dict]:
     rounds = 5
     per_round = max(1, -(-blocks // rounds))
     for r in range(rounds):
-        for v in (variants if r % 2 == 0 else variants[::-1]):
+        for v in (variants if r % 2 == 0 else variants[::-1]):  # alternate the order to cancel drift
             for _ in range(per_round):
                 times[v.name].append(train_block(v, task, args, block) / block)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
@@ -138,9 +142,9 @@ def print_side_by_side(rows: list[dict], args) -> None:
     what = "CUDA max_memory_allocated" if args.device == "cuda" else "params+grads+optimizer state"
     print(f"model={args.model} batch={args.batch_size} dtype={args.dtype} device={args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" (threads={torch.get_num_threads()})"))
-    print(f"{'variant':<36} {'ms/batch':>10} {'time ×':>8} {'peak MiB':>10} {'mem ×':>8}   [{what}]")
+    print(f"{'variant':<44} {'ms/batch':>10} {'time ×':>8} {'peak MiB':>10} {'mem ×':>8}   [{what}]")
     for r in rows:
-        print(f"{r['variant']:<36} {1e3 * r['median_batch_s']:>10.2f} {r['median_batch_s'] / base['median_batch_s']:>8.3f}"
+        print(f"{r['variant']:<44} {1e3 * r['median_batch_s']:>10.2f} {r['median_batch_s'] / base['median_batch_s']:>8.3f}"
               f" {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / base['peak_bytes']:>8.3f}")
     print(f"(median over {rows[0]['n_batches']} batches each, in whole PROFIT cycles, alternating variants)")
 
@@ -158,6 +162,8 @@ def main(argv=None) -> int:
     st.add_argument("--warmup", type=int, default=10)
     st.add_argument("--ratio", type=float, default=100.0)
     st.add_argument("--n-ref", type=int, default=1)
+    st.add_argument("--memory", choices=["full", "low", "both"], default="full",
+                    help="PROFIT variant(s): exact θ_ref copy, the low-memory approximation, or both")
     st.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
     try:

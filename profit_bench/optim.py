@@ -14,6 +14,9 @@ formed in place in θ (θ is overwritten by θ_ref right after), so no second pa
 
 ``profit_bench/reference.py`` holds a literal transcription of Algorithm 1; ``tests/test_optim.py`` checks that
 this class agrees with it.
+
+``memory="low"`` keeps no θ_ref at all (an approximation, see ``PROFIT.__init__``); ``memory="full"`` (default)
+is exact.
 """
 
 from __future__ import annotations
@@ -36,12 +39,20 @@ class PROFIT(Optimizer):
             scheduler attached to either one drives both.
         ratio: λ_main / λ_ref. The reference (SGD) step size of a group is ``group["lr"] / ratio``.
         n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
+        memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters) or ``"low"``
+            (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
+            Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m
+            (SGD ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly*
+            during the reference steps (⟨m, Δ⟩ = −Σ λ_ref⟨m, g_i⟩, m being constant within a cycle). The
+            projection then uses a·m for Δ and the restore is θ ← θ − a·m, so the part of Δ orthogonal to m
+            stays in the weights (a drift of at most ‖Δ‖ per cycle). The first cycle, before the main optimizer
+            has a buffer, takes no reference step. See docs/performance.md for its measured deviation.
         process_group: set when parameters are *sharded* across ranks (FSDP, ZeRO): ω and ‖Δ‖² are then
             all-reduced over it (two scalars per main step). Leave ``None`` for replicated parameters (DDP),
             whose gradients are already identical on every rank.
     """
 
-    def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1,
+    def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1, memory: str = "full",
                  process_group: dist.ProcessGroup | None = None):
         if not isinstance(main, Optimizer):
             raise TypeError(f"PROFIT wraps a torch.optim.Optimizer, got {type(main).__name__}")
@@ -49,7 +60,10 @@ class PROFIT(Optimizer):
             raise ValueError(f"ratio must be > 0, got {ratio}")
         if int(n_ref) != n_ref or n_ref < 1:
             raise ValueError(f"n_ref must be an integer >= 1, got {n_ref}")
+        if memory not in ("full", "low"):
+            raise ValueError(f"memory must be 'full' or 'low', got {memory!r}")
         self.main = main
+        self.memory = memory
         self.ratio = float(ratio)
         self.n_ref = int(n_ref)
         self.process_group = process_group
@@ -76,6 +90,13 @@ class PROFIT(Optimizer):
         if not self.mid_cycle:
             yield
             return
+        if self.memory == "low":  # approximate θ_ref; the displaced weights come back up to rounding
+            self._shift_low(-1.0)
+            try:
+                yield
+            finally:
+                self._shift_low(+1.0)
+            return
         params, refs = self._saved()
         self._swap(params, refs)
         try:
@@ -86,7 +107,9 @@ class PROFIT(Optimizer):
     @torch.no_grad()
     def finish(self) -> None:
         """End training at θ_ref: abandon a cycle in progress (its reference steps are undone exactly)."""
-        if self.mid_cycle:
+        if self.mid_cycle and self.memory == "low":
+            self._shift_low(-1.0)
+        elif self.mid_cycle:
             params, refs = self._saved()
             torch._foreach_copy_(params, refs)
         self.phase = 0
@@ -99,12 +122,12 @@ class PROFIT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.phase == 0:
-            self._save_reference()
+            self._start_low_memory_cycle() if self.memory == "low" else self._save_reference()
         if self.phase < self.n_ref:
             self._reference_step()
             self.phase += 1
         else:
-            self._project_and_restore()
+            self._project_and_restore_low() if self.memory == "low" else self._project_and_restore()
             self.main.step()
             self.phase = 0
             self.main_steps += 1
@@ -116,11 +139,11 @@ class PROFIT(Optimizer):
             for p in group["params"]:
                 state = self.state[p]
                 if p.grad is None:
-                    state["has_ref"] = False
+                    state["in_cycle"] = False
                     continue
                 if "ref" not in state:
                     state["ref"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                state["has_ref"] = True
+                state["in_cycle"] = True
         params, refs = self._saved()
         if params:
             torch._foreach_copy_(refs, params)
@@ -129,7 +152,7 @@ class PROFIT(Optimizer):
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                if p.grad is not None and self.state[p].get("has_ref", False):
+                if p.grad is not None and self.state[p].get("in_cycle", False):
                     params.append(p)
                     grads.append(p.grad)
             if not params:
@@ -137,6 +160,9 @@ class PROFIT(Optimizer):
             lr = group["lr"]
             lr_ref = (lr.item() if torch.is_tensor(lr) else lr) / self.ratio
             sign = 1.0 if group.get("maximize", False) else -1.0
+            if self.memory == "low":  # ⟨m, Δ⟩ grows by ⟨m, step⟩; m is constant within the cycle
+                ms = [self.state[p]["m"] for p in params]
+                self._m_dot_delta += sign * lr_ref * _sum_dots(ms, grads, self._m_dot_delta.device)
             torch._foreach_add_(params, grads, alpha=sign * lr_ref)
 
     def _project_and_restore(self) -> None:
@@ -178,13 +204,91 @@ class PROFIT(Optimizer):
             omega, delta_sq = both[0], both[1]
         return omega, delta_sq
 
+
+    # ------------------------------------------------------------------ memory="low"
+    _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+
+    def _first_moment(self, p: torch.Tensor) -> torch.Tensor | None:
+        state = self.main.state.get(p, {})
+        for key in self._MOMENTUM_KEYS:
+            if torch.is_tensor(state.get(key)):
+                return state[key]
+        if state:
+            raise ValueError(f"PROFIT(memory='low') needs a main optimizer with a first-moment buffer "
+                             f"({' or '.join(self._MOMENTUM_KEYS)}: SGD with momentum, Adam, AdamW, Adan); "
+                             f"{type(self.main).__name__} keeps {sorted(state)}")
+        return None
+
+    def _start_low_memory_cycle(self) -> None:
+        """Pick the parameters with a gradient and a momentum buffer; ⟨m, Δ⟩ starts at 0."""
+        first = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                m = self._first_moment(p) if p.grad is not None else None
+                self.state[p]["in_cycle"] = m is not None
+                if m is not None:
+                    self.state[p]["m"] = m
+                    first = first if first is not None else p
+                else:
+                    self.state[p].pop("m", None)
+        dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
+        self._m_dot_delta = torch.zeros((), device=first.device if first is not None else "cpu", dtype=dtype)
+
+    def _low_pairs(self):
+        params, ms = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and st.get("in_cycle", False) and "m" in st:
+                    params.append(p)
+                    ms.append(st["m"])
+        return params, ms
+
+    def _m_sq(self, ms) -> torch.Tensor:
+        m_sq = _sum_dots(ms, ms, self._m_dot_delta.device)
+        if self.process_group is not None:
+            both = torch.stack([m_sq, self._m_dot_delta])
+            dist.all_reduce(both, group=self.process_group)
+            return both[0], both[1]
+        return m_sq, self._m_dot_delta
+
+    def _shift_low(self, sign: float) -> None:
+        """θ ← θ + sign·a·m with a = ⟨m, Δ⟩/‖m‖²: sign = −1 moves to the approximate θ_ref."""
+        params, ms = self._low_pairs()
+        if not params:
+            return
+        m_sq, m_dot_delta = self._m_sq(ms)
+        a = torch.where(m_sq > 0, m_dot_delta / torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq)), 0.0)
+        for p, m in zip(params, ms):
+            p.addcmul_(m, (sign * a).to(p.device, p.dtype))
+
+    def _project_and_restore_low(self) -> None:
+        params, ms = self._low_pairs()
+        if not params:
+            return
+        m_sq, m_dot_delta = self._m_sq(ms)
+        with_grad = [(p, m) for p, m in zip(params, ms) if p.grad is not None]
+        if with_grad:
+            grads = [p.grad for p, _ in with_grad]
+            m_g = [m for _, m in with_grad]
+            m_dot_g = _sum_dots(m_g, grads, m_sq.device)
+            if self.process_group is not None:
+                dist.all_reduce(m_dot_g, group=self.process_group)
+            # Δ ≈ a·m, so ω = a⟨m, g⟩ and the projection of g off Δ is the projection off m.
+            omega = m_dot_delta * m_dot_g
+            safe = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
+            coef = torch.where((omega < 0) & (m_sq > 0), m_dot_g / safe, torch.zeros_like(m_sq))
+            for g, m in zip(grads, m_g):
+                g.addcmul_(m, (-coef).to(g.device, g.dtype))
+        self._shift_low(-1.0)
+
     # ------------------------------------------------------------------ state
     def _saved(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, refs = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and state.get("has_ref", False):
+                if state and state.get("in_cycle", False) and "ref" in state:
                     params.append(p)
                     refs.append(state["ref"])
         return params, refs
@@ -200,15 +304,17 @@ class PROFIT(Optimizer):
 
     def state_dict(self) -> dict:
         """The main optimizer's state plus PROFIT's cycle position and θ_ref (by parameter index)."""
-        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
-        refs = {}
+        params = _all_params(self.param_groups)
+        refs, in_cycle = {}, []
         if self.mid_cycle:
-            for p, r in zip(*self._saved()):
-                refs[index[p]] = r
+            in_cycle = [i for i, p in enumerate(params) if self.state.get(p, {}).get("in_cycle", False)]
+            if self.memory == "full":
+                refs = {i: self.state[params[i]]["ref"] for i in in_cycle}
         return {
             "main": self.main.state_dict(),
-            "profit": {"ratio": self.ratio, "n_ref": self.n_ref, "phase": self.phase,
-                       "main_steps": self.main_steps, "refs": refs},
+            "profit": {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "phase": self.phase,
+                       "main_steps": self.main_steps, "refs": refs, "in_cycle": in_cycle,
+                       "m_dot_delta": getattr(self, "_m_dot_delta", None)},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -217,17 +323,22 @@ class PROFIT(Optimizer):
         saved = state_dict["profit"]
         self.ratio, self.n_ref = float(saved["ratio"]), int(saved["n_ref"])
         self.phase, self.main_steps = int(saved["phase"]), int(saved["main_steps"])
+        self.memory = saved.get("memory", "full")
         params = _all_params(self.param_groups)
         self.state.clear()
-        for i, r in saved["refs"].items():
+        for i in saved.get("in_cycle", saved["refs"].keys()):
             p = params[int(i)]
-            self.state[p]["ref"] = r.detach().to(device=p.device, dtype=p.dtype).clone()
-            self.state[p]["has_ref"] = True
-        for p in params:
-            self.state[p].setdefault("has_ref", False)
+            self.state[p]["in_cycle"] = True
+            if self.memory == "low":
+                self.state[p]["m"] = self._first_moment(p)
+            else:
+                self.state[p]["ref"] = saved["refs"][i].detach().to(device=p.device, dtype=p.dtype).clone()
+        if saved.get("m_dot_delta") is not None:
+            self._m_dot_delta = saved["m_dot_delta"].detach().clone()
 
     def __repr__(self) -> str:
-        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}, main={self.main!r})"
+        mem = "" if self.memory == "full" else f", memory={self.memory!r}"
+        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{mem}, main={self.main!r})"
 
 
 def _all_params(param_groups) -> list[torch.Tensor]:
@@ -238,6 +349,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # Accumulate in fp32 at least, whatever the parameter dtype.
     acc = torch.promote_types(a.dtype, torch.float32)
     return torch.dot(a.reshape(-1).to(acc), b.reshape(-1).to(acc))
+
+
+def _sum_dots(xs, ys, device) -> torch.Tensor:
+    return torch.stack([_dot(x, y).to(device) for x, y in zip(xs, ys)]).sum()
 
 
 def _by_device(pairs):

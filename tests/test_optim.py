@@ -420,3 +420,114 @@ def test_fast_matches_reference_on_cuda(main_name):
     run_fast(model, PROFIT(MAINS[main_name](model.parameters()), ratio=10.0, n_ref=2), batches)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- memory="low"
+class AlongU(nn.Module):
+    """L = ½(⟨u, θ⟩ − t)²: every gradient is parallel to u, so Δ and the first moment m are too."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.u = torch.randn(12, generator=g, dtype=dtype)
+        self.theta = nn.Parameter(torch.randn(12, generator=g, dtype=dtype))
+
+    def loss(self, t):
+        return 0.5 * (self.u @ self.theta - t) ** 2
+
+
+@pytest.mark.parametrize("main_name", ["sgd_momentum", "adam", "adamw"])
+def test_low_memory_is_exact_when_delta_lies_along_the_momentum(main_name):
+    targets = torch.linspace(-2, 3, 16, dtype=torch.float64)
+    # The first low-memory cycle has no momentum yet (and takes no reference step), so start both modes from
+    # the same state after one plain step of the main optimizer.
+    warm = AlongU()
+    warm_opt = MAINS[main_name](warm.parameters())
+    warm_opt.zero_grad(); warm.loss(torch.tensor(1.0, dtype=torch.float64)).backward(); warm_opt.step()
+    runs = {}
+    for memory in ("full", "low"):
+        m = copy.deepcopy(warm)
+        main = MAINS[main_name](m.parameters())
+        main.load_state_dict(copy.deepcopy(warm_opt.state_dict()))
+        opt = PROFIT(main, ratio=10.0, n_ref=1, memory=memory)
+        for t in targets:
+            opt.zero_grad(); m.loss(t).backward(); opt.step()
+        runs[memory] = m.theta.detach()
+    torch.testing.assert_close(runs["low"], runs["full"], atol=1e-10, rtol=0)
+    assert not torch.equal(runs["full"], warm.theta.detach())
+
+
+def test_low_memory_restore_leaves_only_the_part_of_delta_orthogonal_to_m():
+    model = small_mlp(dtype=torch.float64)
+    main = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = PROFIT(main, ratio=10.0, n_ref=2, memory="low")
+    batches = make_batches(12, dtype=torch.float64)
+    seen = {}
+    main.register_step_pre_hook(lambda o, a, k: seen.__setitem__("at_main", [p.detach().clone()
+                                                                              for p in model.parameters()]))
+    checked = 0
+    for cycle in range(4):
+        theta_ref = [p.detach().clone() for p in model.parameters()]
+        m = [main.state[p]["exp_avg"].clone() for p in model.parameters()] if main.state else None
+        for b in batches[3 * cycle: 3 * cycle + 2]:
+            opt.zero_grad(); mse(model, b).backward(); opt.step()
+        displaced = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        opt.zero_grad(); mse(model, batches[3 * cycle + 2]).backward(); opt.step()
+        if m is None:  # first cycle: no momentum yet, no reference step
+            assert torch.equal(displaced, torch.cat([r.reshape(-1) for r in theta_ref]))
+            continue
+        ref = torch.cat([r.reshape(-1) for r in theta_ref])
+        mv = torch.cat([x.reshape(-1) for x in m])
+        delta = displaced - ref
+        orth = delta - (delta @ mv) / (mv @ mv) * mv
+        restored = torch.cat([p.reshape(-1) for p in seen["at_main"]])
+        torch.testing.assert_close(restored - ref, orth, atol=1e-12, rtol=0)
+        assert (restored - ref).norm() <= delta.norm()
+        checked += 1
+    assert checked == 3
+
+
+def test_low_memory_keeps_no_parameter_sized_buffer():
+    model = small_mlp()
+    main = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = PROFIT(main, ratio=10.0, n_ref=1, memory="low")
+    run_fast(model, opt, make_batches(5))
+    assert opt.mid_cycle
+    main_ptrs = {t.data_ptr() for s in main.state.values() for t in s.values() if torch.is_tensor(t)}
+    for s in opt.state.values():
+        for t in s.values():
+            if torch.is_tensor(t) and t.dim() > 0:
+                assert t.data_ptr() in main_ptrs  # only references to the main optimizer's own buffers
+
+
+def test_low_memory_state_dict_round_trip_and_bad_main():
+    batches = make_batches(9)
+    make = lambda model: PROFIT(torch.optim.Adam(model.parameters(), lr=1e-3), ratio=10.0, n_ref=2, memory="low")
+    straight = small_mlp()
+    run_fast(straight, make(straight), batches)
+    first = small_mlp()
+    opt = make(first)
+    run_fast(first, opt, batches[:4])
+    saved = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict()})
+    resumed = small_mlp(seed=9)
+    opt2 = make(resumed)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    run_fast(resumed, opt2, batches[4:])
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), straight.parameters()))
+
+    model = small_mlp()
+    opt = PROFIT(torch.optim.RMSprop(model.parameters(), lr=1e-3), ratio=10.0, n_ref=1, memory="low")
+    with pytest.raises(ValueError, match="first-moment"):
+        run_fast(model, opt, make_batches(4))
+
+
+def test_n_ref_1_displacement_is_not_exactly_minus_lr_times_gradient():
+    """Why memory='low' cannot simply keep g₁: in fp32 θ₁ − θ₀ ≠ −λ_ref·g₁ and θ₁ + λ_ref·g₁ ≠ θ₀ bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(100_000, generator=g) * 0.05
+    grad = torch.randn(100_000, generator=g) * 1e-2
+    lr_ref = 1e-3
+    theta1 = theta0 - lr_ref * grad
+    assert (theta1 - theta0 != -lr_ref * grad).float().mean() > 0.5
+    assert (theta1 + lr_ref * grad != theta0).float().mean() > 1e-4  # 0.1% of weights come back wrong
