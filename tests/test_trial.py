@@ -1,0 +1,290 @@
+"""run_trial, the pretrain cache, the method/optimizer registries and the trial CLI."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from profit_bench import UserError, methods, pretrain
+from profit_bench.methods import METHODS, OPTIMIZERS, register_method
+from profit_bench.pretrain import cache_path, default_pretrain_config, load_or_pretrain
+from profit_bench.tasks import FMNIST_DIR, evaluate, get_task
+from profit_bench.trial import TrialConfig, resolve, run_trial
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"wall_time_s", "step_time_median_s", "peak_mem_bytes"}
+
+
+def tiny(tmp_path, **kw) -> TrialConfig:
+    """A seconds-long trial: small splits, a short pretraining, a few fine-tuning steps (toy) or epochs (images)."""
+    toy = kw.get("task", "toy") == "toy"
+    d = dict(task="toy", method="full", seed=0, device="cpu", limit=256, cache_dir=str(tmp_path / "cache"))
+    d.update(dict(steps=6, eval_every=3, pretrain_steps=30) if toy else dict(epochs=2, pretrain_epochs=2))
+    d.update(kw)
+    return TrialConfig(**d)
+
+
+def params_of(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------- every task & model
+
+@pytest.mark.parametrize("method", ["full", "head", "profit"])
+def test_toy_methods_run_and_report(tmp_path, method):
+    reports = []
+    r = run_trial(tiny(tmp_path, method=method), report=reports.append)
+    assert r["status"] == "ok"
+    assert r["metric"] == "mse" and r["higher_is_better"] is False
+    assert r["main_steps"] == 6
+    # PROFIT consumes n_ref + 1 = 2 batches per main step; the others one.
+    assert r["batches"] == (12 if method == "profit" else 6)
+    assert [h["main_steps"] for h in reports] == [3, 6] and reports == r["history"]
+    assert set(reports[0]) >= {"epoch", "step", "main_steps", "old_metric", "new_metric", "old_loss",
+                               "new_loss", "train_loss"}
+    assert r["n_trainable"] == (501 if method == "head" else 2 * 500 + 500 + 500 * 500 + 500 + 2 * 500 + 501 + 1000)
+    assert r["config"]["profit"] == (method == "profit")
+    assert r["forgetting"] == pytest.approx(r["old_metric"] - r["old_before"])  # MSE: positive = worse
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet18", "vit_tiny",
+                                   pytest.param("vit_small", marks=pytest.mark.slow)])
+def test_digits_every_model(tmp_path, model):
+    r = run_trial(tiny(tmp_path, task="digits", model=model, limit=32, batch_size=16, epochs=1, pretrain_epochs=1,
+                       method="profit"))
+    assert r["status"] == "ok" and r["metric"] == "accuracy"
+    assert 0.0 <= r["old_metric"] <= 1.0 and 0.0 <= r["new_metric"] <= 1.0
+    assert r["forgetting"] == pytest.approx(r["old_before"] - r["old_metric"])  # accuracy: positive = worse
+    assert r["epochs_done"] == 1 and r["batches"] == 2 and r["main_steps"] == 1  # 32/16 batches, 2 per cycle
+
+
+def test_cifar_runs(tmp_path, fake_cifar_dir):
+    r = run_trial(tiny(tmp_path, task="cifar", model="mlp", data_dir=str(fake_cifar_dir), limit=32,
+                       batch_size=16, epochs=1, pretrain_epochs=1))
+    assert r["status"] == "ok" and r["batches"] == 2 and len(r["history"]) == 1
+
+
+@pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+def test_fmnist_runs(tmp_path):
+    r = run_trial(tiny(tmp_path, task="fmnist", model="mlp", limit=32, batch_size=16, epochs=1, pretrain_epochs=1))
+    assert r["status"] == "ok" and r["batches"] == 2
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_every_optimizer_changes_the_model(tmp_path, opt):
+    r, model = run_trial(tiny(tmp_path, optimizer=opt, lr=1e-3, steps=2, eval_every=None), return_model=True)
+    before = load_or_pretrain(get_task("toy", limit=256), "mlp", 0, default_pretrain_config("toy", steps=30,
+                              limit=256), tmp_path / "cache")
+    assert r["status"] == "ok"
+    assert not torch.equal(model.backbone[1].weight, before.backbone[1].weight)
+
+
+# --------------------------------------------------------------------------------------- the protocol
+
+@pytest.mark.parametrize("method", ["full", "profit"])
+def test_old_head_frozen_new_head_and_backbone_trained(tmp_path, method):
+    cfg = tiny(tmp_path, task="digits", model="mlp", method=method, limit=64, batch_size=16)
+    r, tuned = run_trial(cfg, return_model=True)
+    task = get_task("digits", limit=64)
+    pre = load_or_pretrain(task, "mlp", 0, default_pretrain_config("digits", epochs=2, limit=64), cfg.cache_dir)
+    for k, v in params_of(pre.heads["old"]).items():
+        assert torch.equal(v, tuned.heads["old"].state_dict()[k]), f"old head {k} moved"
+    assert not torch.equal(pre.heads["new"].weight, tuned.heads["new"].weight)
+    assert not torch.equal(pre.backbone[1].weight, tuned.backbone[1].weight)
+    # The "before" numbers are the pretrained model's, measured independently here.
+    assert r["old_before"] == evaluate(pre, task, "old")[0]
+    assert r["new_before"] == evaluate(pre, task, "new")[0]
+
+
+def test_head_method_moves_only_the_new_head(tmp_path):
+    cfg = tiny(tmp_path, task="digits", model="mlp", method="head", limit=64, batch_size=16)
+    r, tuned = run_trial(cfg, return_model=True)
+    pre = load_or_pretrain(get_task("digits", limit=64), "mlp", 0,
+                           default_pretrain_config("digits", epochs=2, limit=64), cfg.cache_dir)
+    assert torch.equal(pre.backbone[1].weight, tuned.backbone[1].weight)
+    assert not torch.equal(pre.heads["new"].weight, tuned.heads["new"].weight)
+    assert r["old_metric"] == r["old_before"] and r["forgetting"] == 0  # backbone + old head untouched
+    assert r["n_trainable"] == 500 * 5 + 5
+
+
+@pytest.mark.parametrize("task,method", [("toy", "full"), ("toy", "profit"), ("digits", "full"),
+                                         ("digits", "profit")])
+def test_lr_zero_keeps_old_metric(tmp_path, task, method):
+    r = run_trial(tiny(tmp_path, task=task, method=method, lr=0.0, model="mlp", batch_size=16, limit=64))
+    assert r["status"] == "ok" and r["main_steps"] > 0
+    assert r["old_metric"] == r["old_before"]
+    assert r["forgetting"] == 0
+
+
+def test_deterministic_on_cpu(tmp_path):
+    cfg = tiny(tmp_path, method="profit")
+    a, b = run_trial(cfg), run_trial(cfg)  # the first run pretrains, the second loads the cache
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(a) == strip(b)
+    c = run_trial(tiny(tmp_path, method="profit", seed=1))
+    assert c["old_metric"] != a["old_metric"]
+
+
+def test_bf16_autocast_runs(tmp_path):
+    r = run_trial(tiny(tmp_path, task="digits", model="mlp", dtype="bf16", limit=64, batch_size=16))
+    assert r["status"] == "ok" and r["config"]["dtype"] == "bf16"
+    assert r["new_metric"] != r["new_before"]  # it trained
+
+
+def test_divergence_returns_status(tmp_path):
+    r = run_trial(tiny(tmp_path, optimizer="sgd", lr=1e30, steps=20, eval_every=5))
+    assert r["status"] == "diverged"
+    assert r["main_steps"] < 20
+
+
+def test_warmup_then_profit(tmp_path):
+    r = run_trial(tiny(tmp_path, task="digits", model="mlp", method="profit", limit=64, batch_size=16,
+                       epochs=2, warmup_epochs=1))
+    # epoch 1: AdamW, 4 batches = 4 main steps; epoch 2: PROFIT, 4 batches = 2 cycles.
+    assert r["status"] == "ok" and r["batches"] == 8 and r["main_steps"] == 6
+
+
+def test_step_scheduler_counts_main_steps(tmp_path, monkeypatch):
+    import profit_bench.trial as trial
+    made = []
+    monkeypatch.setattr(trial, "make_optimizer", lambda *a: made.append(methods.make_optimizer(*a)) or made[-1])
+    r = run_trial(tiny(tmp_path, profit=True, n_ref=2, steps=4, step_size=2, gamma=0.5, eval_every=None))
+    assert r["main_steps"] == 4 and r["batches"] == 12 and r["profit"]
+    # StepLR per main step: 0.5 ** (4 // 2); stepping per batch would give 0.5 ** (12 // 2).
+    assert made[0].param_groups[0]["lr"] == pytest.approx(5e-4 * 0.25)
+
+
+# --------------------------------------------------------------------------------------- registry
+
+def test_register_method_may_wrap_the_model(tmp_path):
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.heads, self.scale = inner, inner.heads, torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, task="old"):
+            return self.inner(x, task) * self.scale
+
+    def prepare_scaled(model, cfg):
+        m = Scaled(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return m, [m.scale]
+
+    register_method("scaled", prepare_scaled, supports=lambda name: name == "mlp")
+    try:
+        r, model = run_trial(tiny(tmp_path, method="scaled", lr=1e-2), return_model=True)
+        assert isinstance(model, Scaled) and r["n_trainable"] == 1
+        assert model.scale.item() != 1.0
+        with pytest.raises(UserError, match="does not support model"):
+            run_trial(tiny(tmp_path, task="digits", model="resnet18", method="scaled"))
+    finally:
+        METHODS.pop("scaled")
+
+
+def test_bad_names_raise_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown method"):
+        run_trial(tiny(tmp_path, method="nope"))
+    with pytest.raises(UserError, match="unknown optimizer"):
+        resolve(TrialConfig(optimizer="nope"))
+    with pytest.raises(UserError, match="unknown trial config keys"):
+        run_trial({"task": "toy", "bogus": 1})
+
+
+# --------------------------------------------------------------------------------------- pretrain cache
+
+def test_cache_hit_on_second_use(tmp_path, monkeypatch):
+    task = get_task("toy", limit=128)
+    pcfg = default_pretrain_config("toy", steps=20, limit=128)
+    first = load_or_pretrain(task, "mlp", 0, pcfg, tmp_path)
+    path = cache_path("toy", "mlp", 0, pcfg, tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["config"]["steps"] == 20 and meta["steps"] == 20
+    assert meta["old_metric"] == pytest.approx(evaluate(first, task, "old")[0])
+
+    def boom(*a, **k):
+        raise AssertionError("pretrained again despite the cache")
+    monkeypatch.setattr(pretrain, "pretrain", boom)
+    second = load_or_pretrain(task, "mlp", 0, pcfg, tmp_path)
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, second.state_dict()[k])
+    # A different pretraining config is a different key.
+    assert cache_path("toy", "mlp", 0, default_pretrain_config("toy", steps=21, limit=128), tmp_path) != path
+
+
+def _pretrain_in_child(cache_dir, barrier, out):
+    torch.set_num_threads(1)
+    barrier.wait()  # both processes miss the cache and write the same key at once
+    task = get_task("toy", limit=512)
+    was_cached = cache_path("toy", "mlp", 0, default_pretrain_config("toy", steps=100, limit=512), cache_dir).exists()
+    model = load_or_pretrain(task, "mlp", 0, default_pretrain_config("toy", steps=100, limit=512), cache_dir,
+                             progress=False)
+    out.put((was_cached, float(model.backbone[1].weight.sum())))
+
+
+def test_cache_survives_two_concurrent_writers(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_pretrain_in_child, args=(str(tmp_path), barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [cached for cached, _ in results] == [False, False]  # both really wrote
+    assert results[0][1] == results[1][1]
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert len(files) == 2 and not any(f.endswith(".tmp") for f in files)  # .pt + .json, no temp leftovers
+    pt = next(tmp_path.glob("*.pt"))
+    state = torch.load(pt, weights_only=True)
+    assert float(state["backbone.1.weight"].sum()) == results[0][1]
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "profit_bench.trial", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--task", "nope"], "unknown task"),
+    (["--method", "nope"], "unknown method"),
+    (["--task", "cifar", "--data-dir", "/nonexistent"], "CIFAR data missing"),
+])
+def test_cli_errors(args, needle):
+    p = cli(*args)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--optimizer", "nope"], "unknown optimizer"),
+    (["--scheduler", "nope"], "unknown scheduler"),
+    (["--steps", "5", "--epochs", "1"], "either steps or epochs"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+])
+def test_main_errors_in_process(args, needle, capsys):
+    from profit_bench.trial import main
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_cli_prints_json(tmp_path):
+    p = cli("--task", "toy", "--method", "profit", "--device", "cpu", "--limit", "128", "--steps", "4",
+            "--eval-every", "2", "--pretrain-steps", "10", "--cache-dir", str(tmp_path), "--method-args", "{}")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["status"] == "ok" and r["main_steps"] == 4 and "history" not in r
+    assert r["config"]["method"] == "profit" and r["config"]["steps"] == 4
+    assert math.isfinite(r["old_metric"])
