@@ -1,6 +1,7 @@
 """Speed and memory benchmarks, measured side by side in one process. Never imported by tests for timing.
 
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
+    python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
 
 ``step`` times one training batch (forward, backward, optimizer step) for AdamW and for PROFIT(AdamW) on the
 same model, data and settings, alternating the two in rounds so that drift (thermals, other processes) hits
@@ -43,6 +44,12 @@ class Variant:
     name: str
     model: nn.Module
     opt: torch.optim.Optimizer
+
+
+def variant_names(args) -> list[str]:
+    memories = ["full", "low"] if args.memory == "both" else [args.memory]
+    return ["AdamW"] + [f"PROFIT(AdamW){' low-mem' if m == 'low' else ''} ratio={args.ratio:g} n_ref={args.n_ref}"
+                        for m in memories]
 
 
 def make_variant(name: str, args, task: TaskData) -> Variant:
@@ -113,9 +120,7 @@ def bench_step(args) -> list[dict]:
         raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)
-    names = ["AdamW"] + [f"PROFIT(AdamW){' low-mem' if m == 'low' else ''} ratio={args.ratio:g} n_ref={args.n_ref}"
-                         for m in (["full", "low"] if args.memory == "both" else [args.memory])]
-    variants = [make_variant(n, args, task) for n in names]
+    variants = [make_variant(n, args, task) for n in variant_names(args)]
     block = args.n_ref + 1  # whole PROFIT cycles, so reference and main steps are weighed as they occur
     peak = {}
     for v in variants:  # warm-up (allocations, cudnn autotune, optimizer state), then the memory high-water mark
@@ -137,6 +142,59 @@ def bench_step(args) -> list[dict]:
              "n_batches": len(times[v.name]) * block, "peak_bytes": peak[v.name]} for v in variants]
 
 
+def bench_epoch(args) -> list[dict]:
+    """Whole fine-tune epochs through trial.py's training loop (the code every trial runs): on-device data,
+    batched augmentation, bf16 autocast, channels_last for ResNet on CUDA, optional torch.compile."""
+    from profit_bench.trial import LoopState, train_steps
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    torch.manual_seed(0)
+    task = synthetic_task(args.model, args.n_images, args.device)
+    channels_last = args.device == "cuda" and args.model == "resnet18"
+    rows = []
+    for name in variant_names(args):
+        v = make_variant(name, args, task)
+        if channels_last:
+            v.model = v.model.to(memory_format=torch.channels_last)
+        if args.compile:
+            v.model.backbone.compile()
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        times = []
+        for epoch in range(args.epochs + 1):  # epoch 0 warms up (compilation, cudnn autotuning, allocator)
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            state = LoopState()
+            sync(args.device)
+            t0 = time.perf_counter()
+            train_steps(v.model, v.opt, task.new_train, head="new", loss_fn=task.loss, batch_size=args.batch_size,
+                        generator=gen, augment=task.augment, state=state, lr_factor=lambda s: 1.0, max_epochs=1,
+                        on_eval=lambda *a: True, dtype=args.dtype, channels_last=channels_last)
+            sync(args.device)
+            if epoch:
+                times.append(time.perf_counter() - t0)
+            print(f"  {name}: epoch {epoch} {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+        peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else kept_bytes(v)
+        rows.append({"variant": name, "epoch_s": statistics.median(times), "peak_bytes": peak})
+        del v
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_epochs(rows: list[dict], args) -> None:
+    base = rows[0]
+    print(f"model={args.model} images={args.n_images} batch={args.batch_size} dtype={args.dtype} "
+          f"device={args.device} compile={args.compile}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" (threads={torch.get_num_threads()})"))
+    print(f"{'variant':<44} {'s/epoch':>9} {'images/s':>10} {'time ×':>8} {'peak MiB':>10} {'mem ×':>7}")
+    for r in rows:
+        print(f"{r['variant']:<44} {r['epoch_s']:>9.2f} {args.n_images / r['epoch_s']:>10.0f} "
+              f"{r['epoch_s'] / base['epoch_s']:>8.3f} {r['peak_bytes'] / 2**20:>10.1f} "
+              f"{r['peak_bytes'] / base['peak_bytes']:>7.3f}")
+    print(f"(median of {args.epochs} epochs after one warm-up epoch; fine-tune of a new head on random "
+          f"CIFAR-shaped data, augmentation included)")
+
+
 def print_side_by_side(rows: list[dict], args) -> None:
     base = rows[0]
     what = "CUDA max_memory_allocated" if args.device == "cuda" else "params+grads+optimizer state"
@@ -156,26 +214,37 @@ def main(argv=None) -> int:
     st = sub.add_parser("step", help="per-batch time and peak memory: AdamW vs PROFIT(AdamW)")
     st.add_argument("--model", choices=MODELS, default="resnet18")
     st.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 32 on cpu")
-    st.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    st.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     st.add_argument("--steps", type=int, default=60, help="measured batches per variant (>= 50 recommended)")
     st.add_argument("--warmup", type=int, default=10)
-    st.add_argument("--ratio", type=float, default=100.0)
-    st.add_argument("--n-ref", type=int, default=1)
-    st.add_argument("--memory", choices=["full", "low", "both"], default="full",
-                    help="PROFIT variant(s): exact θ_ref copy, the low-memory approximation, or both")
-    st.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ep = sub.add_parser("epoch", help="fine-tune epoch time (images/s): AdamW vs PROFIT(AdamW)")
+    ep.add_argument("--model", choices=[m for m in MODELS if m != "mlp"], default="resnet18")
+    ep.add_argument("--n-images", type=int, default=None, help="default: 50000 on cuda (CIFAR-size), 1024 on cpu")
+    ep.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
+    ep.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
+    ep.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    for p, dtype in ((st, "fp32"), (ep, "bf16")):
+        p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype)
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--ratio", type=float, default=100.0)
+        p.add_argument("--n-ref", type=int, default=1)
+        p.add_argument("--memory", choices=["full", "low", "both"], default="full",
+                       help="PROFIT variant(s): exact θ_ref copy, the low-memory approximation, or both")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.batch_size is None:
-            args.batch_size = 512 if args.device == "cuda" else 32
-        rows = bench_step(args)
+            args.batch_size = (512 if args.device == "cuda" else (32 if args.cmd == "step" else 128))
+        if args.cmd == "epoch":
+            if args.n_images is None:
+                args.n_images = 50_000 if args.device == "cuda" else 1024
+            print_epochs(bench_epoch(args), args)
+        else:
+            print_side_by_side(bench_step(args), args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_side_by_side(rows, args)
     return 0
 
 

@@ -252,6 +252,7 @@ class PROFIT(Optimizer):
             return both[0], both[1]
         return m_sq, self._m_dot_delta
 
+    @torch.no_grad()
     def _shift_low(self, sign: float) -> None:
         """θ ← θ + sign·a·m with a = ⟨m, Δ⟩/‖m‖²: sign = −1 moves to the approximate θ_ref."""
         params, ms = self._low_pairs()

@@ -55,6 +55,7 @@ class TrialConfig:
     profit: bool = False                # train through PROFIT(main optimizer); method "profit" forces it
     ratio: float = 100.0                # PROFIT λ_main / λ_ref
     n_ref: int = 1                      # PROFIT reference steps per cycle
+    profit_memory: str = "full"         # PROFIT θ_ref: "full" (exact) | "low" (approximate, no copy; optim.py)
     warmup_epochs: int = 0              # paper Table 13: first epochs with AdamW, then the configured optimizer
     lookahead_alpha: float = 0.5        # C.2.5; with k=1 this is the base optimizer at half step size
     lookahead_k: int = 1
@@ -64,6 +65,7 @@ class TrialConfig:
     pretrain_epochs: int | None = None
     device: str = "auto"                # cpu | cuda | auto
     dtype: str = "fp32"                 # fp32 | bf16 (autocast)
+    compile: bool = False               # torch.compile the model (CUDA; the first epoch pays for compilation)
     data_dir: str | None = None
     cache_dir: str | None = None        # None → $PROFIT_BENCH_CACHE or ~/.cache/profit_bench
     limit: int | None = None            # subsample every split to this many examples (smoke tests)
@@ -99,6 +101,8 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if cfg.profit_memory not in ("full", "low"):
+        raise UserError(f"unknown profit_memory {cfg.profit_memory!r}; choose full or low")
     if cfg.lr < 0 or cfg.ratio <= 0 or cfg.n_ref < 1 or cfg.batch_size < 1:
         raise UserError("need lr >= 0, ratio > 0, n_ref >= 1 and batch_size >= 1")
     if cfg.warmup_epochs and cfg.epochs is None:
@@ -139,7 +143,7 @@ def make_lr_factor(scheduler: str, step_size: int, gamma: float, total_main_step
 
 def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, generator: torch.Generator,
                 augment, state: LoopState, lr_factor, max_main_steps=None, max_epochs=None, eval_every=None,
-                on_eval=None, dtype="fp32") -> LoopState:
+                on_eval=None, dtype="fp32", channels_last=False) -> LoopState:
     """Train `model(x, task=head)` on `split` until `state` reaches max_main_steps or max_epochs (absolute counts).
 
     Each epoch draws a fresh permutation from `generator` (on the data's device) and slices batches from the
@@ -147,10 +151,19 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
     optimizer; PROFIT's `is_main_step`), the lr of every group becomes initial_lr × lr_factor(main_steps).
     `on_eval(opt, state, mean_train_loss) -> bool` runs every `eval_every` main steps, or after each epoch when
     eval_every is None; returning False (e.g. non-finite metrics) stops the loop with state.diverged set.
+
+    On CUDA the loop never waits for the GPU: batch times come from CUDA events read at evaluation time, the
+    training loss is summed on the device, and divergence is checked at each evaluation.
     """
     device = split.x.device
     cuda = device.type == "cuda"
-    time_every = 10 if cuda else 1  # CUDA: synchronize only on the batches we time
+    events = []  # CUDA (start, end) event pairs, resolved into state.step_times when the host syncs anyway
+
+    def collect_times():
+        if events:
+            events[-1][1].synchronize()
+            state.step_times.extend(a.elapsed_time(b) / 1e3 for a, b in events)
+            events.clear()
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])
@@ -165,6 +178,7 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
                 or (max_epochs is not None and state.epoch >= max_epochs))
 
     def evaluate_now():
+        collect_times()
         mean = (loss_sum / max(n_loss, 1)).item()
         ok = math.isfinite(mean) and (on_eval is None or on_eval(opt, state, mean) is not False)
         state.diverged = not ok
@@ -177,13 +191,15 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
         loss_sum, n_loss = torch.zeros((), device=device), 0
         perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
         for i in range(0, n, batch_size):
-            timed = state.batches % time_every == 0
-            if timed:
-                if cuda:
-                    torch.cuda.synchronize(device)
+            if cuda:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][0].record()
+            else:
                 t0 = time.perf_counter()
             idx = perm[i:i + batch_size]
             x, y = augment(split.x[idx], generator), split.y[idx]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with amp:
                 loss = loss_fn(model(x, task=head).float(), y)
             loss.backward()
@@ -191,9 +207,9 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
             opt.step()
             opt.zero_grad(set_to_none=True)
             state.batches += 1
-            if timed:
-                if cuda:
-                    torch.cuda.synchronize(device)
+            if cuda:
+                events[-1][1].record()
+            else:
                 state.step_times.append(time.perf_counter() - t0)
             loss_sum += loss.detach()
             n_loss += 1
@@ -209,11 +225,13 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
                     loss_sum, n_loss = torch.zeros((), device=device), 0
                     model.train()
                 if done():
+                    collect_times()
                     return state
         state.epoch += 1
         if not eval_every and not evaluate_now():
             return state
         model.train()
+    collect_times()
     return state
 
 
@@ -272,9 +290,14 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
 
     model, params = method.prepare(model, cfg)
     params = list({id(p): p for p in params}.values())
+    channels_last = device.type == "cuda" and cfg.model == "resnet18"  # NHWC convolutions on tensor cores
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.backbone.compile()  # in place: parameters and state_dict keys stay as they are
     n_trainable = sum(p.numel() for p in params)
     main_opt = make_optimizer(cfg.optimizer, params, cfg)
-    opt = PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref) if use_profit else main_opt
+    opt = PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, memory=cfg.profit_memory) if use_profit else main_opt
 
     batches_per_epoch = -(-len(task.new_train) // cfg.batch_size)
     per_main = cfg.n_ref + 1 if use_profit else 1
@@ -299,7 +322,8 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         return all(math.isfinite(v) for v in (old_loss, new_loss, train_loss))
 
     loop = dict(head="new", loss_fn=task.loss, batch_size=cfg.batch_size, generator=gen, augment=task.augment,
-                lr_factor=lr_factor, eval_every=cfg.eval_every, on_eval=on_eval, dtype=cfg.dtype)
+                lr_factor=lr_factor, eval_every=cfg.eval_every, on_eval=on_eval, dtype=cfg.dtype,
+                channels_last=channels_last)
     state = LoopState()
     if cfg.warmup_epochs:
         wd = cfg.weight_decay if cfg.optimizer == "adamw" else 1e-2

@@ -516,6 +516,18 @@ def test_low_memory_state_dict_round_trip_and_bad_main():
     run_fast(resumed, opt2, batches[4:])
     assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), straight.parameters()))
 
+    # anchored() in low-memory mode visits the approximate θ_ref and comes back up to rounding.
+    with opt2.anchored():
+        pass
+    displaced = [p.detach().clone() for p in resumed.parameters()]
+    run_fast(resumed, opt2, batches[:1])
+    assert opt2.mid_cycle
+    displaced = [p.detach().clone() for p in resumed.parameters()]
+    with opt2.anchored():
+        assert any(not torch.equal(p, d) for p, d in zip(resumed.parameters(), displaced))
+    for p, d in zip(resumed.parameters(), displaced):
+        torch.testing.assert_close(p.detach(), d, atol=1e-7, rtol=0)
+
     model = small_mlp()
     opt = PROFIT(torch.optim.RMSprop(model.parameters(), lr=1e-3), ratio=10.0, n_ref=1, memory="low")
     with pytest.raises(ValueError, match="first-moment"):
