@@ -2,6 +2,7 @@
 
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
     python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
+    python -m profit_bench.bench deviation --tasks toy digits --seeds 0 1 2
 
 ``step`` times one training batch (forward, backward, optimizer step) for AdamW and for PROFIT(AdamW) on the
 same model, data and settings, alternating the two in rounds so that drift (thermals, other processes) hits
@@ -195,6 +196,31 @@ def print_epochs(rows: list[dict], args) -> None:
           f"CIFAR-shaped data, augmentation included)")
 
 
+def bench_deviation(args) -> None:
+    """How far PROFIT(memory="low") lands from exact PROFIT: same trial, same seed, both variants."""
+    import numpy as np
+    from profit_bench.trial import run_trial
+    print(f"{'task':<8} {'seed':>4} {'old exact':>10} {'old low':>10} {'new exact':>10} {'new low':>10}")
+    for task in args.tasks:
+        d_old, d_new = [], []
+        for seed in args.seeds:
+            res = {}
+            for memory in ("full", "low"):
+                cfg = dict(task=task, method="profit", seed=seed, profit_memory=memory, device=args.device)
+                if args.steps:
+                    cfg["steps"] = args.steps
+                res[memory] = run_trial(cfg)
+            e, lo = res["full"], res["low"]
+            d_old.append(lo["old_metric"] - e["old_metric"])
+            d_new.append(lo["new_metric"] - e["new_metric"])
+            print(f"{task:<8} {seed:>4} {e['old_metric']:>10.4f} {lo['old_metric']:>10.4f} "
+                  f"{e['new_metric']:>10.4f} {lo['new_metric']:>10.4f}", flush=True)
+        se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
+        print(f"{task:<8} low − exact: old {np.mean(d_old):+.4f} ± {se(d_old):.4f}, "
+              f"new {np.mean(d_new):+.4f} ± {se(d_new):.4f} (mean ± s.e., {len(d_old)} seeds; metric "
+              f"{res['full']['metric']})", flush=True)
+
+
 def print_side_by_side(rows: list[dict], args) -> None:
     base = rows[0]
     what = "CUDA max_memory_allocated" if args.device == "cuda" else "params+grads+optimizer state"
@@ -222,6 +248,11 @@ def main(argv=None) -> int:
     ep.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
     ep.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     ep.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    dv = sub.add_parser("deviation", help="PROFIT memory='low' vs exact PROFIT: old/new metric over seeds")
+    dv.add_argument("--tasks", nargs="+", default=["toy", "digits"])
+    dv.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    dv.add_argument("--steps", type=int, default=None, help="main-step budget (default: the task's)")
+    dv.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     for p, dtype in ((st, "fp32"), (ep, "bf16")):
         p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype)
         p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,8 +263,11 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
     try:
-        if args.threads:
+        if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
+        if args.cmd == "deviation":
+            bench_deviation(args)
+            return 0
         if args.batch_size is None:
             args.batch_size = (512 if args.device == "cuda" else (32 if args.cmd == "step" else 128))
         if args.cmd == "epoch":

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from profit_bench import UserError
+from profit_bench.models import freeze_batchnorm_stats
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -69,6 +70,7 @@ def prepare_full(model, cfg):
 
 def prepare_head(model, cfg):
     _freeze_all(model)
+    freeze_batchnorm_stats(model.backbone)  # a frozen backbone keeps its BatchNorm statistics too
     params = list(model.heads["new"].parameters())
     for p in params:
         p.requires_grad_(True)
@@ -131,7 +133,8 @@ def _lookahead(params, cfg):
         raise UserError("lookahead_base cannot be 'lookahead'; use adam, adamw, sgd, rmsprop or adan")
     base = make_optimizer(base_name, params, cfg)
     # C.2.5 uses alpha=0.5, k=1 to match PROFIT's n_ref=1. Note: with k=1 the slow weights are pulled
-    # halfway to the fast ones after every step, i.e. the base optimizer at half its step size.
+    # halfway to the fast ones after every step, i.e. the base optimizer at half its step size (from the
+    # second step on: timm initialises the slow weights from the already-stepped fast ones).
     return Lookahead(base, alpha=getattr(cfg, "lookahead_alpha", 0.5), k=getattr(cfg, "lookahead_k", 1))
 
 

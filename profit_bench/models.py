@@ -70,6 +70,22 @@ class TaskModel(nn.Module):
         return self.heads[task](self.backbone(x))
 
 
+def _keep_in_eval(module: nn.Module, args):
+    module.training = False  # the loop calls model.train() every epoch; a frozen BN must not follow
+
+
+def freeze_batchnorm_stats(backbone: nn.Module) -> int:
+    """Make every BatchNorm whose affine parameters are frozen use and keep its running statistics, also in
+    train mode. Without this, train-mode BN would re-estimate the statistics on the new task and change the
+    "frozen" pretrained features (and the old-task metric) even though no weight trains. Returns the count."""
+    n = 0
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.register_forward_pre_hook(_keep_in_eval)
+            n += 1
+    return n
+
+
 def _build_backbone(name: str, task: TaskData) -> tuple[nn.Module, int]:
     if name == "mlp":
         return mlp_backbone(math.prod(task.in_shape)), MLP_WIDTH
