@@ -200,13 +200,15 @@ def bench_deviation(args) -> None:
     """How far PROFIT(memory="low") lands from exact PROFIT: same trial, same seed, both variants."""
     import numpy as np
     from profit_bench.trial import run_trial
+    print(f"main optimizer {args.optimizer}, PROFIT ratio 100, n_ref 1, task-default lr and budget")
     print(f"{'task':<8} {'seed':>4} {'old exact':>10} {'old low':>10} {'new exact':>10} {'new low':>10}")
     for task in args.tasks:
         d_old, d_new = [], []
         for seed in args.seeds:
             res = {}
             for memory in ("full", "low"):
-                cfg = dict(task=task, method="profit", seed=seed, profit_memory=memory, device=args.device)
+                cfg = dict(task=task, method="profit", seed=seed, profit_memory=memory, device=args.device,
+                           optimizer=args.optimizer)
                 if args.steps:
                     cfg["steps"] = args.steps
                 res[memory] = run_trial(cfg)
@@ -252,6 +254,9 @@ def main(argv=None) -> int:
     dv.add_argument("--tasks", nargs="+", default=["toy", "digits"])
     dv.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     dv.add_argument("--steps", type=int, default=None, help="main-step budget (default: the task's)")
+    dv.add_argument("--optimizer", default="adam",
+                    help="main optimizer for both variants; needs a first moment (adam, adamw, sgd, adan): the "
+                         "toy's RMSProp keeps none, so memory='low' cannot run on it")
     dv.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     for p, dtype in ((st, "fp32"), (ep, "bf16")):
         p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype)

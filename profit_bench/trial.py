@@ -236,7 +236,24 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
 
 
 # ---------------------------------------------------------------------------------------------- the trial
-def _rss_bytes() -> int:
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so a long-lived worker measures each trial afresh (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -251,8 +268,8 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     accuracy, old_after - old_before for MSE.
 
     `peak_mem_bytes`: CUDA max_memory_allocated during fine-tuning; on CPU the growth of the process's peak RSS
-    (ru_maxrss), a process-wide high-water mark, so in a long-lived process that already peaked higher
-    (e.g. a second trial in the same worker) it reads 0.
+    over fine-tuning (VmHWM, reset at the start of the trial through /proc/self/clear_refs, so a reused worker
+    measures each trial afresh; where that file is missing it falls back to ru_maxrss, which cannot be reset).
 
     A non-finite loss or metric stops training and returns status "diverged" (metrics as last evaluated).
     `return_model=True` returns (result, fine-tuned model) instead, for tests and notebooks.
@@ -286,7 +303,8 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         torch.cuda.reset_peak_memory_stats(device)
         mem0 = 0
     else:
-        mem0 = _rss_bytes()
+        _reset_peak_rss()
+        mem0 = _peak_rss_bytes()
 
     model, params = method.prepare(model, cfg)
     params = list({id(p): p for p in params}.values())
@@ -339,7 +357,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         torch.cuda.synchronize(device)
         peak_mem = torch.cuda.max_memory_allocated(device)
     else:
-        peak_mem = max(_rss_bytes() - mem0, 0)
+        peak_mem = max(_peak_rss_bytes() - mem0, 0)
 
     old_metric, old_loss = evaluate(model, task, "old")
     new_metric, new_loss = evaluate(model, task, "new")

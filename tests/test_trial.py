@@ -288,3 +288,14 @@ def test_cli_prints_json(tmp_path):
     assert r["status"] == "ok" and r["main_steps"] == 4 and "history" not in r
     assert r["config"]["method"] == "profit" and r["config"]["steps"] == 4
     assert math.isfinite(r["old_metric"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_peak_memory_is_measured_per_trial_in_a_reused_process(tmp_path):
+    # A big allocation in the first trial's lifetime must not hide the second trial's growth (Ray reuses
+    # workers): the peak-RSS mark is reset at the start of every trial.
+    ballast = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    ballast += 1
+    del ballast
+    results = [run_trial(tiny(tmp_path, task="digits", model="mlp", limit=128)) for _ in range(2)]
+    assert all(r["peak_mem_bytes"] > 0 for r in results)
