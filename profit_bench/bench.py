@@ -3,6 +3,7 @@
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
     python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
     python -m profit_bench.bench deviation --tasks toy digits --seeds 0 1 2
+    python -m profit_bench.bench trials --sweep fmnist --concurrent 1 2 4 --num-samples 8
 
 ``step`` times one training batch (forward, backward, optimizer step) for AdamW and for PROFIT(AdamW) on the
 same model, data and settings, alternating the two in rounds so that drift (thermals, other processes) hits
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -223,6 +225,35 @@ def bench_deviation(args) -> None:
               f"{res['full']['metric']})", flush=True)
 
 
+def bench_trials(args) -> None:
+    """Trials/hour of a real sweep with k trials sharing the machine (on a GPU: 1/k of it each, Ray fractional GPUs)."""
+    import tempfile
+
+    import torch as _torch
+    from profit_bench.sweep import Options, run_sweep
+    gpu = _torch.cuda.is_available() and not args.cpu
+    rows = []
+    for k in args.concurrent:
+        with tempfile.TemporaryDirectory() as tmp:
+            opts = Options(num_samples=args.num_samples, max_concurrent=k, verbose=0,
+                           gpus_per_trial=(1.0 / k) if gpu else 0.0,
+                           cpus_per_trial=max(1.0, (os.cpu_count() or 1) / k),
+                           storage_path=f"{tmp}/ray", tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                           experiment=f"bench_trials_{k}", overrides=list(args.set or []))
+            run_sweep(args.sweep, opts)  # pretraining is cached by the first run, so k=1 is measured warm too
+            t0 = time.perf_counter()
+            run_sweep(args.sweep, opts)
+            wall = time.perf_counter() - t0
+        rows.append((k, wall, 3600 * args.num_samples / wall))
+        print(f"  {k} concurrent: {wall:.1f} s for {args.num_samples} trials", file=sys.stderr, flush=True)
+    dev = _torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"sweep={args.sweep} trials={args.num_samples} on {dev}")
+    print(f"{'concurrent':>10} {'per trial':>14} {'wall s':>8} {'trials/hour':>12} {'speed-up':>9}")
+    for k, wall, tph in rows:
+        share = f"{1 / k:.2f} GPU" if gpu else f"{max(1.0, (os.cpu_count() or 1) / k):.0f} CPU"
+        print(f"{k:>10} {share:>14} {wall:>8.1f} {tph:>12.1f} {tph / rows[0][2]:>9.2f}")
+
+
 def print_side_by_side(rows: list[dict], args) -> None:
     base = rows[0]
     what = "CUDA max_memory_allocated" if args.device == "cuda" else "params+grads+optimizer state"
@@ -258,6 +289,12 @@ def main(argv=None) -> int:
                     help="main optimizer for both variants; needs a first moment (adam, adamw, sgd, adan): the "
                          "toy's RMSProp keeps none, so memory='low' cannot run on it")
     dv.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    tr = sub.add_parser("trials", help="sweep throughput (trials/hour) with 1, 2, 4 trials sharing the GPU")
+    tr.add_argument("--sweep", default="toy", help="sweep name or YAML (run as a real Ray Tune sweep)")
+    tr.add_argument("--concurrent", nargs="+", type=int, default=[1, 2, 4])
+    tr.add_argument("--num-samples", type=int, default=8)
+    tr.add_argument("--set", action="append", help="spec override, as in the sweep CLI (e.g. budget.epochs=1)")
+    tr.add_argument("--cpu", action="store_true", help="ignore GPUs")
     for p, dtype in ((st, "fp32"), (ep, "bf16")):
         p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype)
         p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,6 +309,9 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         if args.cmd == "deviation":
             bench_deviation(args)
+            return 0
+        if args.cmd == "trials":
+            bench_trials(args)
             return 0
         if args.batch_size is None:
             args.batch_size = (512 if args.device == "cuda" else (32 if args.cmd == "step" else 128))
