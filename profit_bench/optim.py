@@ -234,17 +234,11 @@ class PROFIT(Optimizer):
         dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
         self._m_dot_delta = torch.zeros((), device=first.device if first is not None else "cpu", dtype=dtype)
 
-    def _low_pairs(self):
-        params, ms = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and st.get("in_cycle", False) and "m" in st:
-                    params.append(p)
-                    ms.append(st["m"])
-        return params, ms
+    def _low_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self._cycle_buffers("m")
 
-    def _m_sq(self, ms) -> torch.Tensor:
+    def _m_sq(self, ms) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖m‖², ⟨m, Δ⟩), global over shards when a process group is set."""
         m_sq = _sum_dots(ms, ms, self._m_dot_delta.device)
         if self.process_group is not None:
             both = torch.stack([m_sq, self._m_dot_delta])
@@ -285,14 +279,18 @@ class PROFIT(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _saved(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params, refs = [], []
+        return self._cycle_buffers("ref")
+
+    def _cycle_buffers(self, key: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Parameters taking part in the current cycle and their state[key] (θ_ref, or the first moment m)."""
+        params, bufs = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and state.get("in_cycle", False) and "ref" in state:
+                if state and state.get("in_cycle", False) and key in state:
                     params.append(p)
-                    refs.append(state["ref"])
-        return params, refs
+                    bufs.append(state[key])
+        return params, bufs
 
     @staticmethod
     @torch.no_grad()
