@@ -404,7 +404,7 @@ class TrialRun:
         tags = {"mlflow.parentRunId": ctx.parent_run_id, "profit_bench.role": "trial", "ray_trial_id": trial_id,
                 "status": "running", "metric_name": ctx.metric_name, "higher_is_better": str(ctx.higher_is_better),
                 "arm": label, "device_name": device_name(cfg_dict.get("device", "cpu")),
-                "mlflow.runName": f"{label}-{trial_id}"}
+                "mlflow.runName": f"{label}-{trial_id}", **ctx.provenance}
         self.logged_step = -1  # evaluations up to here are in MLflow already (a re-run of an interrupted trial)
         if found:
             self.run_id = found[0].info.run_id
@@ -468,6 +468,7 @@ class SweepContext:
     data_dir: str | None
     cache_dir: str
     fail_arm: str | None = None
+    provenance: dict = field(default_factory=dict)  # git commit + package versions, tagged on every child run
 
 
 def train_trial(config: dict, ctx: SweepContext):
@@ -721,6 +722,9 @@ def run_sweep(name: str, opts: Options):
         exp_id = client.create_experiment(experiment, artifact_location=art)
     else:
         exp_id = exp.experiment_id
+    commit = git_commit()
+    provenance = {"git_commit": commit, "mlflow.source.git.commit": commit,
+                  **{f"version.{k}": v for k, v in package_versions().items()}}
     parent = client.search_runs([exp_id], f"tags.ray_experiment_path = '{exp_dir}'", max_results=1)
     if parent:
         parent_id = parent[0].info.run_id
@@ -730,7 +734,6 @@ def run_sweep(name: str, opts: Options):
             raise UserError(f"no MLflow parent run for {exp_dir} in {opts.tracking_uri}; pass the same "
                             f"--tracking-uri and --experiment as the interrupted sweep")
         resolved_yaml = yaml.safe_dump(spec.raw, sort_keys=False)
-        commit = git_commit()
         tags = {"profit_bench.role": "sweep", "ray_experiment_path": str(exp_dir), "sweep": spec.name,
                 "mlflow.source.git.commit": commit, "git_commit": commit,
                 "device_name": device_name(device), "mlflow.runName": exp_dir.name}
@@ -752,7 +755,7 @@ def run_sweep(name: str, opts: Options):
     ctx = SweepContext(spec=spec, tracking_uri=opts.tracking_uri, experiment_id=exp_id, parent_run_id=parent_id,
                        metric_name=metric_name, higher_is_better=higher_is_better, device=device,
                        threads=max(1, int(cpus)), data_dir=data_dir, cache_dir=cache_dir,
-                       fail_arm=os.environ.get(FAIL_ENV))
+                       fail_arm=os.environ.get(FAIL_ENV), provenance=provenance)
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": cpus, "gpu": gpus})
     callbacks = [Progress(spec, total)]
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(storage), callbacks=callbacks,

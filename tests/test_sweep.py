@@ -120,6 +120,9 @@ def test_optuna_toy_sweep_logs_parent_children_and_study(ray_session, tmp_path, 
         assert r.info.status == "FINISHED" and r.data.tags["status"] == "ok"
         assert trial_fields <= set(r.data.params)
         assert r.data.params["steps"] == "20" and r.data.params["task"] == "toy"
+        assert r.data.params["seed"] == "0"  # reproducibility: seed, commit and versions on every run
+        assert r.data.tags["git_commit"] == parent.data.tags["git_commit"]
+        assert r.data.tags["version.torch"] == parent.data.params["version.torch"]
         for key in ("old_metric", "new_metric", "old_loss", "new_loss"):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [10, 20]
         for key in ("old_before", "forgetting", "peak_mem_bytes", "step_time_median_s", "wall_time_s"):
