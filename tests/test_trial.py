@@ -294,10 +294,14 @@ def test_cli_prints_json(tmp_path):
 def test_cpu_peak_memory_mark_is_reset_per_trial():
     # Ray reuses worker processes: a big allocation before a trial must not be counted as (or hide) the
     # trial's own peak. run_trial resets the kernel's peak-RSS mark (VmHWM) when fine-tuning starts.
+    import mmap
+
     from profit_bench.trial import _peak_rss_bytes, _reset_peak_rss
-    ballast = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched, then returned to the OS
-    ballast += 1
+    size = 128 * 2**20
+    ballast = mmap.mmap(-1, size)  # anonymous pages: unmapping returns them to the OS, whatever malloc does
+    for i in range(0, size, 4096):
+        ballast[i] = 1  # touch every page so it counts in RSS
     high = _peak_rss_bytes()
-    del ballast
+    ballast.close()
     assert _reset_peak_rss()
     assert _peak_rss_bytes() < high - 64 * 2**20
