@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from profit_bench import UserError
+from profit_bench.methods import prepare_full
 from profit_bench.models import MODELS, build_model
 from profit_bench.optim import PROFIT
 from profit_bench.tasks import Split, TaskData
@@ -57,17 +58,24 @@ def variant_names(args) -> list[str]:
 
 def make_variant(name: str, args, task: TaskData) -> Variant:
     model = build_model(args.model, task, seed=0)
-    if args.device == "cuda" and args.model == "resnet18":
+    if uses_channels_last(args):
         model = model.to(memory_format=torch.channels_last)
-    for p in model.heads["old"].parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = prepare_full(model, args)  # the `full` method: everything but the old head trains
     main = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
-    if name.startswith("PROFIT"):
-        memory = "low" if "low" in name else "full"
-        return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory))
-    opt = main
-    return Variant(name, model, opt)
+    if not name.startswith("PROFIT"):
+        return Variant(name, model, main)
+    memory = "low" if "low" in name else "full"
+    return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory))
+
+
+def uses_channels_last(args) -> bool:
+    return args.device == "cuda" and args.model == "resnet18"  # as trial.py does for ResNet on CUDA
+
+
+def check_device(args) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+
 
 
 def autocast(args):
@@ -119,8 +127,7 @@ def kept_bytes(v: Variant) -> int:
 
 
 def bench_step(args) -> list[dict]:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    check_device(args)
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)
     variants = [make_variant(n, args, task) for n in variant_names(args)]
@@ -149,16 +156,12 @@ def bench_epoch(args) -> list[dict]:
     """Whole fine-tune epochs through trial.py's training loop (the code every trial runs): on-device data,
     batched augmentation, bf16 autocast, channels_last for ResNet on CUDA, optional torch.compile."""
     from profit_bench.trial import LoopState, train_steps
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+    check_device(args)
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.n_images, args.device)
-    channels_last = args.device == "cuda" and args.model == "resnet18"
     rows = []
     for name in variant_names(args):
-        v = make_variant(name, args, task)
-        if channels_last:
-            v.model = v.model.to(memory_format=torch.channels_last)
+        v = make_variant(name, args, task)  # already channels_last where that applies
         if args.compile:
             v.model.backbone.compile()
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -171,7 +174,7 @@ def bench_epoch(args) -> list[dict]:
             t0 = time.perf_counter()
             train_steps(v.model, v.opt, task.new_train, head="new", loss_fn=task.loss, batch_size=args.batch_size,
                         generator=gen, augment=task.augment, state=state, lr_factor=lambda s: 1.0, max_epochs=1,
-                        on_eval=lambda *a: True, dtype=args.dtype, channels_last=channels_last)
+                        on_eval=lambda *a: True, dtype=args.dtype, channels_last=uses_channels_last(args))
             sync(args.device)
             if epoch:
                 times.append(time.perf_counter() - t0)
