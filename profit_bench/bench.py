@@ -28,7 +28,7 @@ from torch import nn
 from profit_bench import UserError
 from profit_bench.methods import prepare_full
 from profit_bench.models import MODELS, build_model
-from profit_bench.optim import PROFIT
+from profit_bench.optim import MEMORY_MODES, PROFIT
 from profit_bench.tasks import Split, TaskData
 
 
@@ -50,10 +50,16 @@ class Variant:
     opt: torch.optim.Optimizer
 
 
+VARIANT_LABEL = {"full": "", "compact": " compact", "low": " low-mem"}
+
+
 def variant_names(args) -> list[str]:
-    memories = ["full", "low"] if args.memory == "both" else [args.memory]
-    return ["AdamW"] + [f"PROFIT(AdamW){' low-mem' if m == 'low' else ''} ratio={args.ratio:g} n_ref={args.n_ref}"
-                        for m in memories]
+    memories = list(MEMORY_MODES) if "all" in args.memory else list(dict.fromkeys(args.memory))
+    return ["AdamW"] + [f"PROFIT(AdamW){VARIANT_LABEL[m]} ratio={args.ratio:g} n_ref={args.n_ref}" for m in memories]
+
+
+def memory_of(name: str) -> str:
+    return next(m for m in ("compact", "low", "full") if m == "full" or VARIANT_LABEL[m] in name)
 
 
 def make_variant(name: str, args, task: TaskData) -> Variant:
@@ -64,8 +70,7 @@ def make_variant(name: str, args, task: TaskData) -> Variant:
     main = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
     if not name.startswith("PROFIT"):
         return Variant(name, model, main)
-    memory = "low" if "low" in name else "full"
-    return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory))
+    return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory_of(name)))
 
 
 def uses_channels_last(args) -> bool:
@@ -105,7 +110,8 @@ def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
 
 
 def kept_bytes(v: Variant) -> int:
-    """Bytes the training state keeps between steps: parameters, gradients, optimizer state, θ_ref."""
+    """Bytes the training state keeps between steps: parameters, gradients, optimizer state, θ_ref (or its
+    compact form)."""
     seen, total = set(), 0
 
     def add(t):
@@ -118,12 +124,11 @@ def kept_bytes(v: Variant) -> int:
         add(p)
         if p.requires_grad:  # gradients are freed by zero_grad but live during every step
             total += p.numel() * p.element_size()
-    states = [v.opt.state] + ([v.opt.main.state] if isinstance(v.opt, PROFIT) else [])
-    for st in states:
-        for s in st.values():
-            for t in s.values():
-                add(t)
-    return total
+    main = v.opt.main if isinstance(v.opt, PROFIT) else v.opt
+    for s in main.state.values():
+        for t in s.values():
+            add(t)
+    return total + (v.opt.extra_state_bytes() if isinstance(v.opt, PROFIT) else 0)
 
 
 def bench_step(args) -> list[dict]:
@@ -202,28 +207,33 @@ def print_epochs(rows: list[dict], args) -> None:
 
 
 def bench_deviation(args) -> None:
-    """How far PROFIT(memory="low") lands from exact PROFIT: same trial, same seed, both variants."""
+    """How far PROFIT(memory=args.memory) lands from exact PROFIT: same trial, same seed, both variants."""
     import numpy as np
     from profit_bench.trial import run_trial
-    print(f"main optimizer {args.optimizer}, PROFIT ratio 100, n_ref 1, task-default lr and budget")
-    print(f"{'task':<8} {'seed':>4} {'old exact':>10} {'old low':>10} {'new exact':>10} {'new low':>10}")
+    alt = args.memory
+    print(f"main optimizer {args.optimizer}, PROFIT ratio 100, n_ref 1, task-default lr and budget; "
+          f"memory='{alt}' vs 'full'")
+    print(f"{'task':<8} {'seed':>4} {'old exact':>10} {'old ' + alt:>11} {'new exact':>10} {'new ' + alt:>11} "
+          f"{'θ_ref B/weight':>15}")
     for task in args.tasks:
         d_old, d_new = [], []
         for seed in args.seeds:
             res = {}
-            for memory in ("full", "low"):
+            for memory in ("full", alt):
                 cfg = dict(task=task, method="profit", seed=seed, profit_memory=memory, device=args.device,
-                           optimizer=args.optimizer)
+                           optimizer=args.optimizer, model=args.model)
                 if args.steps:
                     cfg["steps"] = args.steps
                 res[memory] = run_trial(cfg)
-            e, lo = res["full"], res["low"]
+            e, lo = res["full"], res[alt]
             d_old.append(lo["old_metric"] - e["old_metric"])
             d_new.append(lo["new_metric"] - e["new_metric"])
-            print(f"{task:<8} {seed:>4} {e['old_metric']:>10.4f} {lo['old_metric']:>10.4f} "
-                  f"{e['new_metric']:>10.4f} {lo['new_metric']:>10.4f}", flush=True)
+            per_weight = [r["profit_state_bytes"] / r["n_trainable"] for r in (e, lo)]
+            print(f"{task:<8} {seed:>4} {e['old_metric']:>10.4f} {lo['old_metric']:>11.4f} "
+                  f"{e['new_metric']:>10.4f} {lo['new_metric']:>11.4f} {per_weight[0]:>6.3f} → {per_weight[1]:.3f}",
+                  flush=True)
         se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
-        print(f"{task:<8} low − exact: old {np.mean(d_old):+.4f} ± {se(d_old):.4f}, "
+        print(f"{task:<8} {alt} − exact: old {np.mean(d_old):+.4f} ± {se(d_old):.4f}, "
               f"new {np.mean(d_new):+.4f} ± {se(d_new):.4f} (mean ± s.e., {len(d_old)} seeds; metric "
               f"{res['full']['metric']})", flush=True)
 
@@ -284,10 +294,13 @@ def main(argv=None) -> int:
     ep.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
     ep.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     ep.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    dv = sub.add_parser("deviation", help="PROFIT memory='low' vs exact PROFIT: old/new metric over seeds")
+    dv = sub.add_parser("deviation", help="PROFIT memory='low' (or 'compact') vs exact PROFIT: old/new metric "
+                                          "over seeds")
+    dv.add_argument("--memory", choices=[m for m in MEMORY_MODES if m != "full"], default="low")
     dv.add_argument("--tasks", nargs="+", default=["toy", "digits"])
     dv.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     dv.add_argument("--steps", type=int, default=None, help="main-step budget (default: the task's)")
+    dv.add_argument("--model", choices=MODELS, default=None, help="default: the task's")
     dv.add_argument("--optimizer", default="adam",
                     help="main optimizer for both variants; needs a first moment (adam, adamw, sgd, adan): the "
                          "toy's RMSProp keeps none, so memory='low' cannot run on it")
@@ -303,8 +316,9 @@ def main(argv=None) -> int:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--ratio", type=float, default=100.0)
         p.add_argument("--n-ref", type=int, default=1)
-        p.add_argument("--memory", choices=["full", "low", "both"], default="full",
-                       help="PROFIT variant(s): exact θ_ref copy, the low-memory approximation, or both")
+        p.add_argument("--memory", nargs="+", choices=[*MEMORY_MODES, "all"], default=["full"],
+                       help="PROFIT variant(s) to run beside AdamW: full (exact θ_ref copy), compact (exact, "
+                            "θ_ref as 16-bit ulp offsets), low (approximate, no copy), or all")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
     try:

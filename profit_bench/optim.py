@@ -15,8 +15,12 @@ formed in place in θ (θ is overwritten by θ_ref right after), so no second pa
 ``profit_bench/reference.py`` holds a literal transcription of Algorithm 1; ``tests/test_optim.py`` checks that
 this class agrees with it.
 
-``memory="low"`` keeps no θ_ref at all (an approximation, see ``PROFIT.__init__``); ``memory="full"`` (default)
-is exact.
+Three ways to keep θ_ref (``memory=``):
+
+* ``"full"`` (default, exact): a copy of the trainable parameters.
+* ``"compact"`` (exact, bit-identical to ``"full"``): θ_ref as a 16-bit offset from the current θ in units in the
+  last place, plus the true value wherever the offset does not fit. Half the extra memory of ``"full"`` in fp32.
+* ``"low"`` (approximate, no parameter-sized buffer): the paper's §3.4 momentum idea; see ``PROFIT.__init__``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-__all__ = ["PROFIT"]
+__all__ = ["PROFIT", "MEMORY_MODES"]
+
+MEMORY_MODES = ("full", "compact", "low")
 
 
 class PROFIT(Optimizer):
@@ -39,8 +45,10 @@ class PROFIT(Optimizer):
             scheduler attached to either one drives both.
         ratio: λ_main / λ_ref. The reference (SGD) step size of a group is ``group["lr"] / ratio``.
         n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
-        memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters) or ``"low"``
-            (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
+        memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters), ``"compact"``
+            (exact and bit-identical to ``"full"``; 2 bytes per weight plus 12 per "escape", see
+            ``_CompactRef``; it costs a few extra elementwise passes and one host sync per cycle step) or
+            ``"low"`` (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
             Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m
             (SGD ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly*
             during the reference steps (⟨m, Δ⟩ = −Σ λ_ref⟨m, g_i⟩, m being constant within a cycle). The
@@ -60,8 +68,8 @@ class PROFIT(Optimizer):
             raise ValueError(f"ratio must be > 0, got {ratio}")
         if int(n_ref) != n_ref or n_ref < 1:
             raise ValueError(f"n_ref must be an integer >= 1, got {n_ref}")
-        if memory not in ("full", "low"):
-            raise ValueError(f"memory must be 'full' or 'low', got {memory!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
         self.main = main
         self.memory = memory
         self.ratio = float(ratio)
@@ -69,6 +77,7 @@ class PROFIT(Optimizer):
         self.process_group = process_group
         self.phase = 0  # calls already made in the current cycle; the call with phase == n_ref is the main step
         self.main_steps = 0
+        self._compact: list[_CompactRef] = []  # memory="compact": θ_ref of the cycle, one per (device, dtype)
         super().__init__(main.param_groups, main.defaults)
         # Share the very list, not only its dicts, so groups added to `main` later are seen here too.
         self.param_groups = main.param_groups
@@ -121,32 +130,55 @@ class PROFIT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.phase == 0:
-            self._start_low_memory_cycle() if self.memory == "low" else self._save_reference()
         if self.phase < self.n_ref:
-            self._reference_step()
+            if self.memory == "compact":
+                self._compact_reference_step()
+            else:
+                if self.phase == 0:
+                    self._start_low_memory_cycle() if self.memory == "low" else self._save_reference()
+                self._reference_step()
             self.phase += 1
         else:
-            self._project_and_restore_low() if self.memory == "low" else self._project_and_restore()
+            if self.memory == "low":
+                self._project_and_restore_low()
+            else:
+                self._project_and_restore(*self._saved())  # compact: the decoded θ_ref is freed on return
             self.main.step()
             self.phase = 0
             self.main_steps += 1
         return loss
 
-    def _save_reference(self) -> None:
-        """θ_ref ← θ for every parameter that has a gradient now; the others are never moved this cycle."""
+    def _mark_cycle(self, keep_copy: bool) -> list[torch.Tensor]:
+        """The parameters with a gradient now take part in this cycle; the others are never moved in it."""
+        params = []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
+                state["in_cycle"] = p.grad is not None
                 if p.grad is None:
-                    state["in_cycle"] = False
                     continue
-                if "ref" not in state:
+                params.append(p)
+                if keep_copy and "ref" not in state:
                     state["ref"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                state["in_cycle"] = True
+        return params
+
+    def _save_reference(self) -> None:
+        """θ_ref ← θ (memory="full")."""
+        self._mark_cycle(keep_copy=True)
         params, refs = self._saved()
         if params:
             torch._foreach_copy_(refs, params)
+
+    def _compact_reference_step(self) -> None:
+        """A reference step with θ_ref held as ulp offsets: decode θ_ref, move θ, encode θ_ref against the new θ."""
+        if self.phase == 0:
+            self._compact = _CompactRef.for_params(self._mark_cycle(keep_copy=False), self._compact)
+            refs = [c.flat_params() for c in self._compact]  # θ is θ_ref at the start of a cycle
+        else:
+            refs = [c.decode() for c in self._compact]
+        self._reference_step()
+        for c, ref in zip(self._compact, refs):
+            c.encode(ref)
 
     def _reference_step(self) -> None:
         for group in self.param_groups:
@@ -165,8 +197,7 @@ class PROFIT(Optimizer):
                 self._m_dot_delta += sign * lr_ref * _sum_dots(ms, grads, self._m_dot_delta.device)
             torch._foreach_add_(params, grads, alpha=sign * lr_ref)
 
-    def _project_and_restore(self) -> None:
-        params, refs = self._saved()
+    def _project_and_restore(self, params: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
         if not params:
             return
         # Δ is built in place in θ: θ is about to be overwritten by θ_ref, so Δ needs no buffer of its own.
@@ -279,7 +310,20 @@ class PROFIT(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _saved(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters of the current cycle and their θ_ref (memory="compact": decoded, a temporary)."""
+        if self.memory == "compact":
+            params, refs = [], []
+            for c in self._compact:
+                params += c.params
+                refs += c.views(c.decode())
+            return params, refs
         return self._cycle_buffers("ref")
+
+    def extra_state_bytes(self) -> int:
+        """Bytes PROFIT keeps between steps on top of the main optimizer: θ_ref, or its compact form."""
+        if self.memory == "compact":
+            return sum(c.nbytes() for c in self._compact)
+        return sum(s["ref"].numel() * s["ref"].element_size() for s in self.state.values() if "ref" in s)
 
     def _cycle_buffers(self, key: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Parameters taking part in the current cycle and their state[key] (θ_ref, or the first moment m)."""
@@ -307,8 +351,10 @@ class PROFIT(Optimizer):
         refs, in_cycle = {}, []
         if self.mid_cycle:
             in_cycle = [i for i, p in enumerate(params) if self.state.get(p, {}).get("in_cycle", False)]
-            if self.memory == "full":
-                refs = {i: self.state[params[i]]["ref"] for i in in_cycle}
+            if self.memory != "low":
+                by_param = dict(zip(*self._saved()))
+                refs = {i: by_param[params[i]].clone() if self.memory == "compact" else by_param[params[i]]
+                        for i in in_cycle}
         return {
             "main": self.main.state_dict(),
             "profit": {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "phase": self.phase,
@@ -322,16 +368,25 @@ class PROFIT(Optimizer):
         saved = state_dict["profit"]
         self.ratio, self.n_ref = float(saved["ratio"]), int(saved["n_ref"])
         self.phase, self.main_steps = int(saved["phase"]), int(saved["main_steps"])
-        self.memory = saved.get("memory", "full")
+        exact = ("full", "compact")
+        if not (self.memory in exact and saved.get("memory", "full") in exact):  # exact modes read each other
+            self.memory = saved.get("memory", "full")
         params = _all_params(self.param_groups)
         self.state.clear()
-        for i in saved.get("in_cycle", saved["refs"].keys()):
-            p = params[int(i)]
+        self._compact = []
+        cycle = [params[int(i)] for i in saved.get("in_cycle", saved["refs"].keys())]
+        refs = {params[int(i)]: r.detach().to(device=params[int(i)].device, dtype=params[int(i)].dtype)
+                for i, r in saved["refs"].items()}
+        for p in cycle:
             self.state[p]["in_cycle"] = True
             if self.memory == "low":
                 self.state[p]["m"] = self._first_moment(p)
-            else:
-                self.state[p]["ref"] = saved["refs"][i].detach().to(device=p.device, dtype=p.dtype).clone()
+            elif self.memory == "full":
+                self.state[p]["ref"] = refs[p].clone()
+        if self.memory == "compact" and cycle:
+            self._compact = _CompactRef.for_params(cycle)
+            for c in self._compact:
+                c.encode(c.flatten([refs[p] for p in c.params]))
         if saved.get("m_dot_delta") is not None:
             self._m_dot_delta = saved["m_dot_delta"].detach().clone()
 
@@ -359,3 +414,92 @@ def _by_device(pairs):
     for d, g in pairs:
         groups.setdefault(d.device, []).append((d, g))
     return groups.values()
+
+
+# ---------------------------------------------------------------------------------------------- memory="compact"
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
+class _CompactRef:
+    """θ_ref of parameters that share a device and a dtype, kept as θ_ref = θ + an offset counted in ulps.
+
+    Read as integers, the bits of same-signed floats are ordered and consecutive integers are consecutive floats,
+    so bits(θ_ref) − bits(θ) counts the representable numbers between θ and θ_ref. A fine-tuning reference step
+    (λ_ref = lr/ratio) moves most weights by a few to a few thousand ulps, so the offset fits an int16 for almost
+    all of them. The rest — an offset beyond ±32767, a sign change (weights near 0), ±0 — are "escapes": their
+    exact θ_ref value is kept beside their flat index (12 bytes each for fp32). Decoding is an integer addition,
+    so θ_ref comes back bit for bit whatever the offsets are; only the memory depends on them.
+
+    Everything runs on one flat concatenation of the parameters (in their memory order, so channels_last costs
+    no transpose): a few elementwise passes per cycle step and one host sync (the escape count). The flat
+    temporaries live only inside ``step()``, when the backward pass's activations are already freed.
+    """
+
+    LIMIT = 2 ** 15 - 1
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.perms = [_memory_order(p) for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.int_dtype = _BITS[params[0].dtype]
+        dev = params[0].device
+        self.offsets = torch.zeros(sum(self.sizes), dtype=torch.int16, device=dev)
+        self.esc_idx = torch.zeros(0, dtype=torch.long, device=dev)
+        self.esc_val = torch.zeros(0, dtype=params[0].dtype, device=dev)
+
+    @classmethod
+    def for_params(cls, params: list[torch.Tensor], previous: list[_CompactRef] = ()) -> list[_CompactRef]:
+        """One per (device, dtype), in parameter order; buffers of an identical previous set are reused."""
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            if p.dtype not in _BITS:
+                raise ValueError(f"PROFIT(memory='compact') supports {', '.join(map(str, _BITS))} parameters, "
+                                 f"got {p.dtype}")
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        old = {tuple(map(id, c.params)): c for c in previous}
+        return [old.get(tuple(map(id, ps))) or cls(ps) for ps in buckets.values()]
+
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A flat copy of tensors shaped like self.params, each in its parameter's memory order."""
+        return torch.cat([t.permute(perm).reshape(-1) for t, perm in zip(tensors, self.perms)])
+
+    def flat_params(self) -> torch.Tensor:
+        return self.flatten(self.params)
+
+    def encode(self, ref: torch.Tensor) -> None:
+        """Store the flat θ_ref `ref` relative to the current parameters."""
+        ref_bits, cur_bits = ref.view(self.int_dtype), self.flat_params().view(self.int_dtype)
+        k = ref_bits - cur_bits  # wraps around only where the signs differ, and those escape anyway
+        escape = (k > self.LIMIT) | (k < -self.LIMIT) | ((ref_bits ^ cur_bits) < 0)
+        self.offsets.copy_(k.masked_fill_(escape, 0))
+        self.esc_idx = escape.nonzero().squeeze(1)
+        self.esc_val = ref[self.esc_idx]
+
+    def decode(self) -> torch.Tensor:
+        """The flat θ_ref, bit for bit (a temporary)."""
+        flat = self.flat_params()
+        flat.view(self.int_dtype).add_(self.offsets)
+        flat[self.esc_idx] = self.esc_val
+        return flat
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat tensor with the shapes and strides of self.params."""
+        out = []
+        for chunk, p, perm in zip(flat.split(self.sizes), self.params, self.perms):
+            inverse = sorted(range(len(perm)), key=perm.__getitem__)
+            out.append(chunk.view([p.shape[d] for d in perm]).permute(inverse))
+        return out
+
+    @property
+    def n_escapes(self) -> int:
+        return self.esc_idx.numel()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.esc_idx, self.esc_val))
+
+
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions from the largest stride to the smallest: t.permute(order) is contiguous for a dense t (e.g.
+    channels_last), so flattening it is a view. Any order would be correct; this one avoids a transpose."""
+    return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))

@@ -435,7 +435,8 @@ class TrialRun:
 
     def finish(self, result: dict, overhead: dict):
         keys = ("old_metric", "new_metric", "old_loss", "new_loss", "old_before", "new_before", "forgetting",
-                "peak_mem_bytes", "step_time_median_s", "wall_time_s", "n_trainable", "main_steps")
+                "peak_mem_bytes", "step_time_median_s", "wall_time_s", "n_trainable", "profit_state_bytes",
+                "main_steps")
         step = result["main_steps"] if self.step_key == "main_steps" else result["epochs_done"]
         if step <= self.logged_step:  # the last evaluation is the final one (same weights): one point per step
             keys = tuple(k for k in keys if k not in ("old_metric", "new_metric", "old_loss", "new_loss"))

@@ -29,6 +29,7 @@ import torch
 
 from profit_bench import UserError
 from profit_bench.methods import OPTIMIZERS, get_method, make_optimizer
+from profit_bench.optim import MEMORY_MODES
 from profit_bench.pretrain import default_cache_dir, default_pretrain_config, load_or_pretrain
 from profit_bench.tasks import evaluate, get_task
 
@@ -55,7 +56,7 @@ class TrialConfig:
     profit: bool = False                # train through PROFIT(main optimizer); method "profit" forces it
     ratio: float = 100.0                # PROFIT λ_main / λ_ref
     n_ref: int = 1                      # PROFIT reference steps per cycle
-    profit_memory: str = "full"         # PROFIT θ_ref: "full" (exact) | "low" (approximate, no copy; optim.py)
+    profit_memory: str = "full"         # PROFIT θ_ref: "full" | "compact" (both exact) | "low" (approximate; optim.py)
     warmup_epochs: int = 0              # paper Table 13: first epochs with AdamW, then the configured optimizer
     lookahead_alpha: float = 0.5        # C.2.5; with k=1 this is the base optimizer at half step size
     lookahead_k: int = 1
@@ -101,8 +102,8 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if cfg.profit_memory not in ("full", "low"):
-        raise UserError(f"unknown profit_memory {cfg.profit_memory!r}; choose full or low")
+    if cfg.profit_memory not in MEMORY_MODES:
+        raise UserError(f"unknown profit_memory {cfg.profit_memory!r}; choose {', '.join(MEMORY_MODES)}")
     if cfg.lr < 0 or cfg.ratio <= 0 or cfg.n_ref < 1 or cfg.batch_size < 1:
         raise UserError("need lr >= 0, ratio > 0, n_ref >= 1 and batch_size >= 1")
     if cfg.warmup_epochs and cfg.epochs is None:
@@ -374,7 +375,8 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         peak_mem_bytes=int(peak_mem),
         step_time_median_s=statistics.median(state.step_times) if state.step_times else float("nan"),
         wall_time_s=time.perf_counter() - t_start,
-        n_trainable=n_trainable, main_steps=state.main_steps, batches=state.batches, epochs_done=state.epoch,
+        n_trainable=n_trainable, profit_state_bytes=opt.extra_state_bytes() if use_profit else 0,
+        main_steps=state.main_steps, batches=state.batches, epochs_done=state.epoch,
         profit=use_profit, device=str(device), history=history, config=config,
     )
     return (result, model) if return_model else result

@@ -7,30 +7,37 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from profit_bench.bench import bench_step, kept_bytes, make_variant, synthetic_task, train_block
+from profit_bench.bench import kept_bytes, make_variant, memory_of, synthetic_task, train_block, variant_names
 
 
 def args(**kw):
     base = dict(model="mlp", batch_size=16, dtype="fp32", device="cpu", steps=4, warmup=2, ratio=100.0, n_ref=1,
-                memory="both")
+                memory=["all"])
     return SimpleNamespace(**{**base, **kw})
 
 
-def test_kept_bytes_counts_exactly_one_extra_copy_for_profit_and_none_for_low_memory():
+def test_kept_bytes_counts_one_copy_for_profit_half_for_compact_and_none_for_low_memory():
     a = args()
     task = synthetic_task("mlp", 16, "cpu")
+    names = variant_names(a)
+    assert [memory_of(n) for n in names[1:]] == ["full", "compact", "low"]
     sizes = {}
-    for name in ("AdamW", "PROFIT(AdamW) ratio=100 n_ref=1", "PROFIT(AdamW) low-mem ratio=100 n_ref=1"):
+    for name in names:
         v = make_variant(name, a, task)
         train_block(v, task, a, 3)  # mid-cycle: θ_ref exists
         sizes[name] = kept_bytes(v)
-        trainable = sum(p.numel() * p.element_size() for p in v.model.parameters() if p.requires_grad)
-    adamw, full, low = sizes.values()
-    assert full - adamw == trainable
+        trainable = [p for p in v.model.parameters() if p.requires_grad]
+        if memory_of(name) == "compact" and name != "AdamW":
+            escapes = sum(c.n_escapes for c in v.opt._compact)
+    adamw, full, compact, low = sizes.values()
+    n = sum(p.numel() for p in trainable)
+    assert full - adamw == 4 * n  # fp32 θ_ref
+    assert compact - adamw == 2 * n + (8 + 4) * escapes  # int16 offsets + (int64 index, fp32 value) per escape
+    assert escapes < n / 100
     assert low == adamw
 
 
-@pytest.mark.parametrize("cmd", [["step", "--model", "mlp", "--steps", "2", "--warmup", "1", "--memory", "both"],
+@pytest.mark.parametrize("cmd", [["step", "--model", "mlp", "--steps", "2", "--warmup", "1", "--memory", "all"],
                                  ["epoch", "--model", "resnet18", "--n-images", "16", "--batch-size", "8",
                                   "--epochs", "1", "--dtype", "fp32"]])
 def test_bench_cli_prints_side_by_side_ratios(cmd):
@@ -40,6 +47,9 @@ def test_bench_cli_prints_side_by_side_ratios(cmd):
     lines = out.stdout.splitlines()
     assert any(l.startswith("AdamW") and "1.000" in l for l in lines)
     assert any(l.startswith("PROFIT(AdamW)") for l in lines)
+    if "all" in cmd:
+        assert any(l.startswith("PROFIT(AdamW) compact") for l in lines)
+        assert any(l.startswith("PROFIT(AdamW) low-mem") for l in lines)
 
 
 def test_bench_cuda_without_gpu_is_a_clear_error():

@@ -54,6 +54,21 @@ def test_toy_methods_run_and_report(tmp_path, method):
     assert r["forgetting"] == pytest.approx(r["old_metric"] - r["old_before"])  # MSE: positive = worse
 
 
+def test_profit_memory_modes_in_a_trial(tmp_path):
+    """memory='compact' is the same trial as 'full' (same metrics, same weights) with half the θ_ref bytes."""
+    runs = {m: run_trial(tiny(tmp_path, method="profit", profit_memory=m), return_model=True)
+            for m in ("full", "compact")}
+    (full, m_full), (compact, m_compact) = runs["full"], runs["compact"]
+    for key in ("old_metric", "new_metric", "old_loss", "new_loss"):
+        assert compact[key] == full[key]
+    assert params_of(m_full).keys() == params_of(m_compact).keys()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(m_full).values(), params_of(m_compact).values()))
+    assert full["profit_state_bytes"] == 4 * full["n_trainable"]
+    assert 2 * full["n_trainable"] <= compact["profit_state_bytes"] < 2.1 * full["n_trainable"]
+    with pytest.raises(UserError, match="profit_memory"):
+        run_trial(tiny(tmp_path, method="profit", profit_memory="half"))
+
+
 @pytest.mark.parametrize("model", ["mlp", "resnet18", "vit_tiny",
                                    pytest.param("vit_small", marks=pytest.mark.slow)])
 def test_digits_every_model(tmp_path, model):
