@@ -2,6 +2,7 @@
 
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
     python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
+    python -m profit_bench.bench memory --model resnet18 --batch-size 512 --dtype bf16 --memory all
     python -m profit_bench.bench deviation --tasks toy digits --seeds 0 1 2
     python -m profit_bench.bench trials --sweep fmnist --concurrent 1 2 4 --num-samples 8
 
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -166,6 +168,58 @@ def bench_step(args) -> list[dict]:
              "n_batches": len(times[v.name]) * block, "peak_bytes": peak[v.name]} for v in variants]
 
 
+def saved_activation_bytes(v: Variant, task: TaskData, args) -> int:
+    """Bytes autograd saves for the backward pass of one training forward at args.batch_size (what sits on top of
+    the training state at the start of backward), counted once per storage; parameters are not included."""
+    params = {p.untyped_storage().data_ptr() for p in v.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = task.new_train.x[:args.batch_size], task.new_train.y[:args.batch_size]
+    if uses_channels_last(args):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(args):
+        loss = task.loss(v.model(x, task="new").float(), y)
+    del loss
+    return sum(seen.values())
+
+
+def bench_memory(args) -> list[dict]:
+    """Tensor accounting, no timing: training state of each variant (params, grads, optimizer state, PROFIT's
+    θ_ref or its compact form, after whole warm-up cycles at a small batch) plus the activations one forward at
+    the full batch saves for backward. A model of the GPU peak that runs anywhere; `step` on CUDA measures it."""
+    check_device(args)
+    torch.manual_seed(0)
+    task = synthetic_task(args.model, args.batch_size, args.device)
+    small = SimpleNamespace(**{**vars(args), "batch_size": min(args.batch_size, 8)})
+    small_task = synthetic_task(args.model, small.batch_size, args.device)
+    rows, act = [], None
+    for name in variant_names(args):
+        v = make_variant(name, args, task)
+        train_block(v, small_task, small, 2 * (args.n_ref + 1) + 1)  # mid-cycle: θ_ref (or its encoding) is live
+        act = saved_activation_bytes(v, task, args) if act is None else act  # the same for every variant
+        rows.append({"variant": name, "state_bytes": kept_bytes(v), "act_bytes": act})
+        del v
+    return rows
+
+
+def print_memory(rows: list[dict], args) -> None:
+    base = rows[0]
+    total = lambda r: r["state_bytes"] + r["act_bytes"]  # noqa: E731
+    print(f"model={args.model} batch={args.batch_size} dtype={args.dtype} (tensor accounting, not an allocator peak)")
+    print(f"{'variant':<44} {'state MiB':>10} {'state ×':>8} {'+ act MiB':>10} {'total ×':>8}")
+    for r in rows:
+        print(f"{r['variant']:<44} {r['state_bytes'] / 2**20:>10.1f} {r['state_bytes'] / base['state_bytes']:>8.3f} "
+              f"{total(r) / 2**20:>10.1f} {total(r) / total(base):>8.3f}")
+    print(f"(state = params + grads + optimizer state + PROFIT's θ_ref; act = {base['act_bytes'] / 2**20:.1f} MiB "
+          f"saved for backward by one forward at batch {args.batch_size})")
+
+
 def bench_epoch(args) -> list[dict]:
     """Whole fine-tune epochs through trial.py's training loop (the code every trial runs): on-device data,
     batched augmentation, bf16 autocast, channels_last for ResNet on CUDA, optional torch.compile."""
@@ -306,6 +360,10 @@ def main(argv=None) -> int:
     ep.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
     ep.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up epoch)")
     ep.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    mm = sub.add_parser("memory", help="tensor accounting of state + saved activations (a model of the GPU peak; "
+                                       "runs on the CPU)")
+    mm.add_argument("--model", choices=MODELS, default="resnet18")
+    mm.add_argument("--batch-size", type=int, default=512)
     dv = sub.add_parser("deviation", help="PROFIT memory='low' (or 'compact') vs exact PROFIT: old/new metric "
                                           "over seeds")
     dv.add_argument("--memory", choices=[m for m in MEMORY_MODES if m != "full"], default="low")
@@ -323,7 +381,7 @@ def main(argv=None) -> int:
     tr.add_argument("--num-samples", type=int, default=8)
     tr.add_argument("--set", action="append", help="spec override, as in the sweep CLI (e.g. budget.epochs=1)")
     tr.add_argument("--cpu", action="store_true", help="ignore GPUs")
-    for p, dtype in ((st, "fp32"), (ep, "bf16")):
+    for p, dtype in ((st, "fp32"), (ep, "bf16"), (mm, "bf16")):
         p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype)
         p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--ratio", type=float, default=100.0)
@@ -341,6 +399,9 @@ def main(argv=None) -> int:
             return 0
         if args.cmd == "trials":
             bench_trials(args)
+            return 0
+        if args.cmd == "memory":
+            print_memory(bench_memory(args), args)
             return 0
         if args.batch_size is None:
             args.batch_size = (512 if args.device == "cuda" else (32 if args.cmd == "step" else 128))

@@ -18,8 +18,9 @@ this class agrees with it.
 Three ways to keep θ_ref (``memory=``):
 
 * ``"full"`` (default, exact): a copy of the trainable parameters.
-* ``"compact"`` (exact, bit-identical to ``"full"``): θ_ref as a 16-bit offset from the current θ in units in the
-  last place, plus the true value wherever the offset does not fit. Half the extra memory of ``"full"`` in fp32.
+* ``"compact"`` (exact, bit-identical to ``"full"``): θ_ref as an 8- or 16-bit offset from the current θ in units
+  in the last place, plus the true value wherever the offset does not fit. A quarter to a half of the extra
+  memory of ``"full"`` in fp32.
 * ``"low"`` (approximate, no parameter-sized buffer): the paper's §3.4 momentum idea; see ``PROFIT.__init__``.
 """
 
@@ -46,8 +47,8 @@ class PROFIT(Optimizer):
         ratio: λ_main / λ_ref. The reference (SGD) step size of a group is ``group["lr"] / ratio``.
         n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
         memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters), ``"compact"``
-            (exact and bit-identical to ``"full"``; 2 bytes per weight plus 12 per "escape", see
-            ``_CompactRef``; it costs a few extra elementwise passes and one host sync per cycle step) or
+            (exact and bit-identical to ``"full"``; 1 or 2 bytes per weight plus 8 per "escape", see
+            ``_CompactRef``; it costs a few extra elementwise passes and two host syncs per cycle step) or
             ``"low"`` (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
             Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m
             (SGD ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly*
@@ -426,17 +427,18 @@ class _CompactRef:
 
     Read as integers, the bits of same-signed floats are ordered and consecutive integers are consecutive floats,
     so bits(θ_ref) − bits(θ) counts the representable numbers between θ and θ_ref. A fine-tuning reference step
-    (λ_ref = lr/ratio) moves most weights by a few to a few thousand ulps, so the offset fits an int16 for almost
-    all of them. The rest — an offset beyond ±32767, a sign change (weights near 0), ±0 — are "escapes": their
-    exact θ_ref value is kept beside their flat index (12 bytes each for fp32). Decoding is an integer addition,
-    so θ_ref comes back bit for bit whatever the offsets are; only the memory depends on them.
+    (λ_ref = lr/ratio) moves most weights by a few to a few thousand ulps, so the offset fits an int8 or an int16
+    for almost all of them. The rest — an offset out of range, a sign change (weights near 0), ±0 — are
+    "escapes": their exact θ_ref value is kept beside their flat index (8 bytes each for fp32). Each encoding
+    picks the narrower offset type when that costs fewer bytes in all. Decoding is an integer addition, so θ_ref
+    comes back bit for bit whatever the offsets are; only the memory depends on them.
 
     Everything runs on one flat concatenation of the parameters (in their memory order, so channels_last costs
-    no transpose): a few elementwise passes per cycle step and one host sync (the escape count). The flat
-    temporaries live only inside ``step()``, when the backward pass's activations are already freed.
+    no transpose): a few elementwise passes per cycle step and two host syncs (escape counts, escape indices).
+    The flat temporaries live only inside ``step()``, when the backward pass's activations are already freed.
     """
 
-    LIMIT = 2 ** 15 - 1
+    WIDTHS = ((torch.int8, 2 ** 7 - 1), (torch.int16, 2 ** 15 - 1))
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -444,8 +446,9 @@ class _CompactRef:
         self.sizes = [p.numel() for p in params]
         self.int_dtype = _BITS[params[0].dtype]
         dev = params[0].device
-        self.offsets = torch.zeros(sum(self.sizes), dtype=torch.int16, device=dev)
-        self.esc_idx = torch.zeros(0, dtype=torch.long, device=dev)
+        n = sum(self.sizes)
+        self.offsets = torch.zeros(n, dtype=torch.int16, device=dev)
+        self.esc_idx = torch.zeros(0, dtype=torch.int32 if n < 2 ** 31 else torch.long, device=dev)
         self.esc_val = torch.zeros(0, dtype=params[0].dtype, device=dev)
 
     @classmethod
@@ -471,16 +474,24 @@ class _CompactRef:
         """Store the flat θ_ref `ref` relative to the current parameters."""
         ref_bits, cur_bits = ref.view(self.int_dtype), self.flat_params().view(self.int_dtype)
         k = ref_bits - cur_bits  # wraps around only where the signs differ, and those escape anyway
-        escape = (k > self.LIMIT) | (k < -self.LIMIT) | ((ref_bits ^ cur_bits) < 0)
+        sign_change = (ref_bits ^ cur_bits) < 0
+        escapes = [(k < -limit) | (k > limit) | sign_change for _, limit in self.WIDTHS]
+        counts = torch.stack([e.sum() for e in escapes]).tolist()
+        per_escape = self.esc_idx.element_size() + ref.element_size()
+        cost = [k.numel() * dt.itemsize + per_escape * c for (dt, _), c in zip(self.WIDTHS, counts)]
+        best = cost.index(min(cost))
+        dtype, escape = self.WIDTHS[best][0], escapes[best]
+        if self.offsets.dtype != dtype:
+            self.offsets = torch.empty(k.numel(), dtype=dtype, device=k.device)
         self.offsets.copy_(k.masked_fill_(escape, 0))
-        self.esc_idx = escape.nonzero().squeeze(1)
-        self.esc_val = ref[self.esc_idx]
+        self.esc_idx = escape.nonzero().squeeze(1).to(self.esc_idx.dtype)
+        self.esc_val = ref[self.esc_idx.long()]
 
     def decode(self) -> torch.Tensor:
         """The flat θ_ref, bit for bit (a temporary)."""
         flat = self.flat_params()
         flat.view(self.int_dtype).add_(self.offsets)
-        flat[self.esc_idx] = self.esc_val
+        flat[self.esc_idx.long()] = self.esc_val
         return flat
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:

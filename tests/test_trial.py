@@ -55,7 +55,7 @@ def test_toy_methods_run_and_report(tmp_path, method):
 
 
 def test_profit_memory_modes_in_a_trial(tmp_path):
-    """memory='compact' is the same trial as 'full' (same metrics, same weights) with half the θ_ref bytes."""
+    """memory='compact' is the same trial as 'full' (same metrics, same weights) with ¼–½ of the θ_ref bytes."""
     runs = {m: run_trial(tiny(tmp_path, method="profit", profit_memory=m), return_model=True)
             for m in ("full", "compact")}
     (full, m_full), (compact, m_compact) = runs["full"], runs["compact"]
@@ -64,7 +64,7 @@ def test_profit_memory_modes_in_a_trial(tmp_path):
     assert params_of(m_full).keys() == params_of(m_compact).keys()
     assert all(torch.equal(a, b) for a, b in zip(params_of(m_full).values(), params_of(m_compact).values()))
     assert full["profit_state_bytes"] == 4 * full["n_trainable"]
-    assert 2 * full["n_trainable"] <= compact["profit_state_bytes"] < 2.1 * full["n_trainable"]
+    assert full["n_trainable"] <= compact["profit_state_bytes"] < 2.1 * full["n_trainable"]
     with pytest.raises(UserError, match="profit_memory"):
         run_trial(tiny(tmp_path, method="profit", profit_memory="half"))
 
