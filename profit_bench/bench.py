@@ -191,8 +191,9 @@ def saved_activation_bytes(v: Variant, task: TaskData, args) -> int:
 
 def bench_memory(args) -> list[dict]:
     """Tensor accounting, no timing: training state of each variant (params, grads, optimizer state, PROFIT's
-    θ_ref or its compact form, after whole warm-up cycles at a small batch) plus the activations one forward at
-    the full batch saves for backward. A model of the GPU peak that runs anywhere; `step` on CUDA measures it."""
+    θ_ref or its compact form, after two cycles and one reference step at a small batch) plus the activations
+    one forward at the full batch saves for backward. A model of the GPU peak that runs anywhere; `step` on
+    CUDA measures the real one."""
     check_device(args)
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)

@@ -442,6 +442,23 @@ def test_fast_matches_reference_on_cuda(main_name, memory):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("memory", ["full", "low"])
+def test_step_never_waits_for_the_gpu(memory):
+    """The fast path's claim: no host sync in step() ("compact" syncs on purpose, to size its escape list)."""
+    model = small_mlp().cuda()
+    opt = PROFIT(torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True), ratio=10.0, n_ref=2, memory=memory)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(9)]
+    run_fast(model, opt, batches[:3])  # the first cycle allocates the optimizers' state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_fast(model, opt, batches[3:])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.main_steps == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compact_is_bit_identical_to_full_on_cuda():
     runs = {m: run_compact_vs_full_model(m, device="cuda") for m in ("full", "compact")}
     assert all(torch.equal(p, q) for p, q in zip(runs["full"][0].parameters(), runs["compact"][0].parameters()))
