@@ -48,7 +48,7 @@ class PROFIT(Optimizer):
         n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
         memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters), ``"compact"``
             (exact and bit-identical to ``"full"``; 1 or 2 bytes per weight plus 8 per "escape", see
-            ``_CompactRef``; it costs a few extra elementwise passes and two host syncs per cycle step) or
+            ``_CompactRef``; it costs a few extra elementwise passes and one host sync per cycle step) or
             ``"low"`` (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
             Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m
             (SGD ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly*
@@ -434,7 +434,7 @@ class _CompactRef:
     comes back bit for bit whatever the offsets are; only the memory depends on them.
 
     Everything runs on one flat concatenation of the parameters (in their memory order, so channels_last costs
-    no transpose): a few elementwise passes per cycle step and two host syncs (escape counts, escape indices).
+    no transpose): a few elementwise passes per cycle step and one host sync (the escape counts).
     The flat temporaries live only inside ``step()``, when the backward pass's activations are already freed.
     """
 
@@ -484,7 +484,8 @@ class _CompactRef:
         if self.offsets.dtype != dtype:
             self.offsets = torch.empty(k.numel(), dtype=dtype, device=k.device)
         self.offsets.copy_(k.masked_fill_(escape, 0))
-        self.esc_idx = escape.nonzero().squeeze(1).to(self.esc_idx.dtype)
+        # The count is known, so no second sync is needed to size the index list.
+        self.esc_idx = torch.nonzero_static(escape, size=counts[best]).squeeze(1).to(self.esc_idx.dtype)
         self.esc_val = ref[self.esc_idx.long()]
 
     def decode(self) -> torch.Tensor:
