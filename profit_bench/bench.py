@@ -53,27 +53,28 @@ class Variant:
     opt: torch.optim.Optimizer
 
 
-VARIANT_LABEL = {"full": "", "compact": " compact", "low": " low-mem"}
+def variant_memories(args) -> list[str | None]:
+    """The variants to run: None is the AdamW baseline, then each PROFIT memory mode asked for (in order)."""
+    return [None, *(MEMORY_MODES if "all" in args.memory else dict.fromkeys(args.memory))]
 
 
-def variant_names(args) -> list[str]:
-    memories = list(MEMORY_MODES) if "all" in args.memory else list(dict.fromkeys(args.memory))
-    return ["AdamW"] + [f"PROFIT(AdamW){VARIANT_LABEL[m]} ratio={args.ratio:g} n_ref={args.n_ref}" for m in memories]
+def variant_name(memory: str | None, args) -> str:
+    if memory is None:
+        return "AdamW"
+    label = {"full": "", "compact": " compact", "low": " low-mem"}[memory]
+    return f"PROFIT(AdamW){label} ratio={args.ratio:g} n_ref={args.n_ref}"
 
 
-def memory_of(name: str) -> str:
-    return next(m for m in ("compact", "low", "full") if m == "full" or VARIANT_LABEL[m] in name)
-
-
-def make_variant(name: str, args, task: TaskData) -> Variant:
+def make_variant(memory: str | None, args, task: TaskData) -> Variant:
+    """AdamW (memory=None) or PROFIT(AdamW, memory=memory) on a fresh model."""
     model = build_model(args.model, task, seed=0)
     if uses_channels_last(args):
         model = model.to(memory_format=torch.channels_last)
     model, params = prepare_full(model, args)  # the `full` method: everything but the old head trains
-    main = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
-    if not name.startswith("PROFIT"):
-        return Variant(name, model, main)
-    return Variant(name, model, PROFIT(main, ratio=args.ratio, n_ref=args.n_ref, memory=memory_of(name)))
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
+    if memory is not None:
+        opt = PROFIT(opt, ratio=args.ratio, n_ref=args.n_ref, memory=memory)
+    return Variant(variant_name(memory, args), model, opt)
 
 
 def uses_channels_last(args) -> bool:
@@ -141,17 +142,17 @@ def bench_step(args) -> list[dict]:
     block = args.n_ref + 1  # whole PROFIT cycles, so reference and main steps are weighed as they occur
     variants, peak = [], {}
     if args.device == "cuda":  # one-time allocations (cuBLAS/cuDNN workspaces) must not be charged to variant 1
-        primer = make_variant("AdamW", args, task)
+        primer = make_variant(None, args, task)
         train_block(primer, task, args, 2)
         del primer
-    for name in variant_names(args):  # build + warm up (allocations, cudnn autotune, optimizer state), one by one
+    for memory in variant_memories(args):  # build + warm up (allocations, cudnn autotune, optimizer state), one by one
         if args.device == "cuda":
             # A variant's peak is counted above what is alive before it is built (the batch, earlier variants,
             # idle with their gradients freed), so every variant is charged for its own memory only.
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        v = make_variant(name, args, task)
+        v = make_variant(memory, args, task)
         train_block(v, task, args, max(args.warmup, 2 * block))
         peak[v.name] = torch.cuda.max_memory_allocated() - base if args.device == "cuda" else kept_bytes(v)
         variants.append(v)
@@ -200,11 +201,11 @@ def bench_memory(args) -> list[dict]:
     small = SimpleNamespace(**{**vars(args), "batch_size": min(args.batch_size, 8)})
     small_task = synthetic_task(args.model, small.batch_size, args.device)
     rows, act = [], None
-    for name in variant_names(args):
-        v = make_variant(name, args, task)
+    for memory in variant_memories(args):
+        v = make_variant(memory, args, task)
         train_block(v, small_task, small, 2 * (args.n_ref + 1) + 1)  # mid-cycle: θ_ref (or its encoding) is live
         act = saved_activation_bytes(v, task, args) if act is None else act  # the same for every variant
-        rows.append({"variant": name, "state_bytes": kept_bytes(v), "act_bytes": act})
+        rows.append({"variant": v.name, "state_bytes": kept_bytes(v), "act_bytes": act})
         del v
     return rows
 
@@ -229,9 +230,9 @@ def bench_epoch(args) -> list[dict]:
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.n_images, args.device)
     rows = []
-    for name in variant_names(args):
+    for memory in variant_memories(args):
         base = torch.cuda.memory_allocated() if args.device == "cuda" else 0  # the data set; charged to no one
-        v = make_variant(name, args, task)  # already channels_last where that applies
+        v = make_variant(memory, args, task)  # already channels_last where that applies
         if args.compile:
             v.model.backbone.compile()
         gen = torch.Generator(device=args.device).manual_seed(0)
@@ -248,9 +249,9 @@ def bench_epoch(args) -> list[dict]:
             sync(args.device)
             if epoch:
                 times.append(time.perf_counter() - t0)
-            print(f"  {name}: epoch {epoch} {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+            print(f"  {v.name}: epoch {epoch} {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
         peak = torch.cuda.max_memory_allocated() - base if args.device == "cuda" else kept_bytes(v)
-        rows.append({"variant": name, "epoch_s": statistics.median(times), "peak_bytes": peak})
+        rows.append({"variant": v.name, "epoch_s": statistics.median(times), "peak_bytes": peak})
         del v
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
         p.add_argument("--n-ref", type=int, default=1)
         p.add_argument("--memory", nargs="+", choices=[*MEMORY_MODES, "all"], default=["full"],
                        help="PROFIT variant(s) to run beside AdamW: full (exact θ_ref copy), compact (exact, "
-                            "θ_ref as 16-bit ulp offsets), low (approximate, no copy), or all")
+                            "θ_ref as 8/16-bit ulp offsets), low (approximate, no copy), or all")
         p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = ap.parse_args(argv)
     try:

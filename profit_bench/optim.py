@@ -376,8 +376,10 @@ class PROFIT(Optimizer):
         self.state.clear()
         self._compact = []
         cycle = [params[int(i)] for i in saved.get("in_cycle", saved["refs"].keys())]
-        refs = {params[int(i)]: r.detach().to(device=params[int(i)].device, dtype=params[int(i)].dtype)
-                for i, r in saved["refs"].items()}
+        refs = {}
+        for i, r in saved["refs"].items():
+            p = params[int(i)]
+            refs[p] = r.detach().to(device=p.device, dtype=p.dtype)
         for p in cycle:
             self.state[p]["in_cycle"] = True
             if self.memory == "low":
@@ -447,7 +449,7 @@ class _CompactRef:
         self.int_dtype = _BITS[params[0].dtype]
         dev = params[0].device
         n = sum(self.sizes)
-        self.offsets = torch.zeros(n, dtype=torch.int16, device=dev)
+        self.offsets = torch.zeros(0, dtype=torch.int8, device=dev)  # sized by the first encode()
         self.esc_idx = torch.zeros(0, dtype=torch.int32 if n < 2 ** 31 else torch.long, device=dev)
         self.esc_val = torch.zeros(0, dtype=params[0].dtype, device=dev)
 
@@ -481,7 +483,7 @@ class _CompactRef:
         cost = [k.numel() * dt.itemsize + per_escape * c for (dt, _), c in zip(self.WIDTHS, counts)]
         best = cost.index(min(cost))
         dtype, escape = self.WIDTHS[best][0], escapes[best]
-        if self.offsets.dtype != dtype:
+        if self.offsets.dtype != dtype or self.offsets.numel() != k.numel():
             self.offsets = torch.empty(k.numel(), dtype=dtype, device=k.device)
         self.offsets.copy_(k.masked_fill_(escape, 0))
         # The count is known, so no second sync is needed to size the index list.
