@@ -1,0 +1,203 @@
+"""The selection protocol: which trials count, which configurations are confirmed, what the fronts are measured
+against. The sweep (choosing what to confirm) and the analysis (stating and checking it) both call these
+functions, so the rule is written once.
+
+Everything here reads *validation* columns (`old_val`, `new_val` and the pretrained `old_val_before`,
+`new_val_before`); test metrics are only ever reported, never chosen on. Pure numpy/pandas: no Ray, no MLflow.
+
+Objectives: both metrics share one direction (`higher_is_better`: accuracy) or the other (MSE).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SELECTION_RULE", "DIVERGENCE_RULE", "MSE_BLOWUP", "divergence_reason", "mark_diverged", "to_maximize",
+           "pareto_mask", "hypervolume", "knee_index", "confirm_choices", "fresh_seeds", "reference_point"]
+
+MSE_BLOWUP = 10.0  # a lower-is-better metric this many times worse than both anchors has diverged
+
+SELECTION_RULE = (
+    "Hyperparameters are chosen on validation metrics only. Per method (arm), the validation Pareto set of its "
+    "non-diverged search trials gives up to three configurations: best old-task, best new-task, and the knee "
+    "(the point closest to the ideal after scaling each axis by |pretrained − best|). Each is re-run on fresh "
+    "seeds never used in the search; only those confirmation runs give the test numbers reported.")
+
+DIVERGENCE_RULE = (
+    f"A trial has diverged when a final validation metric is not finite; for error metrics (MSE) also when it is "
+    f"more than {MSE_BLOWUP:g}× the pretrained model's value and more than {MSE_BLOWUP:g}× the best value of the "
+    f"sweep; for accuracy when it is below chance (1 / number of classes).")
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
+
+
+def divergence_reason(row, *, higher_is_better: bool, best_old: float, best_new: float,
+                      chance_old: float | None = None, chance_new: float | None = None) -> str | None:
+    """Why the trial in `row` (old_val, new_val, old_val_before, new_val_before) counts as diverged, or None."""
+    for side, best, chance in (("old", best_old, chance_old), ("new", best_new, chance_new)):
+        v = row.get(f"{side}_val")
+        if not _finite(v):
+            return f"{side}_val is not finite"
+        v = float(v)
+        if higher_is_better:
+            if _finite(chance) and v < chance:
+                return f"{side}_val {v:.4g} below chance {chance:.4g}"
+        else:
+            before = row.get(f"{side}_val_before")
+            anchors = [a for a in (before, best) if _finite(a)]
+            if anchors and all(v > MSE_BLOWUP * float(a) for a in anchors):
+                return (f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× pretrained ({float(before):.4g}) and "
+                        f"best of sweep ({float(best):.4g})" if _finite(before) and _finite(best)
+                        else f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× its anchor")
+    return None
+
+
+def _best(values, higher_is_better: bool) -> float:
+    v = pd.to_numeric(pd.Series(values), errors="coerce")
+    v = v[np.isfinite(v)]
+    if v.empty:
+        return float("nan")
+    return float(v.max() if higher_is_better else v.min())
+
+
+def mark_diverged(df: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
+    """A copy of `df` with `diverged` (bool) and `diverged_reason` columns. "Best of the sweep" is the best finite
+    value over every row of `df` (one sweep, one task × backbone); chance comes from `chance_old`/`chance_new`
+    columns when present. Rows whose `status` is not ok/diverged (failed, killed) are marked diverged=False:
+    they are counted separately."""
+    out = df.copy()
+    best_old, best_new = _best(out.get("old_val", []), higher_is_better), _best(out.get("new_val", []),
+                                                                                higher_is_better)
+    reasons = []
+    for _, row in out.iterrows():
+        status = row.get("status", "ok")
+        if status not in ("ok", "diverged", None) and not (isinstance(status, float) and math.isnan(status)):
+            reasons.append(None)
+            continue
+        reasons.append(divergence_reason(row, higher_is_better=higher_is_better, best_old=best_old,
+                                         best_new=best_new, chance_old=row.get("chance_old"),
+                                         chance_new=row.get("chance_new")))
+    out["diverged_reason"] = reasons
+    out["diverged"] = [r is not None for r in reasons]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Pareto
+def to_maximize(points, higher_is_better) -> np.ndarray:
+    """Copy of `points` [N, D] with every lower-is-better coordinate negated (so larger is always better)."""
+    p = np.asarray(points, dtype=float).reshape(-1, len(higher_is_better))
+    return p * np.where(np.asarray(higher_is_better, dtype=bool), 1.0, -1.0)
+
+
+def pareto_mask(points, higher_is_better=(True, True)) -> np.ndarray:
+    """Boolean mask of the non-dominated 2-D points. Duplicates of a front point are all kept (neither dominates
+    the other); NaN points are never on the front.
+
+    Sweep in O(N log N): visit points by first coordinate descending, grouping ties; a point is on the front when
+    its second coordinate is the best of its tie group and strictly beats every point with a larger first one.
+    """
+    p = to_maximize(points, higher_is_better)
+    mask = np.zeros(len(p), dtype=bool)
+    finite = np.flatnonzero(np.isfinite(p).all(axis=1))
+    if finite.size == 0:
+        return mask
+    order = finite[np.lexsort((-p[finite, 1], -p[finite, 0]))]  # x descending, then y descending
+    best_y = -np.inf
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and p[order[j], 0] == p[order[i], 0]:
+            j += 1
+        group = order[i:j]
+        group_best = p[group, 1].max()
+        if group_best > best_y:
+            mask[group[p[group, 1] == group_best]] = True
+            best_y = group_best
+        i = j
+    return mask
+
+
+def hypervolume(points, reference, higher_is_better=(True, True)) -> float:
+    """Area dominated by `points` and bounded by `reference` (exact, 2-D). Points that do not strictly beat the
+    reference in both coordinates add nothing, as in the usual definition."""
+    p = to_maximize(points, higher_is_better)
+    r = to_maximize([reference], higher_is_better)[0]
+    p = p[np.isfinite(p).all(axis=1) & (p[:, 0] > r[0]) & (p[:, 1] > r[1])]
+    area, best_y = 0.0, r[1]
+    for x, y in p[np.lexsort((-p[:, 1], -p[:, 0]))]:  # x descending: each new higher y adds one slab
+        if y > best_y:
+            area += (x - r[0]) * (y - best_y)
+            best_y = y
+    return float(area)
+
+
+def reference_point(df: pd.DataFrame, higher_is_better: bool, chance: tuple | None = None) -> tuple[float, float]:
+    """The hypervolume corner of one task × backbone: per axis the worst of the pretrained value and every
+    non-diverged trial (`diverged` column if present), and no better than chance for accuracy. Diverged trials
+    never move it, so one explosion cannot flatten every method's hypervolume."""
+    ok = df[~df["diverged"].astype(bool)] if "diverged" in df else df
+    worst = np.nanmin if higher_is_better else np.nanmax
+    ref = []
+    for i, side in enumerate(("old", "new")):
+        vals = [pd.to_numeric(ok[c], errors="coerce").to_numpy(dtype=float)
+                for c in (f"{side}_val", f"{side}_val_before") if c in ok]
+        v = np.concatenate(vals) if vals else np.array([np.nan])
+        r = float(worst(v)) if np.isfinite(v).any() else float("nan")
+        if higher_is_better and chance is not None and chance[i] is not None and math.isfinite(chance[i]):
+            r = min(r, float(chance[i])) if math.isfinite(r) else float(chance[i])
+        ref.append(r)
+    return ref[0], ref[1]
+
+
+def knee_index(points: np.ndarray, pretrained: tuple[float, float], higher_is_better: bool) -> int:
+    """Index of the point closest to the ideal (best old, best new among `points`) after scaling each axis by
+    |pretrained − best| (or by the points' own spread when that is 0)."""
+    p = to_maximize(points, (higher_is_better, higher_is_better))
+    ideal = p.max(axis=0)
+    pre = to_maximize([pretrained], (higher_is_better, higher_is_better))[0]
+    scale = np.abs(ideal - pre)
+    spread = p.max(axis=0) - p.min(axis=0)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.where(spread > 0, spread, 1.0))
+    dist = np.sqrt((((ideal - p) / scale) ** 2).sum(axis=1))
+    return int(np.argmin(dist))
+
+
+def confirm_choices(df: pd.DataFrame, higher_is_better: bool, arm_col: str = "arm") -> pd.DataFrame:
+    """The configurations to confirm: per arm, on its non-diverged rows (`diverged` column, else all finite
+    rows), the validation Pareto set's best-old, best-new and knee rows, deduplicated. Returns those rows of
+    `df` with a `choice` column ("best-old,knee", ...). Ties keep the first row in `df` order (deterministic)."""
+    ok = df[~df["diverged"].astype(bool)] if "diverged" in df else df
+    picked = []
+    for _, g in ok.groupby(arm_col, sort=True):
+        pts = g[["old_val", "new_val"]].to_numpy(dtype=float)
+        front = g[pareto_mask(pts, (higher_is_better, higher_is_better))]
+        if front.empty:
+            continue
+        fp = front[["old_val", "new_val"]].to_numpy(dtype=float)
+        m = to_maximize(fp, (higher_is_better, higher_is_better))
+        pretrained = (float(np.nanmedian(pd.to_numeric(front.get("old_val_before", np.nan), errors="coerce"))),
+                      float(np.nanmedian(pd.to_numeric(front.get("new_val_before", np.nan), errors="coerce"))))
+        choices: dict[int, list[str]] = {}
+        for name, idx in (("best-old", int(np.argmax(m[:, 0]))), ("best-new", int(np.argmax(m[:, 1]))),
+                          ("knee", knee_index(fp, pretrained, higher_is_better))):
+            choices.setdefault(idx, []).append(name)
+        for idx, names in sorted(choices.items()):
+            row = front.iloc[idx].copy()
+            row["choice"] = ",".join(names)
+            picked.append(row)
+    return pd.DataFrame(picked).reset_index(drop=True) if picked else df.iloc[0:0].assign(choice=[])
+
+
+def fresh_seeds(used, n: int, start: int = 1000) -> list[int]:
+    """`n` seeds from `start` on that the search never used (so confirmation results are out of sample)."""
+    used = {int(s) for s in used}
+    out, s = [], start
+    while len(out) < n:
+        if s not in used:
+            out.append(s)
+        s += 1
+    return out

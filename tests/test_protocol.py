@@ -1,0 +1,91 @@
+"""The selection protocol against brute force and hand-worked cases."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from profit_bench import protocol as P
+
+
+def _brute_front(pts, hib):
+    m = P.to_maximize(pts, (hib, hib))
+    out = []
+    for i, a in enumerate(m):
+        dominated = any((b >= a).all() and (b > a).any() for j, b in enumerate(m) if j != i)
+        out.append(np.isfinite(a).all() and not dominated)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("hib", [True, False])
+def test_pareto_mask_matches_brute_force(hib):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        pts = rng.integers(0, 5, size=(12, 2)).astype(float)  # many ties
+        pts[rng.random(12) < 0.1, 0] = np.nan
+        assert (P.pareto_mask(pts, (hib, hib)) == _brute_front(pts, hib)).all()
+
+
+def test_hypervolume_by_hand_and_by_grid():
+    # maximize: points (3,1), (1,3), (2,2) over ref (0,0): union of rectangles = 3+3+4-... count unit cells
+    pts = np.array([[3, 1], [1, 3], [2, 2]], float)
+    cells = sum(1 for x, y in itertools.product(range(3), range(3))
+                if any(px >= x + 1 and py >= y + 1 for px, py in pts))
+    assert P.hypervolume(pts, (0, 0), (True, True)) == cells == 6
+    # minimization: same geometry mirrored
+    assert P.hypervolume(-pts, (0, 0), (False, False)) == 6
+
+
+def _sweep(hib=False):
+    return pd.DataFrame(dict(
+        arm=["full", "full", "full", "profit", "profit", "profit"],
+        old_val=[0.5, 0.3, 0.9, 0.2, 2.0e6, 0.25],
+        new_val=[0.3, 0.5, 0.25, 0.6, 7.0e6, 0.55],
+        old_val_before=[0.027] * 6, new_val_before=[3.4] * 6, status=["ok"] * 6))
+
+
+def test_relative_divergence_marks_only_the_explosion():
+    df = P.mark_diverged(_sweep(), higher_is_better=False)
+    assert df["diverged"].tolist() == [False, False, False, False, True, False]
+    assert "old_val" in df.loc[4, "diverged_reason"]
+    # A plain full fine-tune that forgets 20× the pretrained MSE is not "diverged": the sweep's best anchors it.
+    assert not df.loc[2, "diverged"]
+
+
+def test_non_finite_and_below_chance_diverge():
+    df = pd.DataFrame(dict(arm=["a", "a", "a"], old_val=[0.9, float("nan"), 0.1], new_val=[0.8, 0.7, 0.6],
+                           chance_old=[0.2] * 3, chance_new=[0.2] * 3, status=["ok", "diverged", "ok"]))
+    out = P.mark_diverged(df, higher_is_better=True)
+    assert out["diverged"].tolist() == [False, True, True]
+
+
+def test_reference_point_ignores_diverged_runs():
+    df = P.mark_diverged(_sweep(), higher_is_better=False)
+    ref = P.reference_point(df, higher_is_better=False)
+    assert ref == (0.9, 3.4)  # worst non-diverged old; pretrained new
+    same = P.reference_point(df[~df["diverged"]], higher_is_better=False)
+    assert ref == same
+
+
+def test_confirm_choices_best_old_best_new_knee():
+    df = P.mark_diverged(_sweep(), higher_is_better=False)
+    ch = P.confirm_choices(df, higher_is_better=False)
+    full = ch[ch["arm"] == "full"].set_index("choice")
+    # full's front: (0.3,0.5) best old, (0.9,0.25) best new, (0.5,0.3) between them. Scaled by the pretrained
+    # gaps (old 0.273, new 3.15) the best-old point is nearest the ideal, so it is the knee too.
+    assert full.loc["best-old,knee", "old_val"] == 0.3
+    assert full.loc["best-new", "new_val"] == 0.25
+    assert len(full) == 2
+    profit = ch[ch["arm"] == "profit"]
+    assert 2.0e6 not in profit["old_val"].tolist()  # the diverged trial is never confirmed
+    assert set(",".join(profit["choice"]).split(",")) == {"best-old", "best-new", "knee"}
+
+
+def test_knee_scales_axes_by_pretrained_gap():
+    pts = np.array([[0.0, 10.0], [1.0, 1.0], [10.0, 0.0]])
+    assert P.knee_index(pts, pretrained=(10.0, 10.0), higher_is_better=False) == 1
+
+
+def test_fresh_seeds_avoid_the_search_seeds():
+    assert P.fresh_seeds([1000, 1002], 3) == [1001, 1003, 1004]
+    assert len(set(P.fresh_seeds(range(5), 5)) & set(range(5))) == 0
