@@ -2,40 +2,58 @@
 
 One ``step()`` per batch, like any optimizer. A cycle spans ``n_ref + 1`` calls:
 
-* call 1 saves θ_ref ← θ, then every reference call takes a plain SGD step θ ← θ − λ_ref·g with
-  λ_ref = group["lr"] / ratio read at that call (so it follows any LR schedule);
+* call 1 saves θ_ref ← θ; every reference call takes one step of the reference optimizer O_ref at
+  λ_ref = group["lr"] / ratio, read at that call (so it follows any LR schedule);
 * the last call computes Δ = θ − θ_ref and ω = ⟨Δ, g⟩ over *all* parameters (one global dot product),
-  projects g ← g − (ω/‖Δ‖²)·Δ when ω < 0, restores θ ← θ_ref by copy (bit-exact) and lets the main optimizer
-  step with the projected gradient, so its momentum and weight decay act at θ_ref.
+  projects g ← g − (ω/‖Δ‖²)·Δ when ω < 0, restores θ ← θ_ref and lets the main optimizer step with the
+  projected gradient, so its momentum and weight decay act at θ_ref.
 
-The fast path never syncs with the host: the ω < 0 decision is a ``torch.where`` on the device and all
-per-parameter work uses ``torch._foreach_*`` kernels. θ_ref is the only extra copy of the parameters: Δ is
-formed in place in θ (θ is overwritten by θ_ref right after), so no second parameter-sized buffer exists.
+O_ref defaults to plain SGD (the paper's recommendation), which runs as fused ``torch._foreach_*`` kernels and
+never syncs with the host, even with a tensor ``lr``: the ω < 0 decision is a ``torch.where`` on the device.
+Any other O_ref (``ref="adam"``, a factory ...) is a real torch optimizer over the same parameters, with its
+own state, kept across cycles.
 
 ``profit_bench/reference.py`` holds a literal transcription of Algorithm 1; ``tests/test_optim.py`` checks that
 this class agrees with it.
 
-Three ways to keep θ_ref (``memory=``):
+Three ways to keep θ_ref (``memory=``), each a ``ThetaRef`` strategy:
 
-* ``"full"`` (default, exact): a copy of the trainable parameters.
-* ``"compact"`` (exact, bit-identical to ``"full"``): θ_ref as an 8- or 16-bit offset from the current θ in units
-  in the last place, plus the true value wherever the offset does not fit. A quarter to a half of the extra
-  memory of ``"full"`` in fp32.
-* ``"low"`` (approximate, no parameter-sized buffer): the paper's §3.4 momentum idea; see ``PROFIT.__init__``.
+* ``"full"`` (default, exact): ``FullRef``, a copy of the trainable parameters. Δ is formed in place in θ (θ is
+  overwritten by θ_ref right after), so no second parameter-sized buffer exists; the restore is a copy.
+* ``"compact"`` (exact, bit-identical to ``"full"``): ``CompactRef``, θ_ref as an 8- or 16-bit offset from the
+  current θ in units in the last place, plus the true value wherever the offset does not fit. A quarter to a
+  half of the extra memory of ``"full"`` in fp32; one host sync per reference step.
+* ``"low"`` (approximate, no parameter-sized buffer): ``LowMemRef``, the paper's §3.4 momentum idea.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-__all__ = ["PROFIT", "MEMORY_MODES"]
+from profit_bench import UserError
+
+__all__ = ["PROFIT", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
+           "CompactRef", "LowMemRef"]
 
 MEMORY_MODES = ("full", "compact", "low")
+REF_OPTIMIZERS = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
+                  "adamw": torch.optim.AdamW}
+# Means over the main steps since the last diagnostics() call (a "window"). cos_g_delta is cos(g, Δ) before the
+# projection, with g the gradient of the minimised loss; perp_ratio is ‖g_projected‖/‖g‖ = √(1 − cos²) on
+# projected steps and 1 on the others; delta_rel is ‖Δ‖/‖θ_ref‖ (memory="low": its approximate Δ), with ‖θ_ref‖
+# taken at the window's first cycle: θ moves little within a window, and this saves a pass over the weights per
+# cycle.
+DIAGNOSTICS = ("profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel")
+
+
+class ProfitConfigError(UserError, ValueError):
+    """A PROFIT argument or checkpoint that cannot work (a ValueError for library users, a UserError for CLIs)."""
 
 
 class PROFIT(Optimizer):
@@ -44,41 +62,42 @@ class PROFIT(Optimizer):
     Args:
         main: the main optimizer O (any ``torch.optim.Optimizer``). PROFIT shares its ``param_groups``, so an LR
             scheduler attached to either one drives both.
-        ratio: λ_main / λ_ref. The reference (SGD) step size of a group is ``group["lr"] / ratio``.
+        ratio: λ_main / λ_ref. The reference step size of a group is ``group["lr"] / ratio``.
         n_ref: reference steps per cycle (each consumes one batch). One main step per ``n_ref + 1`` calls.
-        memory: ``"full"`` (exact Algorithm 1; one extra copy of the trainable parameters), ``"compact"``
-            (exact and bit-identical to ``"full"``; 1 or 2 bytes per weight plus 8 per "escape", see
-            ``_CompactRef``; it costs a few extra elementwise passes and one host sync per cycle step) or
-            ``"low"`` (approximate, no extra parameter-sized buffer). ``"low"`` is the paper's §3.4 idea made concrete:
-            Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m
-            (SGD ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly*
-            during the reference steps (⟨m, Δ⟩ = −Σ λ_ref⟨m, g_i⟩, m being constant within a cycle). The
-            projection then uses a·m for Δ and the restore is θ ← θ − a·m, so the part of Δ orthogonal to m
-            stays in the weights (a drift of at most ‖Δ‖ per cycle). The first cycle, before the main optimizer
-            has a buffer, takes no reference step. See docs/performance.md for its measured deviation.
-        process_group: set when parameters are *sharded* across ranks (FSDP, ZeRO): ω and ‖Δ‖² are then
-            all-reduced over it (two scalars per main step). Leave ``None`` for replicated parameters (DDP),
-            whose gradients are already identical on every rank.
+        ref: O_ref: a name of ``REF_OPTIMIZERS`` or a factory ``param_groups -> Optimizer``. ``"sgd"`` without
+            ``ref_kwargs`` is plain SGD on the fused path; anything else is a torch optimizer with one group per
+            main group (its lr is set before every reference step; a tensor lr is read as a float there).
+        ref_kwargs: keyword arguments of a named O_ref (``momentum=0.9``, ``betas=...``).
+        memory: how θ_ref is kept, see the module docstring and the ``ThetaRef`` classes.
+        process_group: set when parameters are *sharded* across ranks (FSDP, ZeRO): the global dot products are
+            then all-reduced over it (one 4-scalar all-reduce per main step). Leave ``None`` for replicated
+            parameters (DDP), whose gradients are already identical on every rank.
     """
 
-    def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1, memory: str = "full",
+    def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1, ref: str | Callable = "sgd",
+                 ref_kwargs: dict | None = None, memory: str = "full",
                  process_group: dist.ProcessGroup | None = None):
-        if not isinstance(main, Optimizer):
-            raise TypeError(f"PROFIT wraps a torch.optim.Optimizer, got {type(main).__name__}")
+        if not isinstance(main, Optimizer) or isinstance(main, PROFIT):
+            raise TypeError(f"PROFIT wraps a plain torch.optim.Optimizer, got {type(main).__name__}")
         if not ratio > 0:
-            raise ValueError(f"ratio must be > 0, got {ratio}")
+            raise ProfitConfigError(f"ratio must be > 0, got {ratio}")
         if int(n_ref) != n_ref or n_ref < 1:
-            raise ValueError(f"n_ref must be an integer >= 1, got {n_ref}")
+            raise ProfitConfigError(f"n_ref must be an integer >= 1, got {n_ref}")
         if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
-        self.main = main
-        self.memory = memory
-        self.ratio = float(ratio)
-        self.n_ref = int(n_ref)
-        self.process_group = process_group
+            raise ProfitConfigError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
+        self.main, self.memory, self.process_group = main, memory, process_group
+        self.ratio, self.n_ref = float(ratio), int(n_ref)
         self.phase = 0  # calls already made in the current cycle; the call with phase == n_ref is the main step
         self.main_steps = 0
-        self._compact: list[_CompactRef] = []  # memory="compact": θ_ref of the cycle, one per (device, dtype)
+        self.theta_ref = {"full": FullRef, "compact": CompactRef, "low": LowMemRef}[memory](main, process_group)
+        self.ref_name, self.ref_opt = _build_ref(ref, dict(ref_kwargs or {}), main.param_groups, self.ratio)
+        if self.ref_opt is not None and not self.theta_ref.any_ref:
+            raise ProfitConfigError(f"memory={memory!r} follows Δ through plain-SGD reference steps only; use "
+                                    f"ref='sgd' without ref_kwargs, or memory='full'/'compact'")
+        self._cycle: set[torch.Tensor] = set()
+        self._ref_sq = None  # ‖θ_ref‖² at the first cycle of the diagnostics window (a device scalar)
+        self._in_anchored = False
+        self._diag_sum, self._diag_n = None, 0
         super().__init__(main.param_groups, main.defaults)
         # Share the very list, not only its dicts, so groups added to `main` later are seen here too.
         self.param_groups = main.param_groups
@@ -97,309 +116,488 @@ class PROFIT(Optimizer):
     @contextlib.contextmanager
     def anchored(self) -> Iterator[None]:
         """Evaluate at θ_ref: mid-cycle, swap θ_ref in and put the displaced weights back afterwards."""
-        if not self.mid_cycle:
-            yield
-            return
-        if self.memory == "low":  # approximate θ_ref; the displaced weights come back up to rounding
-            self._shift_low(-1.0)
-            try:
-                yield
-            finally:
-                self._shift_low(+1.0)
-            return
-        params, refs = self._saved()
-        self._swap(params, refs)
+        if self._in_anchored:
+            raise RuntimeError("PROFIT.anchored() is already active; it does not nest")
+        self._in_anchored = True
         try:
-            yield
+            with self.theta_ref.at_reference() if self.mid_cycle else contextlib.nullcontext():
+                yield
         finally:
-            self._swap(params, refs)
+            self._in_anchored = False
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End training at θ_ref: abandon a cycle in progress (its reference steps are undone exactly)."""
-        if self.mid_cycle and self.memory == "low":
-            self._shift_low(-1.0)
-        elif self.mid_cycle:
-            params, refs = self._saved()
-            torch._foreach_copy_(params, refs)
+        """End training at θ_ref: abandon a cycle in progress (its reference steps are undone)."""
+        if self.mid_cycle:
+            self.theta_ref.restore()
         self.phase = 0
 
-    # ------------------------------------------------------------------ the step
+    def extra_state_bytes(self) -> int:
+        """Bytes PROFIT keeps between steps on top of the main optimizer: θ_ref (or its compact form) and O_ref's
+        state."""
+        ref_state = self.ref_opt.state.values() if self.ref_opt is not None else ()
+        return self.theta_ref.nbytes() + sum(_nbytes(s.values()) for s in ref_state)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Means of ``DIAGNOSTICS`` over the main steps since the last call (then reset); {} if there were none.
+        The only host sync of the diagnostics."""
+        if not self._diag_n:
+            return {}
+        means = (self._diag_sum / self._diag_n).tolist()
+        self._diag_sum, self._diag_n = None, 0
+        return dict(zip(DIAGNOSTICS, means))
+
+    # ------------------------------------------------------------------ Algorithm 1
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        if self._in_anchored:
+            raise RuntimeError("PROFIT.step() inside anchored(): the weights are θ_ref, not the training weights")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.phase < self.n_ref:
-            if self.memory == "compact":
-                self._compact_reference_step()
-            else:
-                if self.phase == 0:
-                    self._start_low_memory_cycle() if self.memory == "low" else self._save_reference()
-                self._reference_step()
+            if self.phase == 0:
+                self._save_reference()                                  # line 6: θ_ref ← θ
+            self.theta_ref.reference_step(self._reference_step)         # line 9: θ ← O_ref(θ, g)
             self.phase += 1
         else:
-            if self.memory == "low":
-                self._project_and_restore_low()
-            else:
-                self._project_and_restore(*self._saved())  # compact: the decoded θ_ref is freed on return
-            self.main.step()
+            self._project()                                             # lines 12-17: g ← g ⟂ Δ if ω < 0
+            self.theta_ref.restore()                                    # line 18: θ ← θ_ref
+            self.main.step()                                            # line 19: θ ← O(θ, g)
             self.phase = 0
             self.main_steps += 1
         return loss
 
-    def _mark_cycle(self, keep_copy: bool) -> list[torch.Tensor]:
-        """The parameters with a gradient now take part in this cycle; the others are never moved in it."""
-        params = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                state["in_cycle"] = p.grad is not None
-                if p.grad is None:
-                    continue
-                params.append(p)
-                if keep_copy and "ref" not in state:
-                    state["ref"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return params
-
     def _save_reference(self) -> None:
-        """θ_ref ← θ (memory="full")."""
-        self._mark_cycle(keep_copy=True)
-        params, refs = self._saved()
-        if params:
-            torch._foreach_copy_(refs, params)
+        """The parameters with a gradient now take part in this cycle; the others are never moved in it."""
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        cycle = self.theta_ref.save(with_grad)
+        self._cycle = set(cycle)
+        if cycle and (self._ref_sq is None or self._diag_n == 0):  # once per diagnostics window, see DIAGNOSTICS
+            self._ref_sq = _sum_sq(cycle, cycle[0].device)
 
-    def _compact_reference_step(self) -> None:
-        """A reference step with θ_ref held as ulp offsets: decode θ_ref, move θ, encode θ_ref against the new θ."""
-        if self.phase == 0:
-            self._compact = _CompactRef.for_params(self._mark_cycle(keep_copy=False), self._compact)
-            refs = [c.flat_params() for c in self._compact]  # θ is θ_ref at the start of a cycle
-        else:
-            refs = [c.decode() for c in self._compact]
-        self._reference_step()
-        for c, ref in zip(self._compact, refs):
-            c.encode(ref)
+    def _reference_step(self):
+        if self.ref_opt is None:
+            return self._sgd_step()
+        for group, ref_group in zip(self.param_groups, self._ref_groups()):
+            ref_group["lr"] = float(group["lr"]) / self.ratio
+        # Parameters outside the cycle have no saved θ_ref: O_ref must not move them.
+        with _hidden_grads([p for g in self.param_groups for p in g["params"] if p not in self._cycle]):
+            self.ref_opt.step()
+        return []
 
-    def _reference_step(self) -> None:
+    def _sgd_step(self) -> list[tuple[list, list, float | torch.Tensor]]:
+        """θ ← θ ∓ λ_ref·g per group; returns (params, grads, ∓λ_ref) of each group for the θ_ref strategy."""
+        moved = []
         for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                if p.grad is not None and self.state[p].get("in_cycle", False):
-                    params.append(p)
-                    grads.append(p.grad)
+            params = [p for p in group["params"] if p.grad is not None and p in self._cycle]
             if not params:
                 continue
-            lr = group["lr"]
-            lr_ref = (lr.item() if torch.is_tensor(lr) else lr) / self.ratio
+            grads = [p.grad for p in params]
             sign = 1.0 if group.get("maximize", False) else -1.0
-            if self.memory == "low":  # ⟨m, Δ⟩ grows by ⟨m, step⟩; m is constant within the cycle
-                ms = [self.state[p]["m"] for p in params]
-                self._m_dot_delta += sign * lr_ref * _sum_dots(ms, grads, self._m_dot_delta.device)
-            torch._foreach_add_(params, grads, alpha=sign * lr_ref)
+            if torch.is_tensor(group["lr"]):  # a device scalar: multiply on the device rather than read it
+                alpha = group["lr"] * (sign / self.ratio)
+                torch._foreach_add_(params, torch._foreach_mul(grads, alpha))
+            else:
+                alpha = sign * (group["lr"] / self.ratio)
+                torch._foreach_add_(params, grads, alpha=alpha)
+            moved.append((params, grads, alpha))
+        return moved
 
-    def _project_and_restore(self, params: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
-        if not params:
+    def _ref_groups(self) -> list[dict]:
+        """O_ref's groups, one per main group (groups added to main since are added here too)."""
+        for group in self.param_groups[len(self.ref_opt.param_groups):]:
+            self.ref_opt.add_param_group(_ref_group(group, self.ratio))
+        return self.ref_opt.param_groups
+
+    def _project(self) -> None:
+        """g ← g − (ω/‖Δ‖²)·Δ where ω = ⟨Δ, g⟩ < 0, global over all parameters, decided on the device."""
+        # ω is taken with the gradient of the loss, −g when maximizing: maximize = minimise −objective.
+        loss_sign = -1.0 if _maximizing(self.param_groups) else 1.0  # (checked before θ is touched)
+        disp = self.theta_ref.displacement()
+        pairs = [(d, p.grad) for p, d in zip(disp.params, disp.directions) if p.grad is not None]
+        if not pairs:
             return
-        # Δ is built in place in θ: θ is about to be overwritten by θ_ref, so Δ needs no buffer of its own.
-        torch._foreach_sub_(params, refs)
-        deltas = params
-        pairs = [(d, p.grad) for d, p in zip(deltas, params) if p.grad is not None]
-        if pairs:
-            d_g = [d for d, _ in pairs]
-            g_g = [g for _, g in pairs]
-            omega, delta_sq = self._global_dots(d_g, g_g)
-            # Projection coefficient ω/‖Δ‖² where ω < 0, else 0 — decided on the device, no host sync.
-            # ‖Δ‖ = 0 gives 0 (no projection) without any epsilon that would bias small Δ.
-            safe_sq = torch.where(delta_sq > 0, delta_sq, torch.ones_like(delta_sq))
-            coef = torch.where((omega < 0) & (delta_sq > 0), omega / safe_sq, torch.zeros_like(omega))
-            for device_pairs in _by_device(pairs):
-                d_dev = [d for d, _ in device_pairs]
-                g_dev = [g for _, g in device_pairs]
-                c = coef.to(d_dev[0].device)
-                torch._foreach_mul_(d_dev, -c)  # the Δ buffers (= θ) are scratch from here on
+        ds, gs = [d for d, _ in pairs], [g for _, g in pairs]
+        dev = ds[0].device
+        sums = torch.stack([_sum_dots(ds, gs, dev), _sum_dots(ds, ds, dev), _sum_sq(gs, dev),
+                            self._ref_sq.to(dev)])
+        if self.process_group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
+        d_g, d_sq, g_sq, ref_sq = sums
+        s = disp.scale  # Δ = s·d
+        omega, delta_sq = (d_g, d_sq) if s is None else (s * d_g, s * s * d_sq)
+        if loss_sign < 0:
+            omega = -omega
+        # ‖Δ‖ = 0 gives no projection without any epsilon that would bias small Δ.
+        projected = (omega < 0) & (d_sq > 0)
+        coef = torch.where(projected, d_g / torch.where(d_sq > 0, d_sq, torch.ones_like(d_sq)),
+                           torch.zeros_like(d_g))
+        for device_pairs in _by_device(pairs):
+            d_dev, g_dev = [d for d, _ in device_pairs], [g for _, g in device_pairs]
+            c = coef.to(d_dev[0].device)
+            if disp.scratch:  # the directions are free to overwrite (Δ built in θ, restored right after)
+                torch._foreach_mul_(d_dev, -c)
                 torch._foreach_add_(g_dev, d_dev)
-        torch._foreach_copy_(params, refs)  # restore θ ← θ_ref by copy: bit-exact
+            else:
+                for g, d in zip(g_dev, d_dev):
+                    g.addcmul_(d, (-c).to(g.dtype))
+        self._record(omega, delta_sq, g_sq, ref_sq, projected)
 
-    def _global_dots(self, deltas, grads):
-        """ω = ⟨Δ, g⟩ and ‖Δ‖² summed over every parameter of every group, as 0-d device tensors.
+    def _record(self, omega, delta_sq, g_sq, ref_sq, projected) -> None:
+        """Add this main step's diagnostics to the device-side running sums (no host sync)."""
+        values = _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected)
+        self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
+        self._diag_n += 1
 
-        Both run over the parameters that have a gradient now, so the projected g is orthogonal to the Δ of
-        exactly the parameters the main step will move.
-        """
-        dev = deltas[0].device
-        omega = torch.stack([_dot(d, g).to(dev) for d, g in zip(deltas, grads)]).sum()
-        delta_sq = torch.stack([_dot(d, d).to(dev) for d in deltas]).sum()
-        if self.process_group is not None:
-            both = torch.stack([omega, delta_sq])
-            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group)
-            omega, delta_sq = both[0], both[1]
-        return omega, delta_sq
-
-
-    # ------------------------------------------------------------------ memory="low"
-    _MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
-
-    def _first_moment(self, p: torch.Tensor) -> torch.Tensor | None:
-        state = self.main.state.get(p, {})
-        for key in self._MOMENTUM_KEYS:
-            if torch.is_tensor(state.get(key)):
-                return state[key]
-        if state:
-            raise ValueError(f"PROFIT(memory='low') needs a main optimizer with a first-moment buffer "
-                             f"({' or '.join(self._MOMENTUM_KEYS)}: SGD with momentum, Adam, AdamW, Adan); "
-                             f"{type(self.main).__name__} keeps {sorted(state)}")
-        return None
-
-    def _start_low_memory_cycle(self) -> None:
-        """Pick the parameters with a gradient and a momentum buffer; ⟨m, Δ⟩ starts at 0."""
-        first = None
-        for group in self.param_groups:
-            for p in group["params"]:
-                m = self._first_moment(p) if p.grad is not None else None
-                self.state[p]["in_cycle"] = m is not None
-                if m is not None:
-                    self.state[p]["m"] = m
-                    first = first if first is not None else p
-                else:
-                    self.state[p].pop("m", None)
-        dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
-        self._m_dot_delta = torch.zeros((), device=first.device if first is not None else "cpu", dtype=dtype)
-
-    def _low_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self._cycle_buffers("m")
-
-    def _m_sq(self, ms) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖m‖², ⟨m, Δ⟩), global over shards when a process group is set."""
-        m_sq = _sum_dots(ms, ms, self._m_dot_delta.device)
-        if self.process_group is not None:
-            both = torch.stack([m_sq, self._m_dot_delta])
-            dist.all_reduce(both, group=self.process_group)
-            return both[0], both[1]
-        return m_sq, self._m_dot_delta
-
-    @torch.no_grad()
-    def _shift_low(self, sign: float) -> None:
-        """θ ← θ + sign·a·m with a = ⟨m, Δ⟩/‖m‖²: sign = −1 moves to the approximate θ_ref."""
-        params, ms = self._low_pairs()
-        if not params:
-            return
-        m_sq, m_dot_delta = self._m_sq(ms)
-        a = torch.where(m_sq > 0, m_dot_delta / torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq)), 0.0)
-        for p, m in zip(params, ms):
-            p.addcmul_(m, (sign * a).to(p.device, p.dtype))
-
-    def _project_and_restore_low(self) -> None:
-        params, ms = self._low_pairs()
-        if not params:
-            return
-        m_sq, m_dot_delta = self._m_sq(ms)
-        with_grad = [(p, m) for p, m in zip(params, ms) if p.grad is not None]
-        if with_grad:
-            grads = [p.grad for p, _ in with_grad]
-            m_g = [m for _, m in with_grad]
-            m_dot_g = _sum_dots(m_g, grads, m_sq.device)
-            if self.process_group is not None:
-                dist.all_reduce(m_dot_g, group=self.process_group)
-            # Δ ≈ a·m, so ω = a⟨m, g⟩ and the projection of g off Δ is the projection off m.
-            omega = m_dot_delta * m_dot_g
-            safe = torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq))
-            coef = torch.where((omega < 0) & (m_sq > 0), m_dot_g / safe, torch.zeros_like(m_sq))
-            for g, m in zip(grads, m_g):
-                g.addcmul_(m, (-coef).to(g.device, g.dtype))
-        self._shift_low(-1.0)
-
-    # ------------------------------------------------------------------ state
-    def _saved(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The parameters of the current cycle and their θ_ref (memory="compact": decoded, a temporary)."""
-        if self.memory == "compact":
-            params, refs = [], []
-            for c in self._compact:
-                params += c.params
-                refs += c.views(c.decode())
-            return params, refs
-        return self._cycle_buffers("ref")
-
-    def extra_state_bytes(self) -> int:
-        """Bytes PROFIT keeps between steps on top of the main optimizer: θ_ref, or its compact form."""
-        if self.memory == "compact":
-            return sum(c.nbytes() for c in self._compact)
-        return sum(s["ref"].numel() * s["ref"].element_size() for s in self.state.values() if "ref" in s)
-
-    def _cycle_buffers(self, key: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Parameters taking part in the current cycle and their state[key] (θ_ref, or the first moment m)."""
-        params, bufs = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state.get("in_cycle", False) and key in state:
-                    params.append(p)
-                    bufs.append(state[key])
-        return params, bufs
-
-    @staticmethod
-    @torch.no_grad()
-    def _swap(params: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
-        # One parameter at a time, so the swap needs at most one tensor-sized temporary.
-        for p, r in zip(params, refs):
-            tmp = p.detach().clone()
-            p.copy_(r)
-            r.copy_(tmp)
-
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The main optimizer's state plus PROFIT's cycle position and θ_ref (by parameter index)."""
-        params = _all_params(self.param_groups)
-        refs, in_cycle = {}, []
+        """The main optimizer's state, O_ref's, and PROFIT's cycle position and θ_ref (by parameter index)."""
+        index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
+        profit = {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "ref": self.ref_name,
+                  "phase": self.phase, "main_steps": self.main_steps, "in_cycle": [], "refs": {},
+                  "ref_sq": self._ref_sq}
         if self.mid_cycle:
-            in_cycle = [i for i, p in enumerate(params) if self.state.get(p, {}).get("in_cycle", False)]
-            if self.memory != "low":
-                by_param = dict(zip(*self._saved()))
-                refs = {i: by_param[params[i]].clone() if self.memory == "compact" else by_param[params[i]]
-                        for i in in_cycle}
-        return {
-            "main": self.main.state_dict(),
-            "profit": {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "phase": self.phase,
-                       "main_steps": self.main_steps, "refs": refs, "in_cycle": in_cycle,
-                       "m_dot_delta": getattr(self, "_m_dot_delta", None)},
-        }
+            profit.update(self.theta_ref.state_dict(index))
+        if self.ref_opt is not None:
+            profit["ref_optimizer"] = self.ref_opt.state_dict()
+        return {"main": self.main.state_dict(), "profit": profit}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load into the memory mode this optimizer was built with (the exact modes convert into each other)."""
+        saved = state_dict["profit"]
+        saved_memory, saved_ref = saved.get("memory", "full"), saved.get("ref", "sgd")
+        if (saved_memory == "low") != (self.memory == "low"):
+            raise ProfitConfigError(f"checkpoint of PROFIT(memory={saved_memory!r}) cannot be loaded into "
+                                    f"memory={self.memory!r}: 'low' keeps no θ_ref; build the optimizer with "
+                                    f"memory={saved_memory!r}")
+        if saved_ref != self.ref_name:
+            raise ProfitConfigError(f"checkpoint of PROFIT(ref={saved_ref!r}) cannot be loaded into "
+                                    f"ref={self.ref_name!r}; build the optimizer with ref={saved_ref!r}")
+        params = _all_params(self.param_groups)
+        cycle, refs = _checked_cycle(params, saved)
         self.main.load_state_dict(state_dict["main"])
         self.param_groups = self.main.param_groups  # load_state_dict rebuilt the group dicts
-        saved = state_dict["profit"]
+        if self.ref_opt is not None and "ref_optimizer" in saved:
+            self._ref_groups()
+            self.ref_opt.load_state_dict(saved["ref_optimizer"])
         self.ratio, self.n_ref = float(saved["ratio"]), int(saved["n_ref"])
         self.phase, self.main_steps = int(saved["phase"]), int(saved["main_steps"])
-        exact = ("full", "compact")
-        if not (self.memory in exact and saved.get("memory", "full") in exact):  # exact modes read each other
-            self.memory = saved.get("memory", "full")
-        params = _all_params(self.param_groups)
-        self.state.clear()
-        self._compact = []
-        cycle = [params[int(i)] for i in saved.get("in_cycle", saved["refs"].keys())]
-        refs = {}
-        for i, r in saved["refs"].items():
-            p = params[int(i)]
-            refs[p] = r.detach().to(device=p.device, dtype=p.dtype)
-        for p in cycle:
-            self.state[p]["in_cycle"] = True
-            if self.memory == "low":
-                self.state[p]["m"] = self._first_moment(p)
-            elif self.memory == "full":
-                self.state[p]["ref"] = refs[p].clone()
-        if self.memory == "compact" and cycle:
-            self._compact = _CompactRef.for_params(cycle)
-            for c in self._compact:
-                c.encode(c.flatten([refs[p] for p in c.params]))
-        if saved.get("m_dot_delta") is not None:
-            self._m_dot_delta = saved["m_dot_delta"].detach().clone()
+        self._cycle = set(self.theta_ref.load(cycle, refs, saved))
+        ref_sq = saved.get("ref_sq")
+        if ref_sq is None and self._cycle:  # an older checkpoint: the displaced θ stands in for θ_ref
+            ref_sq = _sum_sq(self.theta_ref.params, self.theta_ref.params[0].device)
+        self._ref_sq = ref_sq.detach().clone() if ref_sq is not None else None
 
     def __repr__(self) -> str:
         mem = "" if self.memory == "full" else f", memory={self.memory!r}"
-        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{mem}, main={self.main!r})"
+        ref = "" if self.ref_opt is None else f", ref={self.ref_name!r}"
+        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{ref}{mem}, main={self.main!r})"
 
 
+def _build_ref(ref, kwargs: dict, groups: list[dict], ratio: float) -> tuple[str, Optimizer | None]:
+    """O_ref's name and optimizer (None: plain SGD, fused into PROFIT's foreach kernels), one group per main group."""
+    if ref == "sgd" and not kwargs:
+        return "sgd", None
+    if isinstance(ref, str):
+        if ref not in REF_OPTIMIZERS:
+            raise ProfitConfigError(f"unknown ref optimizer {ref!r}; choose {', '.join(REF_OPTIMIZERS)} "
+                                    f"or pass a factory")
+        factory, name = (lambda gs: REF_OPTIMIZERS[ref](gs, **kwargs)), ref
+    elif kwargs:
+        raise ProfitConfigError("ref_kwargs apply to a named ref optimizer; bind them in the factory instead")
+    else:
+        factory, name = ref, getattr(ref, "__name__", type(ref).__name__)
+    opt = factory([_ref_group(g, ratio) for g in groups])
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"the ref factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    return name, opt
+
+
+def _ref_group(group: dict, ratio: float) -> dict:
+    return {"params": group["params"], "lr": float(group["lr"]) / ratio, "maximize": group.get("maximize", False)}
+
+
+@contextlib.contextmanager
+def _hidden_grads(params: list[torch.Tensor]) -> Iterator[None]:
+    """Set the gradients of `params` to None for the duration, then put them back."""
+    hidden = [(p, p.grad) for p in params if p.grad is not None]
+    for p, _ in hidden:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in hidden:
+            p.grad = grad
+
+
+def _maximizing(param_groups) -> bool:
+    flags = {bool(g.get("maximize", False)) for g in param_groups}
+    if len(flags) > 1:
+        raise ProfitConfigError("PROFIT needs maximize to be the same in every parameter group")
+    return flags == {True}
+
+
+def _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected) -> torch.Tensor:
+    """One main step's DIAGNOSTICS as a device vector: projected, cos(g, Δ), ‖g'‖/‖g‖, ‖Δ‖/‖θ_ref‖."""
+    cos = _safe_div(omega, delta_sq.sqrt() * g_sq.sqrt())
+    perp = torch.where(projected, torch.sqrt(torch.clamp(1 - cos * cos, min=0)), torch.ones_like(cos))
+    return torch.stack([projected.to(cos.dtype), cos, perp, _safe_div(delta_sq.sqrt(), ref_sq.sqrt())])
+
+
+def _checked_cycle(params, saved) -> tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+    """The cycle's parameters and their saved θ_ref, after checking indices and shapes against `params`."""
+    indices = [int(i) for i in saved.get("in_cycle", saved["refs"].keys())]
+    for i in indices + [int(i) for i in saved["refs"]]:
+        if not 0 <= i < len(params):
+            raise ProfitConfigError(f"PROFIT checkpoint names parameter {i}, but the optimizer has {len(params)}")
+    refs = {}
+    for i, r in saved["refs"].items():
+        p = params[int(i)]
+        if r.shape != p.shape:
+            raise ProfitConfigError(f"PROFIT checkpoint: θ_ref of parameter {int(i)} has shape {tuple(r.shape)}, "
+                                    f"the parameter {tuple(p.shape)}; load a checkpoint of this model")
+        refs[p] = r.detach().to(device=p.device, dtype=p.dtype)
+    return [params[i] for i in indices], refs
+
+
+# ---------------------------------------------------------------------------------------------- θ_ref strategies
+@dataclass
+class Displacement:
+    """Δ = scale·d over `params` (scale None means 1); `scratch`: the d tensors may be overwritten."""
+    params: list[torch.Tensor]
+    directions: list[torch.Tensor]
+    scale: torch.Tensor | None
+    scratch: bool
+
+
+class ThetaRef:
+    """How PROFIT keeps θ_ref from a cycle's first call to its main step.
+
+    save(params) → the parameters taking part; reference_step(step) runs O_ref's step (``step()`` returns the
+    plain-SGD moves (params, grads, alpha), or [] for any other O_ref); displacement() → Δ just before the
+    projection; restore() puts θ_ref back (main step, ``finish()``); at_reference() is ``anchored()``;
+    state_dict/load for checkpoints; nbytes() for the memory accounting.
+    """
+
+    exact = True   # restore() gives θ_ref bit for bit
+    any_ref = True  # works with any O_ref, not only plain SGD
+
+    def __init__(self, main: Optimizer, process_group):
+        self.params: list[torch.Tensor] = []  # the parameters of the current cycle
+
+    def reference_step(self, step: Callable[[], list]) -> None:
+        step()
+
+
+class _ExactRef(ThetaRef):
+    """θ_ref is stored; subclasses say how (refs(): θ_ref as tensors shaped like self.params)."""
+
+    _pending = None  # θ_ref as returned by refs() at displacement(), reused by restore()
+
+    def refs(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def displacement(self) -> Displacement:
+        self._pending = refs = self.refs()
+        if self.params:  # Δ is built in place in θ, which restore() overwrites right after: no buffer of its own
+            torch._foreach_sub_(self.params, refs)
+        return Displacement(self.params, self.params, None, scratch=True)
+
+    def restore(self) -> None:
+        refs, self._pending = self._pending or self.refs(), None
+        if self.params:
+            torch._foreach_copy_(self.params, refs)  # by copy: bit-exact
+
+    @contextlib.contextmanager
+    def at_reference(self) -> Iterator[None]:
+        refs = self.refs()
+        _swap(self.params, refs)
+        try:
+            yield
+        finally:
+            _swap(self.params, refs)
+
+    @torch.no_grad()
+    def state_dict(self, index) -> dict:
+        order = sorted(range(len(self.params)), key=lambda k: index[self.params[k]])
+        refs = self.refs()
+        return {"in_cycle": [index[self.params[k]] for k in order],
+                "refs": {index[self.params[k]]: refs[k].detach().clone() for k in order}}
+
+
+class FullRef(_ExactRef):
+    """memory="full": a copy of the trainable parameters (buffers kept across cycles)."""
+
+    def __init__(self, main, process_group):
+        super().__init__(main, process_group)
+        self.buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+    def save(self, params):
+        self.params = params
+        for p in params:
+            if p not in self.buffers:
+                self.buffers[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        if params:
+            torch._foreach_copy_(self.refs(), params)
+        return params
+
+    def refs(self):
+        return [self.buffers[p] for p in self.params]
+
+    def load(self, params, refs, saved):
+        self.params = params
+        self.buffers = {p: refs[p].clone() for p in params}
+        return params
+
+    def nbytes(self) -> int:
+        return _nbytes(self.buffers.values())
+
+
+class CompactRef(_ExactRef):
+    """memory="compact": θ_ref as ulp offsets from θ, one ``_CompactBucket`` per (device, dtype).
+
+    Each reference step decodes θ_ref against θ, lets O_ref move θ and encodes θ_ref against the new θ.
+    """
+
+    def __init__(self, main, process_group):
+        super().__init__(main, process_group)
+        self.buckets: list[_CompactBucket] = []
+        self._encoded = False  # False from save() to the first encode: θ_ref is θ itself
+
+    def save(self, params):
+        self.buckets = _CompactBucket.for_params(params, self.buckets)
+        self.params = [p for b in self.buckets for p in b.params]
+        self._encoded = False
+        return self.params
+
+    def reference_step(self, step):
+        flat_refs = [b.decode() if self._encoded else b.flat_params() for b in self.buckets]
+        step()
+        for b, ref in zip(self.buckets, flat_refs):
+            b.encode(ref)
+        self._encoded = True
+
+    @torch.no_grad()
+    def refs(self):
+        return [v for b in self.buckets for v in b.views(b.decode())]
+
+    @torch.no_grad()
+    def load(self, params, refs, saved):
+        self.save(params)
+        for b in self.buckets:
+            b.encode(b.flatten([refs[p] for p in b.params]))
+        self._encoded = True
+        return self.params
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.buckets)
+
+
+class LowMemRef(ThetaRef):
+    """memory="low" (approximate, no parameter-sized buffer): the paper's §3.4 idea made concrete.
+
+    Δ is replaced by its best approximation a·m in the span of the main optimizer's first-moment buffer m (SGD
+    ``momentum_buffer``, Adam/AdamW/Adan ``exp_avg``), with a = ⟨m, Δ⟩/‖m‖² accumulated *exactly* during the
+    plain-SGD reference steps (⟨m, Δ⟩ = −Σ λ_ref⟨m, g_i⟩, m being constant within a cycle). The projection
+    then uses a·m for Δ and the restore is θ ← θ − a·m, so the part of Δ orthogonal to m stays in the weights (a
+    drift of at most ‖Δ‖ per cycle). The first cycle, before the main optimizer has a buffer, takes no reference
+    step. A stateful O_ref is refused: its step is not −λ_ref·g, so ⟨m, Δ⟩ could not be followed without a buffer.
+    """
+
+    exact = False
+    any_ref = False
+    MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+
+    def __init__(self, main, process_group):
+        super().__init__(main, process_group)
+        self.main, self.process_group = main, process_group
+        self.moments: dict[torch.Tensor, torch.Tensor] = {}
+        self.m_dot_delta = torch.zeros(())
+        self._a = None  # a of the main step, from displacement() to restore()
+
+    def _first_moment(self, p: torch.Tensor) -> torch.Tensor | None:
+        state = self.main.state.get(p, {})
+        for key in self.MOMENTUM_KEYS:
+            if torch.is_tensor(state.get(key)):
+                return state[key]
+        if state:
+            raise ProfitConfigError(
+                f"PROFIT(memory='low') needs a main optimizer with a first-moment buffer "
+                f"({' or '.join(self.MOMENTUM_KEYS)}: SGD with momentum, Adam, AdamW, Adan); "
+                f"{type(self.main).__name__} keeps {sorted(state)}; use memory='full' or 'compact'")
+        return None
+
+    def save(self, params):
+        """Keep the parameters with a momentum buffer; ⟨m, Δ⟩ starts at 0."""
+        self.moments = {p: m for p in params if (m := self._first_moment(p)) is not None}
+        self.params = list(self.moments)
+        first = self.params[0] if self.params else None
+        dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
+        self.m_dot_delta = torch.zeros((), device=first.device if first is not None else "cpu", dtype=dtype)
+        return self.params
+
+    def reference_step(self, step):
+        for params, grads, alpha in step():  # ⟨m, Δ⟩ grows by ⟨m, step⟩; m is constant within the cycle
+            ms = [self.moments[p] for p in params]
+            self.m_dot_delta += alpha * _sum_dots(ms, grads, self.m_dot_delta.device)
+
+    def _coefficient(self) -> torch.Tensor:
+        """a = ⟨m, Δ⟩/‖m‖², global over shards when a process group is set."""
+        ms = list(self.moments.values())
+        both = torch.stack([_sum_dots(ms, ms, self.m_dot_delta.device), self.m_dot_delta])
+        if self.process_group is not None:
+            dist.all_reduce(both, group=self.process_group)
+        m_sq, m_dot_delta = both
+        return torch.where(m_sq > 0, m_dot_delta / torch.where(m_sq > 0, m_sq, torch.ones_like(m_sq)), 0.0)
+
+    def displacement(self) -> Displacement:
+        self._a = self._coefficient() if self.params else None
+        return Displacement(self.params, list(self.moments.values()), self._a, scratch=False)
+
+    def restore(self) -> None:
+        a, self._a = self._a, None
+        self._shift(-1.0, a)
+
+    @torch.no_grad()
+    def _shift(self, sign: float, a=None) -> None:
+        """θ ← θ + sign·a·m: sign = −1 moves to the approximate θ_ref."""
+        if not self.params:
+            return
+        a = self._coefficient() if a is None else a
+        for p, m in self.moments.items():
+            p.addcmul_(m, (sign * a).to(p.device, p.dtype))
+
+    @contextlib.contextmanager
+    def at_reference(self) -> Iterator[None]:
+        self._shift(-1.0)  # approximate θ_ref; the displaced weights come back up to rounding
+        try:
+            yield
+        finally:
+            self._shift(+1.0)
+
+    def state_dict(self, index) -> dict:
+        return {"in_cycle": sorted(index[p] for p in self.params), "m_dot_delta": self.m_dot_delta.clone()}
+
+    def load(self, params, refs, saved):
+        self.moments = {p: m for p in params if (m := self._first_moment(p)) is not None}
+        self.params = list(self.moments)
+        if saved.get("m_dot_delta") is not None:
+            self.m_dot_delta = saved["m_dot_delta"].detach().clone()
+        return self.params
+
+    def nbytes(self) -> int:
+        return 0  # m belongs to the main optimizer
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 def _all_params(param_groups) -> list[torch.Tensor]:
     return [p for g in param_groups for p in g["params"]]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -412,6 +610,18 @@ def _sum_dots(xs, ys, device) -> torch.Tensor:
     return torch.stack([_dot(x, y).to(device) for x, y in zip(xs, ys)]).sum()
 
 
+def _sum_sq(xs, device) -> torch.Tensor:
+    """Σ‖x‖² from one multi-tensor norm kernel: cheaper than _sum_dots, for the diagnostics only (ω and ‖Δ‖² keep
+    the dot products, whose rounding the exactness tests pin down)."""
+    acc = torch.promote_types(xs[0].dtype, torch.float32)
+    return torch.stack([n.to(device) for n in torch._foreach_norm(xs, 2, dtype=acc)]).square().sum()
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den, and 0 where den is 0 (an undefined cosine or ratio reads as 0)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 def _by_device(pairs):
     groups: dict[torch.device, list] = {}
     for d, g in pairs:
@@ -419,12 +629,21 @@ def _by_device(pairs):
     return groups.values()
 
 
+@torch.no_grad()
+def _swap(params: list[torch.Tensor], refs: list[torch.Tensor]) -> None:
+    # One parameter at a time, so the swap needs at most one tensor-sized temporary.
+    for p, r in zip(params, refs):
+        tmp = p.detach().clone()
+        p.copy_(r)
+        r.copy_(tmp)
+
+
 # ---------------------------------------------------------------------------------------------- memory="compact"
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
          torch.float16: torch.int16}
 
 
-class _CompactRef:
+class _CompactBucket:
     """θ_ref of parameters that share a device and a dtype, kept as θ_ref = θ + an offset counted in ulps.
 
     Read as integers, the bits of same-signed floats are ordered and consecutive integers are consecutive floats,
@@ -454,13 +673,13 @@ class _CompactRef:
         self.esc_val = torch.zeros(0, dtype=params[0].dtype, device=dev)
 
     @classmethod
-    def for_params(cls, params: list[torch.Tensor], previous: list[_CompactRef] = ()) -> list[_CompactRef]:
+    def for_params(cls, params: list[torch.Tensor], previous=()) -> list[_CompactBucket]:
         """One per (device, dtype), in parameter order; buffers of an identical previous set are reused."""
         buckets: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             if p.dtype not in _BITS:
-                raise ValueError(f"PROFIT(memory='compact') supports {', '.join(map(str, _BITS))} parameters, "
-                                 f"got {p.dtype}")
+                raise ProfitConfigError(f"PROFIT(memory='compact') supports {', '.join(map(str, _BITS))} "
+                                        f"parameters, got {p.dtype}; use memory='full'")
             buckets.setdefault((p.device, p.dtype), []).append(p)
         old = {tuple(map(id, c.params)): c for c in previous}
         return [old.get(tuple(map(id, ps))) or cls(ps) for ps in buckets.values()]
@@ -510,7 +729,7 @@ class _CompactRef:
         return self.esc_idx.numel()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.offsets, self.esc_idx, self.esc_val))
+        return _nbytes((self.offsets, self.esc_idx, self.esc_val))
 
 
 def _memory_order(t: torch.Tensor) -> tuple[int, ...]:

@@ -16,14 +16,15 @@ def flat(tensors) -> torch.Tensor:
 
 
 def profit_reference(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-                     main: torch.optim.Optimizer, lr_ref: Callable[[], float], n_ref: int, n_steps: int,
-                     ) -> list[float]:
+                     main: torch.optim.Optimizer, *, ratio: float, n_ref: int, n_steps: int,
+                     ref: torch.optim.Optimizer | None = None) -> list[float]:
     """Run ``n_steps`` PROFIT steps on ``model``; return ω of every step (tests check both branches occur).
 
-    ``main`` is the standard optimizer O over ``model``'s trainable parameters; the reference optimizer O^(ref)
-    is plain SGD with step size ``lr_ref()`` (a callable so it can follow the main LR schedule).
+    ``main`` is the standard optimizer O; the trained parameters are those of its groups. The reference optimizer
+    O^(ref) is ``ref`` (one group per main group) or, when None, plain SGD. Either way the reference step size of a
+    group is the main group's lr / ``ratio``, read before every reference step (so it follows an LR schedule).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in main.param_groups for p in g["params"]]
 
     def gradient() -> list[torch.Tensor]:
         for p in params:
@@ -31,16 +32,28 @@ def profit_reference(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.
         loss_fn(model, next(batches)).backward()  # lines 8 and 13: a new batch each time
         return [p.grad.detach().clone() for p in params]
 
+    def reference_step() -> None:                                       # line 9: θ ← O^(ref)(θ, g)
+        if ref is not None:
+            for group, ref_group in zip(main.param_groups, ref.param_groups):
+                ref_group["lr"] = float(group["lr"]) / ratio
+            ref.step()
+            return
+        with torch.no_grad():
+            for group in main.param_groups:
+                lr_ref = float(group["lr"]) / ratio
+                for p in group["params"]:
+                    p.add_(lr_ref * p.grad if group.get("maximize", False) else -lr_ref * p.grad)
+
     omegas = []
     for _ in range(n_steps):                                            # line 5
         theta_ref = [p.detach().clone() for p in params]                # line 6
         for _ in range(n_ref):                                          # line 7
-            g = gradient()                                              # line 8
-            with torch.no_grad():                                       # line 9: SGD reference step
-                for p, gi in zip(params, g):
-                    p.sub_(lr_ref() * gi)
+            gradient()                                                  # line 8
+            reference_step()                                            # line 9
         delta = flat(p.detach() for p in params) - flat(theta_ref)      # line 12
-        g = flat(gradient())                                            # line 13
+        # line 13: g = ∇L; a maximizing main optimizer is handed ∇(objective) = −∇L, so flip it for the algorithm
+        sign = -1.0 if main.param_groups[0].get("maximize", False) else 1.0
+        g = sign * flat(gradient())
         omega = torch.dot(delta, g)                                     # line 14
         omegas.append(omega.item())
         if omega < 0:                                                   # line 15
@@ -50,7 +63,7 @@ def profit_reference(model: nn.Module, batches: Iterator, loss_fn: Callable[[nn.
                 p.copy_(r)
         offset = 0
         for p in params:                                                # line 19: main step with g
-            p.grad = g[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = sign * g[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         main.step()
     return omegas
