@@ -1,8 +1,12 @@
 """Parameter-efficient adapters for the project's backbones: LoRA (peft), VPT and Conv-Adapter (small wrappers).
 
-Every function here modifies a `TaskModel`'s backbone *in place* and freezes it; the caller (baselines/methods.py)
-decides which parameters train. Adapters live inside `model.backbone`, so at evaluation time both heads see the
-adapted backbone: the old-task metric is the frozen old head on the adapted backbone (task-incremental protocol).
+Every function here modifies a `TaskModel`'s backbone *in place* and freezes it; the caller (the `lora`, `vpt` and
+`convadapter` entries of profit_bench/methods.py) decides which parameters train. Their method_args (defaults):
+    lora:        lora_r [8], lora_alpha [16], lora_dropout [0.0]   (every backbone: Linear and Conv2d layers)
+    vpt:         vpt_length [10], vpt_deep [False]                 (ViT backbones)
+    convadapter: adapter_reduction [4], adapter_scale_init [1.0]   (ResNet backbones)
+Adapters live inside `model.backbone`, so at evaluation time both heads see the adapted backbone: the old-task
+metric is the frozen old head on the adapted backbone (task-incremental protocol).
 """
 from __future__ import annotations
 
@@ -95,7 +99,7 @@ def add_vpt(model: nn.Module, length: int = 10, deep: bool = False) -> PromptedV
     from timm.models.vision_transformer import VisionTransformer
     vit = unwrap_backbone(model.backbone)
     if not isinstance(vit, VisionTransformer):
-        raise UserError(f"VPT needs a ViT backbone (vit_tiny, vit_small); got {type(vit).__name__}")
+        raise UserError(f"VPT needs a ViT backbone (vit_micro, vit_tiny, vit_small); got {type(vit).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
     prompted = PromptedViT(vit, length, deep).to(next(vit.parameters()).device)
@@ -143,7 +147,7 @@ def add_convadapter(model: nn.Module, reduction: int = 4, scale_init: float = 1.
     net = unwrap_backbone(model.backbone)
     blocks = [m for m in net.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     if not blocks:
-        raise UserError(f"ConvAdapter needs a ResNet backbone (resnet18); got {type(net).__name__}")
+        raise UserError(f"ConvAdapter needs a ResNet backbone (resnet_small, resnet18); got {type(net).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = []

@@ -1,55 +1,90 @@
-"""Registries of fine-tuning methods and main optimizers.
+"""Registries of fine-tuning methods and main optimizers; every entry is present on import.
 
-A method decides *which* parameters train (and may wrap the model, e.g. LoRA); an optimizer decides *how*.
-`profit` is not an optimizer here: any method can be trained through `PROFIT(main)` with `cfg.profit=True`,
-and the method named "profit" is just `full` with that flag forced on.
+A method decides *which* parameters train (and may wrap the model, e.g. LoRA, or add a loss term, e.g. EWC); an
+optimizer decides *how*. `profit` is not an optimizer here: any method can be trained through `PROFIT(main)` with
+`cfg.profit=True`, and the method named "profit" is just `full` with that flag forced on.
 
-Adding a method is one call (the baselines package does this on import):
-
-    @register_method("lora", supports=lambda model_name: model_name.startswith("vit"))
-    def prepare_lora(model, cfg):            # -> (model, trainable parameters)
-        ...
+A method is one `Method` entry: `prepare(model, args, ctx) -> Prepared`, where `args` is the method's own
+defaults (`Method.args`) updated by the trial's `method_args` (keys the method does not read are rejected).
+Adapter and regulariser implementations live in baselines/; this module imports them (one direction).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from baselines import regularizers
+from baselines.adapters import add_convadapter, add_lora, add_vpt, lora_parameters
 from profit_bench import UserError
-from profit_bench.models import freeze_batchnorm_stats
+from profit_bench.models import CONV_MODELS, MODELS, VIT_MODELS, freeze_batchnorm_stats
+from profit_bench.tasks import TaskData
 
 
-# ---------------------------------------------------------------------------------------------- methods
+# ---------------------------------------------------------------------------------------------- interfaces
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may read besides the model: the task (kind, heads) and, for EWC, the old task's Fisher."""
+    task: TaskData
+    fisher: dict[str, Tensor] | None = None
+
+
+@dataclass
+class Prepared:
+    """A prepared model: its trainable parameters, an optional loss term the loop adds on every batch
+    (`penalty(x, out, y)` with `out` the new head's output), and the bytes of state the method keeps on top of
+    parameters, gradients and the optimizer (anchors, Fisher, teacher)."""
+    model: nn.Module
+    params: list[Tensor]
+    penalty: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    extra_state_bytes: int = 0
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    # prepare(model, cfg) -> (model, trainable params): sets requires_grad, may replace/wrap the model.
-    # The returned model must still take `model(x, task="old"|"new")` and keep `.heads`.
-    prepare: Callable
+    # prepare(model, args, ctx) -> Prepared: sets requires_grad, may replace/wrap the model. The returned model
+    # must still take `model(x, task="old"|"new")` and keep `.heads`.
+    prepare: Callable[[nn.Module, dict, MethodContext], Prepared]
     supports: Callable[[str], bool] = lambda model_name: True
-    profit: bool = False  # True → always trained through PROFIT (the built-in "profit" method)
+    profit: bool = False        # True → always trained through PROFIT (the built-in "profit" method)
+    args: dict = field(default_factory=dict)  # the method_args it reads, with their defaults
+    needs_fisher: bool = False  # EWC: the trial loads (or builds) the old task's Fisher for ctx.fisher
+
+    def resolve_args(self, given: dict | None) -> dict:
+        """The defaults updated by `given`; a key this method does not read is a UserError (a typo would
+        otherwise silently run the default)."""
+        given = dict(given or {})
+        unknown = set(given) - set(self.args)
+        if unknown:
+            known = ", ".join(sorted(self.args)) or "none"
+            raise UserError(f"method {self.name!r} takes no method_args {sorted(unknown)}; it reads: {known}")
+        return {k: type(v)(given[k]) if k in given else v for k, v in self.args.items()}
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, prepare: Callable | None = None, supports: Callable[[str], bool] | None = None,
-                    *, profit: bool = False):
-    """Register `prepare` under `name`; usable as a plain call or as a decorator (prepare omitted)."""
-    def add(fn):
-        METHODS[name] = Method(name, fn, supports or (lambda model_name: True), profit)
-        return fn
-    return add(prepare) if prepare is not None else add
+def register_method(name: str, prepare: Callable, supports: Callable[[str], bool] | None = None, *,
+                    profit: bool = False, args: dict | None = None, needs_fisher: bool = False) -> Method:
+    METHODS[name] = Method(name, prepare, supports or (lambda model_name: True), profit, dict(args or {}),
+                           needs_fisher)
+    return METHODS[name]
 
 
-def _freeze_all(model: nn.Module):
-    for p in model.parameters():
-        p.requires_grad_(False)
+def get_method(name: str, model_name: str | None = None) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    m = METHODS[name]
+    if model_name is not None and not m.supports(model_name):
+        raise UserError(f"method {name!r} does not support model {model_name!r}; use one of "
+                        f"{[k for k in MODELS if m.supports(k)]}")
+    return m
 
 
+# ---------------------------------------------------------------------------------------------- built-ins
 def _old_head_params(model) -> set[int]:
     # Regression tasks share one head between old and new ("new" is "old"): there the head is the model's
     # only output and fine-tuning trains it. For classification the old head stays frozen (task-incremental).
@@ -58,98 +93,116 @@ def _old_head_params(model) -> set[int]:
     return {id(p) for p in model.heads["old"].parameters()}
 
 
-def prepare_full(model, cfg):
+def prepare_full(model, args: dict, ctx: MethodContext) -> Prepared:
     frozen = _old_head_params(model)
     params = []
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
         if id(p) not in frozen:
             params.append(p)
-    return model, params
+    return Prepared(model, params)
 
 
-def prepare_head(model, cfg):
-    _freeze_all(model)
-    freeze_batchnorm_stats(model.backbone)  # a frozen backbone keeps its BatchNorm statistics too
-    params = list(model.heads["new"].parameters())
-    for p in params:
+def _train_new_head(model, adapter_params) -> Prepared:
+    """Adapters and head-only: the given parameters + the new head train; frozen BatchNorm keeps its statistics."""
+    head = list(model.heads["new"].parameters())
+    for p in [*adapter_params, *head]:
         p.requires_grad_(True)
-    return model, params
+    freeze_batchnorm_stats(model.backbone)
+    return Prepared(model, list(adapter_params) + head)
+
+
+def prepare_head(model, args: dict, ctx: MethodContext) -> Prepared:
+    model.requires_grad_(False)
+    return _train_new_head(model, [])
+
+
+# Adapters of paper Table 7. Each freezes the pretrained model, adds its adapter inside the backbone (so both heads
+# read the adapted backbone at evaluation) and trains adapter + new head; `profit=True` trains exactly these
+# parameters through PROFIT(main), so "LoRA + PROFIT" needs nothing here.
+def prepare_lora(model, args: dict, ctx: MethodContext) -> Prepared:
+    add_lora(model, r=args["lora_r"], alpha=args["lora_alpha"], dropout=args["lora_dropout"])
+    return _train_new_head(model, lora_parameters(model))
+
+
+def prepare_vpt(model, args: dict, ctx: MethodContext) -> Prepared:
+    prompted = add_vpt(model, length=args["vpt_length"], deep=args["vpt_deep"])
+    return _train_new_head(model, [prompted.prompts])
+
+
+def prepare_convadapter(model, args: dict, ctx: MethodContext) -> Prepared:
+    adapters = add_convadapter(model, reduction=args["adapter_reduction"], scale_init=args["adapter_scale_init"])
+    return _train_new_head(model, [p for ad in adapters for p in (*ad.down.parameters(), *ad.up.parameters(),
+                                                                   ad.scale)])
 
 
 register_method("full", prepare_full)
 register_method("head", prepare_head)
 register_method("profit", prepare_full, profit=True)
+register_method("lora", prepare_lora, args=dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0))  # Linear + Conv2d
+register_method("vpt", prepare_vpt, lambda model_name: model_name in VIT_MODELS,
+                args=dict(vpt_length=10, vpt_deep=False))
+register_method("convadapter", prepare_convadapter, lambda model_name: model_name in CONV_MODELS,
+                args=dict(adapter_reduction=4, adapter_scale_init=1.0))
+def _on_full(add_penalty: Callable) -> Callable:
+    """A regulariser trains what `full` trains and adds its loss term (baselines/regularizers.py)."""
+    return lambda model, args, ctx: add_penalty(prepare_full(model, {}, ctx), args, ctx)
 
 
-def _load_plugins():
-    # baselines/ registers lora, vpt, convadapter on import; it is optional.
-    try:
-        import baselines.methods  # noqa: F401
-    except ImportError as e:
-        if getattr(e, "name", None) not in ("baselines", "baselines.methods"):
-            raise  # a real bug inside baselines, not its absence
-
-
-def get_method(name: str, model_name: str | None = None) -> Method:
-    _load_plugins()
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    m = METHODS[name]
-    if model_name is not None and not m.supports(model_name):
-        ok = [k for k in ("mlp", "resnet18", "vit_tiny", "vit_small") if m.supports(k)]
-        raise UserError(f"method {name!r} does not support model {model_name!r}; use one of {ok}")
-    return m
+register_method("l2sp", _on_full(regularizers.prepare_l2sp), args=regularizers.DEFAULTS["l2sp"])
+register_method("ewc", _on_full(regularizers.prepare_ewc), args=regularizers.DEFAULTS["ewc"], needs_fisher=True)
+register_method("lwf", _on_full(regularizers.prepare_lwf), args=regularizers.DEFAULTS["lwf"])
 
 
 # ------------------------------------------------------------------------------------------- optimizers
-def _wd(cfg) -> float:
-    return float(getattr(cfg, "weight_decay", 0.0) or 0.0)
+def _sgd(params, lr, wd):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
 
 
-def _sgd(params, cfg):
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=_wd(cfg))
+def _adam(params, lr, wd):
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
 
 
-def _adam(params, cfg):
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=_wd(cfg))
+def _adamw(params, lr, wd):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
-def _adamw(params, cfg):
-    # AdamW's own default decay (1e-2) when the config does not set one.
-    wd = getattr(cfg, "weight_decay", None)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2 if wd is None else wd)
-
-
-def _rmsprop(params, cfg):
+def _rmsprop(params, lr, wd):
     # PyTorch defaults (alpha=0.99, eps=1e-8), as the paper states for C.1.
-    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=_wd(cfg))
+    return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
 
 
-def _lookahead(params, cfg):
+def _adan(params, lr, wd):
+    from timm.optim import Adan
+    return Adan(params, lr=lr, weight_decay=wd)
+
+
+def _lookahead(params, lr, wd, *, lookahead_alpha=0.5, lookahead_k=1, lookahead_base="adam"):
     from timm.optim import Lookahead
-    base_name = getattr(cfg, "lookahead_base", "adam") or "adam"
-    if base_name == "lookahead":
+    if lookahead_base == "lookahead":
         raise UserError("lookahead_base cannot be 'lookahead'; use adam, adamw, sgd, rmsprop or adan")
-    base = make_optimizer(base_name, params, cfg)
+    base = make_optimizer(lookahead_base, params, lr=lr, weight_decay=wd)
     # C.2.5 uses alpha=0.5, k=1 to match PROFIT's n_ref=1. Note: with k=1 the slow weights are pulled
     # halfway to the fast ones after every step, i.e. the base optimizer at half its step size (from the
     # second step on: timm initialises the slow weights from the already-stepped fast ones).
-    return Lookahead(base, alpha=getattr(cfg, "lookahead_alpha", 0.5), k=getattr(cfg, "lookahead_k", 1))
-
-
-def _adan(params, cfg):
-    from timm.optim import Adan
-    return Adan(params, lr=cfg.lr, weight_decay=_wd(cfg))
+    return Lookahead(base, alpha=lookahead_alpha, k=lookahead_k)
 
 
 OPTIMIZERS: dict[str, Callable] = {
     "sgd": _sgd, "adam": _adam, "adamw": _adamw, "rmsprop": _rmsprop, "lookahead": _lookahead, "adan": _adan,
 }
+LOOKAHEAD_OPTS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
 
 
-def make_optimizer(name: str, params, cfg) -> torch.optim.Optimizer:
-    """Build the main optimizer `name` over `params`; reads cfg.lr, cfg.weight_decay (+ lookahead_* fields)."""
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float | None = None, **opts):
+    """The main optimizer `name` over `params`. weight_decay None → 0 (adamw: its own default 1e-2).
+    `opts` are lookahead_alpha / lookahead_k / lookahead_base (read by lookahead only)."""
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](list(params), cfg)
+    unknown = set(opts) - set(LOOKAHEAD_OPTS)
+    if unknown:
+        raise TypeError(f"make_optimizer got unknown options {sorted(unknown)}")
+    wd = (1e-2 if name == "adamw" else 0.0) if weight_decay is None else float(weight_decay)
+    if name == "lookahead":
+        return _lookahead(list(params), lr, wd, **opts)
+    return OPTIMIZERS[name](list(params), lr, wd)

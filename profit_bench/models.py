@@ -11,8 +11,12 @@ from torch import nn
 from profit_bench import UserError
 from profit_bench.tasks import TaskData
 
-MODELS = ("mlp", "resnet18", "vit_tiny", "vit_small")
+MODELS = ("mlp", "resnet_small", "resnet18", "vit_micro", "vit_tiny", "vit_small")  # the only model list
+CONV_MODELS = ("resnet_small", "resnet18")
+VIT_MODELS = ("vit_micro", "vit_tiny", "vit_small")
 VIT_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
+VIT_MICRO = dict(embed_dim=128, depth=4, num_heads=4)  # ≈0.8M parameters: a ViT that trains on a CPU
+RESNET_SMALL = dict(widths=(16, 32, 64), blocks=3)     # ResNet-20 of He et al. (2016) §4.2, ≈0.27M parameters
 VIT_SIZE = 32
 MLP_WIDTH = 500
 
@@ -32,6 +36,34 @@ def resnet18_backbone(in_chans: int) -> nn.Module:
     return net
 
 
+def resnet_small_backbone(in_chans: int) -> nn.Sequential:
+    """CIFAR-style ResNet-20: 3×3 stem, three stages of BasicBlocks at widths 16/32/64 (stride 2 between
+    stages), BatchNorm, global average pooling. timm's BasicBlock, so ConvAdapter finds its blocks."""
+    from timm.models.resnet import BasicBlock
+    widths, n = RESNET_SMALL["widths"], RESNET_SMALL["blocks"]
+    layers = [nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    c_in = widths[0]
+    for i, w in enumerate(widths):
+        for j in range(n):
+            stride = 2 if i > 0 and j == 0 else 1
+            down = (nn.Sequential(nn.Conv2d(c_in, w, 1, stride=stride, bias=False), nn.BatchNorm2d(w))
+                    if stride != 1 or c_in != w else None)
+            layers.append(BasicBlock(c_in, w, stride=stride, downsample=down))
+            c_in = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    net.num_features = widths[-1]
+    return net
+
+
+def uses_channels_last(model_name: str, device) -> bool:
+    """NHWC convolutions run on tensor cores: conv nets on CUDA train channels_last (the one place this is decided)."""
+    return torch.device(device).type == "cuda" and model_name in CONV_MODELS
+
+
 class PadTo(nn.Module):
     """Zero-pads (centered) images smaller than `size` so a ViT built for size×size accepts them."""
 
@@ -48,8 +80,13 @@ class PadTo(nn.Module):
 
 
 def vit_backbone(name: str, in_chans: int) -> nn.Module:
-    net = timm.create_model(VIT_NAMES[name], pretrained=False, img_size=VIT_SIZE, patch_size=4,
-                            in_chans=in_chans, num_classes=0)
+    """A timm VisionTransformer on 32×32 inputs with 4×4 patches (64 tokens + CLS), zero-padding smaller images."""
+    if name == "vit_micro":
+        from timm.models.vision_transformer import VisionTransformer
+        net = VisionTransformer(img_size=VIT_SIZE, patch_size=4, in_chans=in_chans, num_classes=0, **VIT_MICRO)
+    else:
+        net = timm.create_model(VIT_NAMES[name], pretrained=False, img_size=VIT_SIZE, patch_size=4,
+                                in_chans=in_chans, num_classes=0)
     return PadTo(net, VIT_SIZE)
 
 
@@ -95,6 +132,8 @@ def _build_backbone(name: str, task: TaskData) -> tuple[nn.Module, int]:
     in_chans, h, w = task.in_shape
     if name == "resnet18":
         net = resnet18_backbone(in_chans)
+    elif name == "resnet_small":
+        net = resnet_small_backbone(in_chans)
     else:
         if h > VIT_SIZE or w > VIT_SIZE:
             raise UserError(f"model {name!r} takes at most {VIT_SIZE}×{VIT_SIZE} inputs; {task.name!r} has {h}×{w}")

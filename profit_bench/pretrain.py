@@ -1,12 +1,17 @@
 """A model converged on the old task, trained once and cached on disk for every trial that needs it.
 
 Cache file: `<cache_dir>/<task>-<model>-s<seed>-<hash(PretrainConfig)>.pt` (a state_dict, loaded with
-`weights_only=True`) plus a `.json` beside it with the config and the old-task metric it reached. Both are
-written to a temp file in the same folder and `os.replace`d, so a concurrent reader sees either nothing or the
-whole file; two processes pretraining the same key at once both succeed and the last rename wins (the two
-files are identical: pretraining is seeded).
+`weights_only=True`) plus a `.json` beside it with the config and the old-task metric it reached; EWC's diagonal
+Fisher of the old task, when asked for, as `<stem>.fisher-n<N>.pt`. Every file is written to a temp file in the
+same folder (mode 0644, so a shared cache works for everyone) and `os.replace`d, so a concurrent reader sees either
+nothing or the whole file; two processes pretraining the same key at once both succeed and the last rename wins
+(the files are identical: pretraining is seeded).
 
-Pretraining uses the one training loop from trial.py (`train_steps`) on old-train, training backbone + old head.
+The cache heals itself: a file that fails to load, or whose metadata or tensors do not match its key and model, is
+reported on stderr (path, reason), moved aside as `<name>.corrupt-<time>` and rebuilt. A cache folder that cannot
+be written is reported before any pretraining starts.
+
+Pretraining is the one training loop (`loop.train_steps`) on old-train, training backbone + old head.
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from pathlib import Path
 
 import torch
 
+from profit_bench import UserError
+from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import make_optimizer
-from profit_bench.tasks import TaskData, evaluate
+from profit_bench.tasks import TaskData, evaluate, get_task, task_spec
 
-CACHE_VERSION = 1  # bump when pretraining code changes in a way the config hash cannot see
+CACHE_VERSION = 2  # bump when pretraining code changes in a way the config hash cannot see (2: val carved out)
+FILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,9 @@ class PretrainConfig:
     dtype: str = "fp32"
 
 
-# Paper C.1 (toy): RMSProp lr 1e-2, ×0.9 every 500 steps, 10 000 steps, batch 32.
-# Paper C.2.5 (images): Adam lr 1e-4 for 200-400 epochs; the epoch defaults here are CPU-sized.
-# digits (not in the paper; 8×8 sklearn set, ~900 old-train images) converges in seconds at Adam 1e-3.
-PRETRAIN_DEFAULTS = {
-    "toy": dict(optimizer="rmsprop", lr=1e-2, steps=10_000, batch_size=32, scheduler="step", step_size=500, gamma=0.9),
-    "digits": dict(optimizer="adam", lr=1e-3, epochs=60, batch_size=64),
-    "fmnist": dict(optimizer="adam", lr=1e-4, epochs=20, batch_size=128),
-    "cifar": dict(optimizer="adam", lr=1e-4, epochs=20, batch_size=128),
-}
-
-
 def default_pretrain_config(task_name: str, **overrides) -> PretrainConfig:
-    d = dict(PRETRAIN_DEFAULTS.get(task_name, PRETRAIN_DEFAULTS["cifar"]))
+    """The task's pretraining defaults (tasks.TASKS[...].pretrain) with the non-None `overrides` applied."""
+    d = dict(task_spec(task_name).pretrain)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "steps" in overrides:
         d.pop("epochs", None)
@@ -62,6 +60,12 @@ def default_pretrain_config(task_name: str, **overrides) -> PretrainConfig:
         d.pop("steps", None)
     d.update(overrides)
     return PretrainConfig(**d)
+
+
+def pretrain_config_for(cfg) -> PretrainConfig:
+    """The PretrainConfig a TrialConfig's trial loads (its pretrain_steps/epochs, limit and dtype)."""
+    return default_pretrain_config(cfg.task, steps=cfg.pretrain_steps, epochs=cfg.pretrain_epochs, limit=cfg.limit,
+                                   dtype=cfg.dtype)
 
 
 def default_cache_dir() -> Path:
@@ -78,6 +82,23 @@ def cache_path(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig,
     return root / f"{task_name}-{model_name}-s{seed}-{config_hash(pcfg)}.pt"
 
 
+def fisher_path(ckpt: Path, n_samples: int) -> Path:
+    return Path(ckpt).with_name(f"{Path(ckpt).stem}.fisher-n{n_samples}.pt")
+
+
+# ---------------------------------------------------------------------------------------------- files
+def check_writable(folder: Path) -> None:
+    """UserError unless files can be created in `folder` (created if missing); probed by writing, as root too."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"pretraining cache dir {folder} is not writable ({e.strerror}); pass a writable "
+                        f"--cache-dir or set PROFIT_BENCH_CACHE") from None
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -86,6 +107,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600: others sharing the cache could not read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -93,17 +115,69 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=True) -> dict:
-    """Train backbone + old head on old-train in place; return {old_metric, old_loss, steps, wall_time_s}."""
-    from profit_bench.trial import LoopState, make_lr_factor, train_steps  # trial imports us: import late
+def _save_tensors(path: Path, tensors: dict) -> None:
+    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda f: torch.save(cpu, f))
 
+
+def _move_aside(paths: list[Path], reason: str) -> None:
+    """Report a bad cache entry on stderr and rename its files to `.corrupt-<time>` (kept for inspection)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+    print(f"pretrain cache: {paths[0]}: {reason}; moved aside as *.corrupt-{stamp}, rebuilding", file=sys.stderr,
+          flush=True)
+    for p in paths:
+        try:
+            os.replace(p, p.with_name(f"{p.name}.corrupt-{stamp}"))
+        except FileNotFoundError:  # absent, or another process moved it first
+            pass
+
+
+def _load_tensors(path: Path, like: dict[str, torch.Tensor]) -> tuple[dict | None, str | None]:
+    """(tensors, None) when `path` holds finite tensors with exactly the keys and shapes of `like`;
+    (None, reason) otherwise."""
+    try:
+        state = torch.load(path, map_location=next(iter(like.values())).device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a damaged file can fail inside torch/pickle/zip in many ways
+        return None, f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(state, dict):
+        return None, f"holds a {type(state).__name__}, not a state_dict"
+    missing, extra = sorted(set(like) - set(state)), sorted(set(state) - set(like))
+    if missing or extra:
+        return None, f"keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, v in like.items():
+        if not torch.is_tensor(state[k]) or state[k].shape != v.shape:
+            return None, f"{k} has shape {getattr(state[k], 'shape', None)}, the model needs {tuple(v.shape)}"
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            return None, f"{k} holds non-finite values"
+    return state, None
+
+
+def _load_checkpoint(path: Path, model, meta_want: dict) -> str | None:
+    """Load `path` into `model`; the reason it is unusable, or None on success."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except FileNotFoundError:
+        return "no .json metadata beside it"
+    except (OSError, ValueError) as e:
+        return f"unreadable .json metadata ({e})"
+    for k, v in meta_want.items():
+        if not isinstance(meta, dict) or meta.get(k) != v:
+            return f"its metadata says {k}={meta.get(k) if isinstance(meta, dict) else None!r}, the key needs {v!r}"
+    state, reason = _load_tensors(path, model.state_dict())
+    if reason is None:
+        model.load_state_dict(state)
+    return reason
+
+
+# ---------------------------------------------------------------------------------------------- training
+def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=True) -> dict:
+    """Train backbone + old head on old-train in place; return {old_val, old_val_loss, steps, wall_time_s}."""
     torch.manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     params = list(model.backbone.parameters()) + list(model.heads["old"].parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = make_optimizer(pcfg.optimizer, params, pcfg)
+    opt = make_optimizer(pcfg.optimizer, params, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     gen = torch.Generator(device=task.device).manual_seed(seed)
     batches_per_epoch = -(-len(task.old_train) // pcfg.batch_size)
     total = pcfg.steps if pcfg.steps is not None else pcfg.epochs * batches_per_epoch
@@ -114,7 +188,7 @@ def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=Tr
         if progress:
             print(f"pretrain {task.name}: step {state.main_steps}/{total} train_loss {train_loss:.4g} "
                   f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-        return bool(torch.isfinite(torch.tensor(train_loss)))
+        return True  # the loop itself stops on a non-finite loss
 
     state = LoopState()
     train_steps(model, opt, task.old_train, head="old", loss_fn=task.loss, batch_size=pcfg.batch_size,
@@ -123,29 +197,96 @@ def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=Tr
                 max_main_steps=pcfg.steps, max_epochs=pcfg.epochs, eval_every=max(total // 10, 1), on_eval=show,
                 dtype=pcfg.dtype)
     if state.diverged:
-        raise RuntimeError(f"pretraining {task.name} diverged (non-finite loss); lower the pretraining lr")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    old_metric, old_loss = evaluate(model, task, "old")
-    return dict(old_metric=old_metric, old_loss=old_loss, steps=state.main_steps,
+        raise UserError(f"pretraining {task.name} diverged (non-finite loss); lower the pretraining lr")
+    model.requires_grad_(True)
+    old_val, old_val_loss = evaluate(model, task, "old_val")
+    return dict(old_val=old_val, old_val_loss=old_val_loss, steps=state.main_steps,
                 wall_time_s=time.perf_counter() - t0)
 
 
 def load_or_pretrain(task: TaskData, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir=None,
-                     progress=True):
-    """The TaskModel for (task, model, seed), converged on the old task: from the cache, else trained and cached."""
+                     progress=True, *, build=True):
+    """The TaskModel for (task, model, seed), converged on the old task: from the cache, else trained and cached.
+
+    A cached file that is unusable is moved aside and rebuilt. build=False: a missing (or unusable) checkpoint
+    is a UserError naming the path instead (a sweep's trials, whose driver pretrained everything up front).
+    """
     from profit_bench.models import build_model  # imports timm (seconds): keep it off the CLI's error paths
 
     path = cache_path(task.name, model_name, seed, pcfg, cache_dir)
     model = build_model(model_name, task, seed).to(task.device)
+    meta_want = dict(task=task.name, model=model_name, seed=seed, hash=config_hash(pcfg))
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
-        return model
+        reason = _load_checkpoint(path, model, meta_want)
+        if reason is None:
+            return model
+        _move_aside([path, path.with_suffix(".json")], reason)
+        model = build_model(model_name, task, seed).to(task.device)  # load_state_dict never ran: still fresh
+    if not build:
+        raise UserError(f"no pretrained checkpoint {path}; run the sweep's pretraining stage (or a trial with "
+                        f"pretrain_if_missing=True) to build it")
+    check_writable(path.parent)  # before, not after, the minutes of pretraining
     info = pretrain(model, task, pcfg, seed, progress=progress)
-    meta = dict(task=task.name, model=model_name, seed=seed, config=asdict(pcfg), hash=config_hash(pcfg),
-                metric=task.metric, **info)
+    meta = dict(**meta_want, config=asdict(pcfg), metric=task.metric, **info)
     # JSON first: whoever sees the .pt can rely on the .json being there too.
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    _save_tensors(path, model.state_dict())
     return model
+
+
+# ---------------------------------------------------------------------------------------------- EWC Fisher
+def fisher_for(model, task: TaskData, ckpt: Path, n_samples: int, seed: int, *, build=True) -> dict:
+    """The old task's diagonal Fisher of the pretrained `model` (loaded from ckpt), cached as <stem>.fisher-n<N>.pt.
+
+    Computed on old-train right after pretraining/loading, never from new-task data; a missing or unusable file
+    is rebuilt from the checkpoint (build=False: a UserError instead).
+    """
+    from baselines.regularizers import diagonal_fisher  # the regulariser's own code; heavy imports (torch.func)
+
+    path = fisher_path(ckpt, n_samples)
+    like = dict(model.named_parameters())
+    if path.is_file():
+        fisher, reason = _load_tensors(path, like)
+        if reason is None:
+            return fisher
+        _move_aside([path], reason)
+    if not build:
+        raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., fisher_samples="
+                        f"{n_samples})")
+    check_writable(path.parent)
+    gen = torch.Generator(device=task.device).manual_seed(seed)
+    fisher = diagonal_fisher(model, task.old_train, head="old", n_samples=n_samples, generator=gen)
+    _save_tensors(path, fisher)
+    return fisher
+
+
+def load_fisher(ckpt, n_samples: int, map_location="cpu") -> dict[str, torch.Tensor]:
+    """The cached Fisher beside checkpoint `ckpt` (no validation against a model: see fisher_for)."""
+    path = fisher_path(Path(ckpt), n_samples)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., "
+                        f"fisher_samples={n_samples})") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"EWC Fisher {path} cannot be loaded ({type(e).__name__}); delete it to rebuild") from None
+
+
+def ensure_pretrained(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir, *,
+                      data_dir=None, device="cpu", limit=None, fisher_samples: int | None = None,
+                      progress=True) -> Path:
+    """Make sure the checkpoint (and, with fisher_samples, the EWC Fisher) for this key is in the cache, building
+    or healing it as needed; return the checkpoint's path. Plain arguments only, so a Ray task can run it."""
+    task = get_task(task_name, data_dir=data_dir, device=device, seed=seed, limit=limit)
+    model = load_or_pretrain(task, model_name, seed, pcfg, cache_dir, progress=progress)
+    path = cache_path(task_name, model_name, seed, pcfg, cache_dir)
+    if fisher_samples is not None:
+        fisher_for(model, task, path, fisher_samples, seed)
+    return path
+
+
+def fisher_samples_for(cfg) -> int | None:
+    """How many old-train examples the trial's EWC Fisher uses, or None when its method needs no Fisher."""
+    from profit_bench.methods import get_method
+    method = get_method(cfg.method)
+    return method.resolve_args(cfg.method_args)["ewc_fisher_samples"] if method.needs_fisher else None

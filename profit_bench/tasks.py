@@ -1,4 +1,8 @@
-"""Task registry: each task yields old-train/old-test/new-train/new-test tensors and its metric.
+"""Task registry: `TASKS[name]` is one `TaskSpec` (data builder, fine-tune and pretraining defaults, titles).
+
+Every task has six splits: old_train, old_val, old_test, new_train, new_val, new_test. The validation splits are
+carved from the training data (seeded by the data seed, disjoint from train and test, stratified by class), so
+anything that chooses hyperparameters reads validation and the test splits stay untouched until the end.
 
 All data lives on the training device as tensors. Image augmentation (random crop + flip) runs there in
 batches instead of a per-sample DataLoader, which is what lets a CIFAR epoch take about a second on a GPU
@@ -29,6 +33,11 @@ CIFAR_DOWNLOAD = ('python -c "import torchvision; torchvision.datasets.CIFAR10(\
 CROP_PAD = 4
 
 
+SPLITS = ("old_train", "old_val", "old_test", "new_train", "new_val", "new_test")
+VAL_FRACTION = 0.1      # of each image task's training data, held out for validation
+TOY_VAL_SIZE = 1000     # toy: validation points per task, drawn like the test points
+
+
 @dataclass
 class Split:
     x: Tensor
@@ -43,8 +52,10 @@ class TaskData:
     name: str
     kind: str  # "regression" | "classification"
     old_train: Split
+    old_val: Split
     old_test: Split
     new_train: Split
+    new_val: Split
     new_test: Split
     in_shape: tuple[int, ...]
     n_old: int
@@ -60,14 +71,17 @@ class TaskData:
         """Mean training loss: cross-entropy for classification, MSE for regression."""
         return F.cross_entropy(out, y) if self.kind == "classification" else F.mse_loss(out, y)
 
+    def chance(self, head: str) -> float | None:
+        """Accuracy of a uniform guess on that task (None for regression)."""
+        return 1.0 / (self.n_old if head == "old" else self.n_new) if self.kind == "classification" else None
+
     @property
     def device(self) -> torch.device:
         return self.old_train.x.device
 
     def to(self, device) -> TaskData:
-        move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
-        return replace(self, old_train=move(self.old_train), old_test=move(self.old_test),
-                       new_train=move(self.new_train), new_test=move(self.new_test))
+        return replace(self, **{k: Split(getattr(self, k).x.to(device), getattr(self, k).y.to(device))
+                                for k in SPLITS})
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -99,6 +113,21 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream]))
 
 
+def carve_val(x: np.ndarray, y: np.ndarray, seed: int, fraction: float = VAL_FRACTION):
+    """((x_train, y_train), (x_val, y_val)): `fraction` of the training data held out, stratified by class.
+
+    At least one example per class goes to validation when the data allows it; a class with a single example
+    (tiny test fixtures) makes stratification impossible, and then the split is a plain random one.
+    """
+    from sklearn.model_selection import train_test_split
+    counts = np.bincount(y)
+    n_classes = int((counts > 0).sum())
+    n_val = max(int(round(fraction * len(y))), n_classes)
+    stratify = y if counts[counts > 0].min() >= 2 and len(y) - n_val >= n_classes else None
+    xtr, xva, ytr, yva = train_test_split(x, y, test_size=n_val, stratify=stratify, random_state=seed)
+    return (xtr, ytr), (xva, yva)
+
+
 def _standardize(splits: list[np.ndarray], ref: np.ndarray) -> list[Tensor]:
     """Per-channel mean/std of the old-train split `ref` [N,C,H,W], applied to every split (no peeking at new)."""
     mean = ref.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
@@ -106,10 +135,14 @@ def _standardize(splits: list[np.ndarray], ref: np.ndarray) -> list[Tensor]:
     return [torch.from_numpy((s.astype(np.float32) - mean) / std) for s in splits]
 
 
-def _image_task(name, xs, ys, n_old, n_new, augment=True) -> TaskData:
-    """xs/ys: old_train, old_test, new_train, new_test as float arrays [N,C,H,W] and int labels."""
-    xs = _standardize(xs, ref=xs[0])
-    splits = [Split(x, torch.as_tensor(y, dtype=torch.int64)) for x, y in zip(xs, ys)]
+def _image_task(name, old_train, old_test, new_train, new_test, n_old, n_new, seed, augment=True,
+                val_fraction=VAL_FRACTION) -> TaskData:
+    """Each argument split is an (x [N,C,H,W], int labels) pair; validation is carved from the two train splits."""
+    old_train, old_val = carve_val(*old_train, seed, val_fraction)
+    new_train, new_val = carve_val(*new_train, seed, val_fraction)
+    pairs = [old_train, old_val, old_test, new_train, new_val, new_test]
+    xs = _standardize([x for x, _ in pairs], ref=old_train[0])
+    splits = [Split(x, torch.as_tensor(y, dtype=torch.int64)) for x, (_, y) in zip(xs, pairs)]
     return TaskData(name, "classification", *splits, in_shape=tuple(xs[0].shape[1:]), n_old=n_old, n_new=n_new,
                     metric="accuracy", higher_is_better=True, image=augment)
 
@@ -131,9 +164,17 @@ def toy_sine(n: int, low: float, high: float, noise: bool, rng: np.random.Genera
 
 
 def make_toy(*, data_dir=None, seed=0) -> TaskData:
-    """Paper §4.1 / C.1: f(x) = sin(10‖x‖); old x ~ U[-1,1]², new x ~ U[0.8,1.5]²; N(0,1) noise on train only."""
-    splits = [toy_sine(50_000, -1.0, 1.0, True, _rng(seed, 0)), toy_sine(10_000, -1.0, 1.0, False, _rng(seed, 1)),
-              toy_sine(50_000, 0.8, 1.5, True, _rng(seed, 2)), toy_sine(10_000, 0.8, 1.5, False, _rng(seed, 3))]
+    """Paper §4.1 / C.1: f(x) = sin(10‖x‖); old x ~ U[-1,1]², new x ~ U[0.8,1.5]²; N(0,1) noise on train only.
+
+    Validation points come from the same input distributions on their own random streams and, like the test
+    points, without label noise: noisy targets would add ≈1 to every MSE and bury the differences selection
+    must see.
+    """
+    old, new = (-1.0, 1.0), (0.8, 1.5)
+    splits = [toy_sine(50_000, *old, True, _rng(seed, 0)), toy_sine(TOY_VAL_SIZE, *old, False, _rng(seed, 4)),
+              toy_sine(10_000, *old, False, _rng(seed, 1)),
+              toy_sine(50_000, *new, True, _rng(seed, 2)), toy_sine(TOY_VAL_SIZE, *new, False, _rng(seed, 5)),
+              toy_sine(10_000, *new, False, _rng(seed, 3))]
     return TaskData("toy", "regression", *splits, in_shape=(2,), n_old=1, n_new=1, metric="mse",
                     higher_is_better=False, image=False)
 
@@ -142,6 +183,7 @@ def make_digits(*, data_dir=None, seed=0) -> TaskData:
     """sklearn 8×8 digits (bundled, offline): old = 0–4, new = 5–9. Fast CPU task for CI.
 
     Not augmented (image=False): a flip changes a digit's identity and a 4-pixel crop drops half of an 8×8 image.
+    Validation is 20% of train (not 10%): the set is so small that 10% would leave ~13 images per class.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -150,55 +192,73 @@ def make_digits(*, data_dir=None, seed=0) -> TaskData:
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.25, stratify=d.target, random_state=seed)
     (otr, ntr), (ote, nte) = _split_by_class(xtr, ytr, range(5), range(5, 10)), \
         _split_by_class(xte, yte, range(5), range(5, 10))
-    return _image_task("digits", [otr[0], ote[0], ntr[0], nte[0]], [otr[1], ote[1], ntr[1], nte[1]], 5, 5,
-                       augment=False)
+    return _image_task("digits", otr, ote, ntr, nte, 5, 5, seed, augment=False, val_fraction=0.2)
 
 
 def read_idx(path: Path) -> np.ndarray:
     """IDX format (MNIST family): 2 zero bytes, dtype code 0x08 (=uint8), ndim, ndim big-endian int32 sizes, data."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    if raw[:3] != b"\x00\x00\x08":
+    try:
+        raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    except (OSError, EOFError) as e:  # truncated or not gzip at all
+        raise UserError(f"{path} cannot be read ({e}); re-download it") from None
+    if raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
         raise UserError(f"{path} is not an uint8 IDX file (bad header {raw[:4]!r}); re-download it")
     ndim = raw[3]
     shape = np.frombuffer(raw, ">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated or corrupt ({data.size} bytes of data, header says "
+                        f"{'×'.join(map(str, shape))}); re-download it")
+    return data.reshape(shape)
 
 
 def _find_fmnist(data_dir) -> dict[str, Path]:
-    dirs = [FMNIST_DIR]
-    if data_dir is not None:
-        d = Path(data_dir)
-        dirs = [d, d / "fashion-mnist", d / "FashionMNIST" / "raw"] + dirs
+    """The four IDX files: under --data-dir when it is given (never elsewhere), else the system copy."""
+    dirs = [FMNIST_DIR] if data_dir is None else [Path(data_dir), Path(data_dir) / "fashion-mnist",
+                                                    Path(data_dir) / "FashionMNIST" / "raw"]
     for d in dirs:
         for ext in (".gz", ""):
             paths = {k: d / (f + ext) for k, f in FMNIST_FILES.items()}
             if all(p.is_file() for p in paths.values()):
                 return paths
-    raise UserError(f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: run `apt-get install "
-                    f"dataset-fashion-mnist`, or put {', '.join(f + '.gz' for f in FMNIST_FILES.values())} "
-                    f"into --data-dir")
+    names = ", ".join(f + ".gz" for f in FMNIST_FILES.values())
+    if data_dir is not None:
+        raise UserError(f"no Fashion-MNIST files in {data_dir} (looked in {', '.join(map(str, dirs))}): put {names} "
+                        f"there, or drop --data-dir to use the system copy in {FMNIST_DIR}")
+    raise UserError(f"Fashion-MNIST not found in {FMNIST_DIR}: run `apt-get install dataset-fashion-mnist`, "
+                    f"or put {names} into a folder and pass it as --data-dir")
 
 
 def make_fmnist(*, data_dir=None, seed=0) -> TaskData:
-    """Fashion-MNIST: old = classes 0–4, new = 5–9 (re-indexed 0–4); the official train/test split."""
+    """Fashion-MNIST: old = classes 0–4, new = 5–9 (re-indexed 0–4); the official test split, val from train."""
     p = _find_fmnist(data_dir)
     arr = {k: read_idx(v) for k, v in p.items()}
+    for part in ("train", "test"):
+        if len(arr[f"{part}_x"]) != len(arr[f"{part}_y"]):
+            raise UserError(f"{p[part + '_x']} and {p[part + '_y']} disagree on the number of examples; re-download")
     old, new = range(5), range(5, 10)
     tr = _split_by_class(arr["train_x"][:, None].astype(np.float32) / 255, arr["train_y"].astype(np.int64), old, new)
     te = _split_by_class(arr["test_x"][:, None].astype(np.float32) / 255, arr["test_y"].astype(np.int64), old, new)
-    return _image_task("fmnist", [tr[0][0], te[0][0], tr[1][0], te[1][0]],
-                       [tr[0][1], te[0][1], tr[1][1], te[1][1]], 5, 5)
+    return _image_task("fmnist", tr[0], te[0], tr[1], te[1], 5, 5, seed)
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+def _unpickle(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N,3,32,32] in [0,1], labels) of one CIFAR pickle; a damaged file is a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).astype(np.float32) / 255
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 — unpickling a damaged file can raise almost anything
+        raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); re-download the CIFAR data") from None
+    if len(x) != len(y):
+        raise UserError(f"{path} is corrupt ({len(x)} images, {len(y)} labels); re-download the CIFAR data")
+    return x, y
 
 
 def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_unpickle(p) for p in batches]
-    x = np.concatenate([d[b"data"] for d in parts]).reshape(-1, 3, 32, 32).astype(np.float32) / 255
-    return x, np.concatenate([np.asarray(d[label_key], dtype=np.int64) for d in parts])
+    parts = [_unpickle(p, label_key) for p in batches]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def make_cifar(*, data_dir=None, seed=0) -> TaskData:
@@ -220,12 +280,57 @@ def make_cifar(*, data_dir=None, seed=0) -> TaskData:
     ote = _cifar_arrays([c10 / "test_batch"], b"labels")
     ntr = _cifar_arrays([c100 / "train"], b"fine_labels")
     nte = _cifar_arrays([c100 / "test"], b"fine_labels")
-    return _image_task("cifar", [otr[0], ote[0], ntr[0], nte[0]], [otr[1], ote[1], ntr[1], nte[1]], 10, 100)
+    return _image_task("cifar", otr, ote, ntr, nte, 10, 100, seed)
 
 
-TASKS: dict[str, Callable[..., TaskData]] = {
-    "toy": make_toy, "digits": make_digits, "fmnist": make_fmnist, "cifar": make_cifar,
-}
+# ---------------------------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the project knows about one task. `finetune` holds TrialConfig defaults, `pretrain` the
+    PretrainConfig defaults; `paper_dataset` is the paper's data set this task reproduces (None: not in the
+    paper, a stand-in)."""
+    name: str
+    build: Callable[..., TaskData]   # build(data_dir=..., seed=...) -> TaskData (on the CPU)
+    finetune: dict
+    pretrain: dict
+    title: str
+    paper_dataset: str | None
+    default_model: str
+
+
+# Fine-tuning: toy = paper C.1: RMSProp 5e-4, ×0.95 every 100 steps, 1500 steps, batch 32 (the paper does not give
+# the batch size; 32 reproduces its baseline rows). Images = C.2.5's Adam 1e-4 with CPU-sized epochs. digits is not
+# in the paper: a tiny offline CI task; its numbers are sized so a trial takes seconds on one CPU core.
+# Pretraining: toy = C.1: RMSProp 1e-2, ×0.9 every 500 steps, 10 000 steps, batch 32. Images = C.2.5: Adam 1e-4
+# for 200-400 epochs (CPU-sized here). digits (~720 old-train images) converges in seconds at Adam 1e-3.
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("toy", make_toy,
+             finetune=dict(optimizer="rmsprop", lr=5e-4, scheduler="step", step_size=100, gamma=0.95, steps=1500,
+                           batch_size=32, eval_every=100),
+             pretrain=dict(optimizer="rmsprop", lr=1e-2, steps=10_000, batch_size=32, scheduler="step",
+                           step_size=500, gamma=0.9),
+             title="2-D toy regression sin(10|x|)", paper_dataset="2-D toy regression sin(10|x|)",
+             default_model="mlp"),
+    TaskSpec("digits", make_digits,
+             finetune=dict(optimizer="adam", lr=1e-3, scheduler="none", epochs=20, batch_size=64),
+             pretrain=dict(optimizer="adam", lr=1e-3, epochs=60, batch_size=64),
+             title="sklearn digits 0–4 → 5–9", paper_dataset=None, default_model="mlp"),
+    TaskSpec("fmnist", make_fmnist,
+             finetune=dict(optimizer="adam", lr=1e-4, scheduler="none", epochs=10, batch_size=128),
+             pretrain=dict(optimizer="adam", lr=1e-4, epochs=20, batch_size=128),
+             title="Fashion-MNIST 0–4 → 5–9", paper_dataset=None, default_model="resnet18"),
+    TaskSpec("cifar", make_cifar,
+             finetune=dict(optimizer="adam", lr=1e-4, scheduler="none", epochs=10, batch_size=128),
+             pretrain=dict(optimizer="adam", lr=1e-4, epochs=20, batch_size=128),
+             title="CIFAR-10 → CIFAR-100", paper_dataset="CIFAR-10 → CIFAR-100", default_model="resnet18"),
+)}
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def _subsample(s: Split, limit: int, rng: np.random.Generator) -> Split:
@@ -237,34 +342,34 @@ def _subsample(s: Split, limit: int, rng: np.random.Generator) -> Split:
 
 def get_task(name: str, *, data_dir=None, device="cpu", seed=0, limit: int | None = None) -> TaskData:
     """Build task `name` on `device`. `seed` drives data generation/splits; `limit` subsamples every split."""
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    task = TASKS[name](data_dir=data_dir, seed=seed)
+    spec = task_spec(name)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be a whole number >= 1 (got {limit!r}); leave it unset for the full data")
+    task = spec.build(data_dir=data_dir, seed=seed)
     if limit is not None:
         rng = _rng(seed, 100)
-        task = replace(task, **{k: _subsample(getattr(task, k), limit, rng)
-                                for k in ("old_train", "old_test", "new_train", "new_test")})
+        task = replace(task, **{k: _subsample(getattr(task, k), limit, rng) for k in SPLITS})
     return task.to(device)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, task: TaskData, split_name: str, batch_size: int = 1024) -> tuple[float, float]:
-    """(metric, mean loss) of `model(x, task=split_name)` on that task's test split.
+def evaluate(model: torch.nn.Module, task: TaskData, split: str, batch_size: int = 1024) -> tuple[float, float]:
+    """(metric, mean loss) of `model(x, task=head)` on `split` ("old_val", "new_test", ...; head = its prefix).
 
     Classification: (accuracy in [0, 1], cross-entropy); regression: (MSE, MSE).
     Eval mode while measuring; each module's own train/eval flag is restored afterwards (so e.g. a frozen
     BatchNorm kept in eval mode by a method stays that way).
     """
-    if split_name not in ("old", "new"):
-        raise ValueError(f"split_name must be 'old' or 'new', got {split_name!r}")
-    split = task.old_test if split_name == "old" else task.new_test
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    head, data = split.split("_")[0], getattr(task, split)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         loss_sum, correct = 0.0, 0
-        for i in range(0, len(split), batch_size):
-            x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
-            out = model(x, task=split_name).float()
+        for i in range(0, len(data), batch_size):
+            x, y = data.x[i:i + batch_size], data.y[i:i + batch_size]
+            out = model(x, task=head).float()
             if task.kind == "classification":
                 loss_sum += F.cross_entropy(out, y, reduction="sum").item()
                 correct += (out.argmax(1) == y).sum().item()
@@ -273,6 +378,6 @@ def evaluate(model: torch.nn.Module, task: TaskData, split_name: str, batch_size
     finally:
         for m, mode in modes:
             m.training = mode
-    n = split.y.numel()
+    n = data.y.numel()
     loss = loss_sum / n
     return (correct / n if task.kind == "classification" else loss), loss

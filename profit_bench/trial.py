@@ -2,14 +2,16 @@
 
     python -m profit_bench.trial --task toy --method profit            # prints the result as JSON
 
-`run_trial(cfg, report)` is what the sweep calls. It holds the project's one training loop, `train_steps`,
-which pretrain.py uses as well.
+`run_trial(cfg, report)` is what the sweep calls; the training loop itself is `loop.train_steps`.
 
 Budgets and schedules count *main* steps. A PROFIT main step closes a cycle of n_ref reference steps + 1 main
 step, i.e. it consumes n_ref + 1 batches; the paper counts one such cycle as one "step", so the toy budget
 (1500 steps), `eval_every` and the StepLR period are in main steps and the scheduler steps once per main step.
 For image tasks the budget is in epochs, an epoch being one pass over the new-train batches (whatever the
 optimizer does with them).
+
+Evaluations during training read the validation splits only; the test splits are evaluated once, at the end
+(and on the pretrained model, for the "before" numbers).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import numbers
 import resource
 import statistics
 import sys
@@ -28,22 +31,26 @@ from typing import Callable
 import torch
 
 from profit_bench import UserError
-from profit_bench.methods import OPTIMIZERS, get_method, make_optimizer
-from profit_bench.optim import MEMORY_MODES
-from profit_bench.pretrain import default_cache_dir, default_pretrain_config, load_or_pretrain
-from profit_bench.tasks import evaluate, get_task
+from profit_bench.loop import LoopState, make_lr_factor, train_steps
+from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
+from profit_bench.models import MODELS, uses_channels_last
+from profit_bench.optim import MEMORY_MODES, PROFIT, REF_OPTIMIZERS
+from profit_bench.pretrain import (cache_path, default_cache_dir, fisher_for, fisher_samples_for, load_or_pretrain,
+                                   pretrain_config_for)
+from profit_bench.tasks import TASKS, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
 SCHEDULERS = ("none", "step", "cosine")
+LOW_MEMORY_OPTIMIZERS = ("sgd", "adam", "adamw", "adan")  # those with a first-moment buffer (optim.LowMemRef)
 
 
 @dataclass
 class TrialConfig:
     task: str = "toy"
-    model: str | None = None            # None → task default (toy: mlp)
+    model: str | None = None            # None → the task's default model
     seed: int = 0
-    method: str = "full"                # full | head | profit | whatever baselines/ registers
-    optimizer: str | None = None        # main optimizer: sgd | adam | adamw | rmsprop | lookahead | adan
+    method: str = "full"                # a name of methods.METHODS
+    optimizer: str | None = None        # main optimizer: a name of methods.OPTIMIZERS
     lr: float | None = None
     weight_decay: float | None = None   # None → 0 (adamw: 1e-2)
     scheduler: str | None = None        # none | step | cosine; steps once per *main* step
@@ -56,14 +63,17 @@ class TrialConfig:
     profit: bool = False                # train through PROFIT(main optimizer); method "profit" forces it
     ratio: float = 100.0                # PROFIT λ_main / λ_ref
     n_ref: int = 1                      # PROFIT reference steps per cycle
+    ref_optimizer: str = "sgd"          # PROFIT O_ref (the paper's recommendation: plain SGD)
+    ref_kwargs: dict = field(default_factory=dict)  # O_ref keyword arguments, e.g. {"momentum": 0.9}
     profit_memory: str = "full"         # PROFIT θ_ref: "full" | "compact" (both exact) | "low" (approximate; optim.py)
     warmup_epochs: int = 0              # paper Table 13: first epochs with AdamW, then the configured optimizer
     lookahead_alpha: float = 0.5        # C.2.5; with k=1 this is the base optimizer at half step size
     lookahead_k: int = 1
     lookahead_base: str = "adam"
-    method_args: dict = field(default_factory=dict)  # for baselines, e.g. {"lora_r": 8}
+    method_args: dict = field(default_factory=dict)  # the method's knobs, e.g. {"lora_r": 8}; see Method.args
     pretrain_steps: int | None = None   # override the task's pretraining budget (changes the cache key)
     pretrain_epochs: int | None = None
+    pretrain_if_missing: bool = True    # False: a missing checkpoint is an error (the sweep pretrains up front)
     device: str = "auto"                # cpu | cuda | auto
     dtype: str = "fp32"                 # fp32 | bf16 (autocast)
     compile: bool = False               # torch.compile the model (CUDA; the first epoch pays for compilation)
@@ -72,40 +82,73 @@ class TrialConfig:
     limit: int | None = None            # subsample every split to this many examples (smoke tests)
 
 
-# Toy = paper C.1: RMSProp 5e-4, ×0.95 every 100 steps, 1500 steps, batch 32 (the paper does not give the batch
-# size; 32 reproduces its baseline rows). Images = C.2.5's Adam 1e-4 with CPU-sized epochs. digits is not in the
-# paper: a tiny offline CI task; its numbers are sized so a trial takes seconds on one CPU core.
-TASK_DEFAULTS = {
-    "toy": dict(model="mlp", optimizer="rmsprop", lr=5e-4, scheduler="step", step_size=100, gamma=0.95,
-                steps=1500, batch_size=32, eval_every=100),
-    "digits": dict(model="mlp", optimizer="adam", lr=1e-3, scheduler="none", epochs=20, batch_size=64),
-    "fmnist": dict(model="resnet18", optimizer="adam", lr=1e-4, scheduler="none", epochs=10, batch_size=128),
-    "cifar": dict(model="resnet18", optimizer="adam", lr=1e-4, scheduler="none", epochs=10, batch_size=128),
+# (low, high, low inclusive) of the numeric fields; None = unbounded. Checked after the defaults are filled in.
+RANGES = {
+    "seed": (0, None, True), "lr": (0, None, True), "weight_decay": (0, None, True), "step_size": (1, None, True),
+    "gamma": (0, None, False), "steps": (1, None, True), "epochs": (1, None, True), "batch_size": (1, None, True),
+    "eval_every": (1, None, True), "ratio": (0, None, False), "n_ref": (1, None, True),
+    "warmup_epochs": (0, None, True), "lookahead_alpha": (0, 1, False), "lookahead_k": (1, None, True),
+    "pretrain_steps": (1, None, True), "pretrain_epochs": (1, None, True), "limit": (1, None, True),
 }
+CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "dtype": DTYPES, "profit_memory": MEMORY_MODES,
+           "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
+
+
+def _check_value(name: str, value, hint):
+    """One field's value as a plain Python value, after checking its type (strict: 1.5 is not an int, True is not
+    a number, nan/inf are not values; numpy scalars from a searcher are fine) and range."""
+    if value is None:
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UserError(f"{name} must be a whole number (got {value!r})")
+        value = int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number (got {value!r})")
+        value = float(value)
+    if base in (str, bool, dict) and not isinstance(value, base):
+        raise UserError(f"{name} must be a {base.__name__} (got {value!r})")
+    if name in RANGES:
+        low, high, incl = RANGES[name]
+        if value < low or (value == low and not incl) or (high is not None and value > high):
+            bound = f"{'>=' if incl else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UserError(f"{name} must be {bound} (got {value!r})")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(CHOICES[name])}")
+    return value
 
 
 def resolve(cfg: TrialConfig) -> TrialConfig:
-    """Fill the None fields with the task's defaults and check the values a user can get wrong."""
-    d = TASK_DEFAULTS.get(cfg.task, TASK_DEFAULTS["cifar"])
+    """Fill the None fields with the task's defaults and check every value a user can get wrong (before any data
+    loads or anything trains)."""
+    spec = task_spec(cfg.task)
     if cfg.steps is not None and cfg.epochs is not None:
         raise UserError("set either steps or epochs, not both")
     budget_given = cfg.steps is not None or cfg.epochs is not None
+    d = {**spec.finetune, "model": spec.default_model}
     filled = {k: v for k, v in d.items()
               if getattr(cfg, k) is None and not (k in ("steps", "epochs") and budget_given)}
     cfg = replace(cfg, **filled)
     if cfg.weight_decay is None:
         cfg = replace(cfg, weight_decay=1e-2 if cfg.optimizer == "adamw" else 0.0)
     cfg = replace(cfg, step_size=cfg.step_size or 1, gamma=1.0 if cfg.gamma is None else cfg.gamma)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if cfg.profit_memory not in MEMORY_MODES:
-        raise UserError(f"unknown profit_memory {cfg.profit_memory!r}; choose {', '.join(MEMORY_MODES)}")
-    if cfg.lr < 0 or cfg.ratio <= 0 or cfg.n_ref < 1 or cfg.batch_size < 1:
-        raise UserError("need lr >= 0, ratio > 0, n_ref >= 1 and batch_size >= 1")
+    hints = typing.get_type_hints(TrialConfig)
+    cfg = replace(cfg, **{f.name: _check_value(f.name, getattr(cfg, f.name), hints[f.name]) for f in fields(cfg)})
+    method = get_method(cfg.method, cfg.model)
+    method.resolve_args(cfg.method_args)  # unknown knobs fail here, not after pretraining
+    cfg = replace(cfg, profit=cfg.profit or method.profit)  # the recorded config says what actually runs
+    if cfg.lookahead_base == "lookahead":
+        raise UserError("lookahead_base cannot be 'lookahead'; use adam, adamw, sgd, rmsprop or adan")
+    if cfg.profit and cfg.profit_memory == "low":
+        if cfg.optimizer not in LOW_MEMORY_OPTIMIZERS:
+            raise UserError(f"profit_memory 'low' needs a main optimizer with a first moment "
+                            f"({', '.join(LOW_MEMORY_OPTIMIZERS)}), not {cfg.optimizer!r}; use profit_memory "
+                            f"'full' or 'compact'")
+        if cfg.ref_optimizer != "sgd" or cfg.ref_kwargs:
+            raise UserError("profit_memory 'low' follows plain-SGD reference steps only; use ref_optimizer 'sgd' "
+                            "without ref_kwargs, or profit_memory 'full'/'compact'")
     if cfg.warmup_epochs and cfg.epochs is None:
         raise UserError("warmup_epochs needs an epochs budget (set --epochs instead of --steps)")
     if cfg.epochs is not None and cfg.warmup_epochs > cfg.epochs:
@@ -121,119 +164,6 @@ def pick_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise UserError(f"unknown device {name!r}; use cpu, cuda or auto")
     return torch.device(name)
-
-
-# ---------------------------------------------------------------------------------------------- the loop
-@dataclass
-class LoopState:
-    epoch: int = 0          # completed epochs
-    batches: int = 0        # optimizer.step() calls (PROFIT: reference + main)
-    main_steps: int = 0
-    step_times: list = field(default_factory=list)
-    diverged: bool = False
-
-
-def make_lr_factor(scheduler: str, step_size: int, gamma: float, total_main_steps: int) -> Callable[[int], float]:
-    """lr multiplier as a function of main steps taken (StepLR / cosine / constant)."""
-    if scheduler == "step":
-        return lambda s: gamma ** (s // max(step_size, 1))
-    if scheduler == "cosine":
-        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(total_main_steps, 1), 1.0)))
-    return lambda s: 1.0
-
-
-def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, generator: torch.Generator,
-                augment, state: LoopState, lr_factor, max_main_steps=None, max_epochs=None, eval_every=None,
-                on_eval=None, dtype="fp32", channels_last=False) -> LoopState:
-    """Train `model(x, task=head)` on `split` until `state` reaches max_main_steps or max_epochs (absolute counts).
-
-    Each epoch draws a fresh permutation from `generator` (on the data's device) and slices batches from the
-    device tensors; `augment(x, generator)` runs batched on the device. After a main step (any step of a plain
-    optimizer; PROFIT's `is_main_step`), the lr of every group becomes initial_lr × lr_factor(main_steps).
-    `on_eval(opt, state, mean_train_loss) -> bool` runs every `eval_every` main steps, or after each epoch when
-    eval_every is None; returning False (e.g. non-finite metrics) stops the loop with state.diverged set.
-
-    On CUDA the loop never waits for the GPU: batch times come from CUDA events read at evaluation time, the
-    training loss is summed on the device, and divergence is checked at each evaluation.
-    """
-    device = split.x.device
-    cuda = device.type == "cuda"
-    events = []  # CUDA (start, end) event pairs, resolved into state.step_times when the host syncs anyway
-
-    def collect_times():
-        if events:
-            events[-1][1].synchronize()
-            state.step_times.extend(a.elapsed_time(b) / 1e3 for a, b in events)
-            events.clear()
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
-    for g in opt.param_groups:
-        g.setdefault("initial_lr", g["lr"])
-
-    def set_lr():
-        f = lr_factor(state.main_steps)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * f
-
-    def done():
-        return ((max_main_steps is not None and state.main_steps >= max_main_steps)
-                or (max_epochs is not None and state.epoch >= max_epochs))
-
-    def evaluate_now():
-        collect_times()
-        mean = (loss_sum / max(n_loss, 1)).item()
-        ok = math.isfinite(mean) and (on_eval is None or on_eval(opt, state, mean) is not False)
-        state.diverged = not ok
-        return ok
-
-    set_lr()
-    model.train()
-    n = len(split)
-    while not done():
-        loss_sum, n_loss = torch.zeros((), device=device), 0
-        perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
-        for i in range(0, n, batch_size):
-            if cuda:
-                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-                events[-1][0].record()
-            else:
-                t0 = time.perf_counter()
-            idx = perm[i:i + batch_size]
-            x, y = augment(split.x[idx], generator), split.y[idx]
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp:
-                loss = loss_fn(model(x, task=head).float(), y)
-            loss.backward()
-            main = getattr(opt, "is_main_step", True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state.batches += 1
-            if cuda:
-                events[-1][1].record()
-            else:
-                state.step_times.append(time.perf_counter() - t0)
-            loss_sum += loss.detach()
-            n_loss += 1
-            if not cuda and not math.isfinite(loss.item()):  # free on CPU; on CUDA checked at each eval
-                state.diverged = True
-                return state
-            if main:
-                state.main_steps += 1
-                set_lr()
-                if eval_every and state.main_steps % eval_every == 0:
-                    if not evaluate_now():
-                        return state
-                    loss_sum, n_loss = torch.zeros((), device=device), 0
-                    model.train()
-                if done():
-                    collect_times()
-                    return state
-        state.epoch += 1
-        if not eval_every and not evaluate_now():
-            return state
-        model.train()
-    collect_times()
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- the trial
@@ -258,15 +188,35 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = None, *, return_model=False):
-    """Fine-tune a pretrained model per `cfg` and return the result dict (keys in docs/architecture.md).
+def _mean_diagnostics(history: list[dict]) -> dict:
+    """Each profit_* diagnostic averaged over the evaluation windows (each record holds one window's mean)."""
+    keys = sorted({k for rec in history for k in rec if k.startswith("profit_")})
+    return {k: statistics.fmean(v) if (v := [rec[k] for rec in history if k in rec]) else float("nan")
+            for k in keys}
+
+
+def _as_config(cfg: TrialConfig | dict) -> TrialConfig:
+    if isinstance(cfg, TrialConfig):
+        return cfg
+    unknown = set(cfg) - {f.name for f in fields(TrialConfig)}
+    if unknown:
+        raise UserError(f"unknown trial config keys {sorted(unknown)}; valid keys: "
+                        f"{', '.join(f.name for f in fields(TrialConfig))}")
+    return TrialConfig(**cfg)
+
+
+def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = None, *, return_model=False,
+              progress=True):
+    """Fine-tune a pretrained model per `cfg` and return the result dict (keys: CONTRACT §1, docs/architecture.md).
 
     `report(dict)` is called at every evaluation (after each epoch, or every `eval_every` main steps) with
-    epoch, step (batches), main_steps, old/new metric and loss, train_loss. A PROFIT model is evaluated at
-    θ_ref (`anchored()`) and left there at the end (`finish()`).
+    epoch, step (batches), main_steps, old_val, new_val, old_val_loss, new_val_loss, train_loss, and for
+    PROFIT runs its diagnostics (profit_*, means over the steps since the last evaluation). A PROFIT model is
+    evaluated at θ_ref (`anchored()`) and left there at the end (`finish()`).
 
-    `forgetting` is signed so that positive always means worse on the old task: old_before - old_after for
-    accuracy, old_after - old_before for MSE.
+    Final metrics are measured on validation and, once, on test; the "before" numbers are the pretrained model's.
+    `forgetting_*` is signed so that positive always means worse on the old task: before − after for accuracy,
+    after − before for MSE.
 
     `peak_mem_bytes`: CUDA max_memory_allocated during fine-tuning; on CPU the growth of the process's peak RSS
     over fine-tuning (VmHWM, reset at the start of the trial through /proc/self/clear_refs, so a reused worker
@@ -275,27 +225,21 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     A non-finite loss or metric stops training and returns status "diverged" (metrics as last evaluated).
     `return_model=True` returns (result, fine-tuned model) instead, for tests and notebooks.
     """
-    if isinstance(cfg, dict):
-        unknown = set(cfg) - {f.name for f in fields(TrialConfig)}
-        if unknown:
-            raise UserError(f"unknown trial config keys {sorted(unknown)}; valid keys: "
-                            f"{', '.join(f.name for f in fields(TrialConfig))}")
-        cfg = TrialConfig(**cfg)
     t_start = time.perf_counter()
-    cfg = resolve(cfg)
+    cfg = resolve(_as_config(cfg))
     device = pick_device(cfg.device)
-    method = get_method(cfg.method, cfg.model)  # fail on a bad method before any data loads or training runs
-    use_profit = cfg.profit or method.profit
-    cfg = replace(cfg, profit=use_profit)  # the recorded config says what actually ran
-    if use_profit:
-        from profit_bench.optim import PROFIT
+    method = get_method(cfg.method, cfg.model)
+    margs = method.resolve_args(cfg.method_args)
     task = get_task(cfg.task, data_dir=cfg.data_dir, device=device, seed=cfg.seed, limit=cfg.limit)
-    pcfg = default_pretrain_config(task.name, steps=cfg.pretrain_steps, epochs=cfg.pretrain_epochs,
-                                   limit=cfg.limit, dtype=cfg.dtype)
+    pcfg = pretrain_config_for(cfg)
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
-    model = load_or_pretrain(task, cfg.model, cfg.seed, pcfg, cache_dir)
-    old_before, _ = evaluate(model, task, "old")
-    new_before, _ = evaluate(model, task, "new")
+    model = load_or_pretrain(task, cfg.model, cfg.seed, pcfg, cache_dir, progress=progress,
+                             build=cfg.pretrain_if_missing)
+    fisher = None
+    if method.needs_fisher:  # from the cache, or rebuilt from the checkpoint (old-train data only)
+        ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, cache_dir)
+        fisher = fisher_for(model, task, ckpt, fisher_samples_for(cfg), cfg.seed)
+    before = {f"{s}_before": evaluate(model, task, s)[0] for s in ("old_val", "new_val", "old_test", "new_test")}
 
     # Reseed: fine-tuning must not depend on whether pretraining ran in this process or came from the cache.
     torch.manual_seed(cfg.seed)
@@ -307,19 +251,23 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         _reset_peak_rss()
         mem0 = _peak_rss_bytes()
 
-    model, params = method.prepare(model, cfg)
-    params = list({id(p): p for p in params}.values())
-    channels_last = device.type == "cuda" and cfg.model == "resnet18"  # NHWC convolutions on tensor cores
+    prepared = method.prepare(model, margs, MethodContext(task, fisher))
+    model = prepared.model
+    params = list({id(p): p for p in prepared.params}.values())
+    channels_last = uses_channels_last(cfg.model, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.backbone.compile()  # in place: parameters and state_dict keys stay as they are
     n_trainable = sum(p.numel() for p in params)
-    main_opt = make_optimizer(cfg.optimizer, params, cfg)
-    opt = PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, memory=cfg.profit_memory) if use_profit else main_opt
+    main_opt = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              lookahead_alpha=cfg.lookahead_alpha, lookahead_k=cfg.lookahead_k,
+                              lookahead_base=cfg.lookahead_base)
+    opt = (PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, ref=cfg.ref_optimizer, ref_kwargs=cfg.ref_kwargs,
+                  memory=cfg.profit_memory) if cfg.profit else main_opt)
 
     batches_per_epoch = -(-len(task.new_train) // cfg.batch_size)
-    per_main = cfg.n_ref + 1 if use_profit else 1
+    per_main = cfg.n_ref + 1 if cfg.profit else 1
     if cfg.steps is not None:
         total_main = cfg.steps
     else:  # warmup batches are main steps of AdamW; the rest run at per_main batches per main step
@@ -331,28 +279,30 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
 
     def on_eval(active_opt, state, train_loss):
         with getattr(active_opt, "anchored", contextlib.nullcontext)():
-            old_metric, old_loss = evaluate(model, task, "old")
-            new_metric, new_loss = evaluate(model, task, "new")
-        rec = dict(epoch=state.epoch, step=state.batches, main_steps=state.main_steps, old_metric=old_metric,
-                   new_metric=new_metric, old_loss=old_loss, new_loss=new_loss, train_loss=train_loss)
+            old_val, old_val_loss = evaluate(model, task, "old_val")
+            new_val, new_val_loss = evaluate(model, task, "new_val")
+        rec = dict(epoch=state.epoch, step=state.batches, main_steps=state.main_steps, old_val=old_val,
+                   new_val=new_val, old_val_loss=old_val_loss, new_val_loss=new_val_loss, train_loss=train_loss)
+        if hasattr(active_opt, "diagnostics"):
+            rec.update(active_opt.diagnostics())
         history.append(rec)
         if report is not None:
             report(rec)
-        return all(math.isfinite(v) for v in (old_loss, new_loss, train_loss))
+        return all(math.isfinite(v) for v in (old_val_loss, new_val_loss, train_loss))
 
     loop = dict(head="new", loss_fn=task.loss, batch_size=cfg.batch_size, generator=gen, augment=task.augment,
                 lr_factor=lr_factor, eval_every=cfg.eval_every, on_eval=on_eval, dtype=cfg.dtype,
-                channels_last=channels_last)
+                channels_last=channels_last, penalty=prepared.penalty)
     state = LoopState()
     if cfg.warmup_epochs:
-        wd = cfg.weight_decay if cfg.optimizer == "adamw" else 1e-2
-        warm = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
+        warm = make_optimizer("adamw", params, lr=cfg.lr,
+                              weight_decay=cfg.weight_decay if cfg.optimizer == "adamw" else None)
         train_steps(model, warm, task.new_train, state=state, max_epochs=cfg.warmup_epochs, **loop)
         del warm
     if not state.diverged:
         train_steps(model, opt, task.new_train, state=state, max_main_steps=cfg.steps, max_epochs=cfg.epochs,
                     **loop)
-    if use_profit:
+    if cfg.profit:
         opt.finish()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -360,72 +310,126 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     else:
         peak_mem = max(_peak_rss_bytes() - mem0, 0)
 
-    old_metric, old_loss = evaluate(model, task, "old")
-    new_metric, new_loss = evaluate(model, task, "new")
-    diverged = state.diverged or not all(math.isfinite(v) for v in (old_loss, new_loss))
+    final = {}
+    for s in ("old_val", "new_val", "old_test", "new_test"):  # the only test evaluation of the trial
+        final[s], final[f"{s}_loss"] = evaluate(model, task, s)
+    diverged = state.diverged or not all(math.isfinite(v) for v in final.values())
     sign = 1.0 if task.higher_is_better else -1.0  # positive forgetting = worse on the old task
+    profit_bytes = opt.extra_state_bytes() if cfg.profit else 0
     config = asdict(cfg)
     config["step_unit"] = ("main steps: a PROFIT main step = n_ref reference + 1 main batch; scheduler, steps "
                            "and eval_every count main steps")
     result = dict(
         status="diverged" if diverged else "ok",
-        old_metric=old_metric, new_metric=new_metric, old_loss=old_loss, new_loss=new_loss,
-        old_before=old_before, new_before=new_before, forgetting=sign * (old_before - old_metric),
+        **final, **before,
+        forgetting_val=sign * (before["old_val_before"] - final["old_val"]),
+        forgetting_test=sign * (before["old_test_before"] - final["old_test"]),
         metric=task.metric, higher_is_better=task.higher_is_better,
+        chance_old=task.chance("old"), chance_new=task.chance("new"),
         peak_mem_bytes=int(peak_mem),
         step_time_median_s=statistics.median(state.step_times) if state.step_times else float("nan"),
         wall_time_s=time.perf_counter() - t_start,
-        n_trainable=n_trainable, profit_state_bytes=opt.extra_state_bytes() if use_profit else 0,
+        n_trainable=n_trainable, profit_state_bytes=profit_bytes,
+        extra_state_bytes=profit_bytes + prepared.extra_state_bytes,
         main_steps=state.main_steps, batches=state.batches, epochs_done=state.epoch,
-        profit=use_profit, device=str(device), history=history, config=config,
+        profit=cfg.profit, device=str(device), **_mean_diagnostics(history), history=history, config=config,
     )
     return (result, model) if return_model else result
 
 
+def to_json(obj, **kw) -> str:
+    """JSON with null for NaN/±inf (bare NaN tokens are not JSON; a diverged trial has them)."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every UserError
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+HELP = {
+    "task": "data set pair (old → new task)",
+    "model": "backbone",
+    "method": "which parameters train and how (full, head, adapters, regularisers); 'profit' = full + --profit",
+    "optimizer": "main optimizer",
+    "profit": "train the method's parameters through PROFIT(main optimizer), e.g. --method lora --profit; "
+              "--method profit is the same as --method full --profit",
+    "ref_optimizer": "PROFIT's reference optimizer O_ref",
+    "ref_kwargs": "O_ref keyword arguments as JSON, e.g. '{\"momentum\": 0.9}'",
+    "method_args": "the method's knobs as JSON, e.g. '{\"lora_r\": 4}'; each method accepts only its own",
+    "profit_memory": "how PROFIT keeps θ_ref: full, compact (both exact) or low (approximate)",
+    "steps": "budget in main steps (a PROFIT cycle of n_ref + 1 batches is one step)",
+    "epochs": "budget in passes over new-train",
+    "eval_every": "evaluate on validation every N main steps; default: after every epoch",
+    "ratio": "PROFIT λ_main / λ_ref",
+    "n_ref": "PROFIT reference steps per cycle",
+    "limit": "subsample every split to this many examples (smoke tests)",
+    "pretrain_if_missing": "pretrain when the cache has no checkpoint (else: error)",
+}
+CHOICE_LISTS = {"task": lambda: TASKS, "method": lambda: sorted(METHODS), **{k: (lambda v=v: v) for k, v in
+                                                                           CHOICES.items()}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m profit_bench.trial", description=__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(TrialConfig)
+    for f in fields(TrialConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        text = HELP.get(f.name, "")
+        if f.name in CHOICE_LISTS:
+            text += (": " if text else "") + "{" + ", ".join(CHOICE_LISTS[f.name]()) + "}"
+        text += f" (default: {'task default' if default is None else repr(default)})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, dest=f.name, type=_arg_type(hints[f.name]), default=default, help=text,
+                           metavar=f.name.upper())
+    p.add_argument("--history", action="store_true", help="include the per-evaluation history in the JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
 def _arg_type(hint):
     """argparse type for a dataclass field annotation (X | None → X)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     if base is dict:
-        return json.loads
+        def parse(text):
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        parse.__name__ = "JSON object"
+        return parse
     return base
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m profit_bench.trial", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(TrialConfig)
-    for f in fields(TrialConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if hints[f.name] is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            p.add_argument(flag, dest=f.name, type=_arg_type(hints[f.name]), default=default,
-                           help=f"default: {default!r} (None = task default)" if default is None else
-                           f"default: {default!r}")
-    p.add_argument("--history", action="store_true", help="include the per-evaluation history in the JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrialConfig(**{f.name: getattr(args, f.name) for f in fields(TrialConfig)})
 
-    def progress(rec):
-        if not args.quiet:
-            print(f"epoch {rec['epoch']} main_step {rec['main_steps']}: old {rec['old_metric']:.4g} "
-                  f"new {rec['new_metric']:.4g} train_loss {rec['train_loss']:.4g}", file=sys.stderr, flush=True)
+    def show(rec):
+        print(f"epoch {rec['epoch']} main_step {rec['main_steps']}: old_val {rec['old_val']:.4g} "
+              f"new_val {rec['new_val']:.4g} train_loss {rec['train_loss']:.4g}", file=sys.stderr, flush=True)
 
     try:
-        result = run_trial(cfg, report=progress)
+        result = run_trial(cfg, report=None if args.quiet else show, progress=not args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.history:
         result.pop("history")
-    print(json.dumps(result, indent=2))
+    print(to_json(result, indent=2))
     return 0
 
 

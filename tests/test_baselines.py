@@ -1,15 +1,13 @@
 """Baselines: adapter parameter counts, frozen parts, VPT sequence layout, zero-init identities, every method
 × {plain, +PROFIT} as a tiny trial, and the timm optimizers (Lookahead, Adan) as we use them."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
 from baselines.adapters import ConvAdapter, PromptedViT, add_convadapter, add_lora, add_vpt, unwrap_backbone
 from profit_bench import UserError
-from profit_bench.methods import get_method, make_optimizer
-from profit_bench.models import build_model
+from profit_bench.methods import METHODS, MethodContext, get_method, make_optimizer
+from profit_bench.models import MODELS, build_model
 from profit_bench.pretrain import default_pretrain_config, load_or_pretrain
 from profit_bench.tasks import get_task
 from profit_bench.trial import run_trial
@@ -27,14 +25,14 @@ def digits():
     return get_task("digits", limit=32)
 
 
-def cfg(**method_args):
-    return SimpleNamespace(method_args=method_args)
+def prepare(method_name, model, task, method_args=None):
+    method = get_method(method_name)
+    return method.prepare(model, method.resolve_args(method_args), MethodContext(task))
 
 
 def prepared(model_name, method, task, **method_args):
-    model = build_model(model_name, task, seed=0).eval()
-    model, params = get_method(method, model_name).prepare(model, cfg(**method_args))
-    return model, list({id(p): p for p in params}.values())
+    p = prepare(method, build_model(model_name, task, seed=0).eval(), task, method_args)
+    return p.model, list({id(q): q for q in p.params}.values())
 
 
 def n_params(params):
@@ -209,7 +207,7 @@ def test_unsupported_pairs_fail_clearly(digits):
         get_method("convadapter", "vit_tiny")
     with pytest.raises(UserError, match="VPT needs a ViT"):
         add_vpt(build_model("resnet18", digits, seed=0))
-    with pytest.raises(UserError, match="unknown method_args"):
+    with pytest.raises(UserError, match="'lora' takes no method_args \\['lora_rank'\\]"):
         prepared("mlp", "lora", digits, lora_rank=4)
     with pytest.raises(UserError, match="does not support"):
         run_trial(dict(task="digits", model="resnet18", method="vpt", limit=16, epochs=1, device="cpu"))
@@ -228,9 +226,8 @@ def tiny_trial(task, model, method, profit, cache_dir, data_dir=None, **extra):
     return run_trial(c, return_model=True)
 
 
-MATRIX = [(m, b) for m in ("head", "lora", "vpt", "convadapter") for b in ("mlp", "resnet18", "vit_tiny", "vit_small")
-          if get_method(m).supports(b)]
-FAST_BACKBONES = ("mlp", "resnet18", "vit_tiny")
+MATRIX = [(m, b) for m in ("head", "lora", "vpt", "convadapter") for b in MODELS if get_method(m).supports(b)]
+FAST_BACKBONES = ("mlp", "resnet_small", "vit_micro")  # the same adapter code as resnet18 / vit_*, a CPU's size
 
 
 def check_trial(res, model, method, cache_dir, data_dir=None):
@@ -241,7 +238,8 @@ def check_trial(res, model, method, cache_dir, data_dir=None):
     task = get_task(c["task"], data_dir=data_dir, seed=c["seed"], limit=c["limit"])
     pcfg = default_pretrain_config(task.name, epochs=c["pretrain_epochs"], limit=c["limit"], dtype=c["dtype"])
     fresh = load_or_pretrain(task, c["model"], c["seed"], pcfg, cache_dir, progress=False)
-    fresh, params = get_method(method).prepare(fresh, SimpleNamespace(**c))
+    p = prepare(method, fresh, task, c["method_args"])
+    fresh, params = p.model, list({id(q): q for q in p.params}.values())
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in params) == res["n_trainable"]
     after, before = model.state_dict(), fresh.state_dict()
@@ -260,8 +258,8 @@ def run_and_check(method, backbone, profit, task, cache_dir, data_dir=None):
     assert res["profit"] is profit
 
 
-# Fast: every adapter × {plain, PROFIT} × backbone on digits; one adapter per backbone family on the CIFAR
-# fixture. The slow test runs the whole matrix (with head and vit_small) on both tasks.
+# Fast: every adapter × {plain, PROFIT} × small backbone on digits; one adapter per big backbone on the CIFAR
+# fixture. The slow test runs the whole matrix (every model, head too) on both tasks.
 @pytest.mark.parametrize("profit", [False, True], ids=["plain", "profit"])
 @pytest.mark.parametrize("method,backbone", [mb for mb in MATRIX if mb[1] in FAST_BACKBONES and mb[0] != "head"])
 def test_trial_digits(method, backbone, profit, cache_dir):
@@ -281,6 +279,25 @@ def test_trial_cifar(method, backbone, profit, cache_dir, fake_cifar_dir):
 def test_trial_full_matrix(task, method, backbone, profit, cache_dir, fake_cifar_dir):
     data_dir = str(fake_cifar_dir) if task == "cifar" else None
     run_and_check(method, backbone, profit, task, cache_dir, data_dir)
+
+
+def test_adapter_counts_on_the_small_models(digits):
+    r, (dim, depth) = 2, (128, 4)
+    _, p = prepared("vit_micro", "lora", digits, lora_r=r)
+    per_block = r * ((dim + 3 * dim) + (dim + dim) + (dim + 4 * dim) + (4 * dim + dim))  # qkv, proj, fc1, fc2
+    assert n_params(p) == depth * per_block + new_head(digits, dim)
+    _, p = prepared("vit_micro", "vpt", digits, vpt_length=3)
+    assert n_params(p) == 3 * dim + new_head(digits, dim)
+    _, p = prepared("resnet_small", "convadapter", digits, adapter_reduction=4)
+    blocks = [(16, 16)] * 3 + [(16, 32), (32, 32), (32, 32), (32, 64), (64, 64), (64, 64)]  # conv1 (c_in, c_out)
+    assert n_params(p) == sum((ci // 4) * 4 * 9 + (ci // 4) * co + co for ci, co in blocks) + new_head(digits, 64)
+
+
+def test_every_method_registered_on_import():
+    # every entry is there once profit_bench.methods is imported: no plugin loading that a call must trigger
+    assert sorted(METHODS) == ["convadapter", "ewc", "full", "head", "l2sp", "lora", "lwf", "profit", "vpt"]
+    assert METHODS["ewc"].needs_fisher and METHODS["profit"].profit and METHODS["vpt"].supports("vit_micro")
+    assert not METHODS["convadapter"].supports("vit_micro") and METHODS["convadapter"].supports("resnet_small")
 
 
 def test_profit_trains_only_the_adapter(cache_dir):
@@ -310,14 +327,14 @@ def quadratic_run(opt_fn, steps=6, lr_schedule=None):
 
 
 def opt_cfg(**kw):
-    return SimpleNamespace(**{"lr": 0.01, "weight_decay": 0.0, **kw})
+    return {"lr": 0.01, "weight_decay": 0.0, **kw}
 
 
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 def test_lookahead_alpha_one_equals_base(base):
-    la = quadratic_run(lambda p: make_optimizer("lookahead", p, opt_cfg(lookahead_base=base, lookahead_alpha=1.0,
+    la = quadratic_run(lambda p: make_optimizer("lookahead", p, **opt_cfg(lookahead_base=base, lookahead_alpha=1.0,
                                                                         lookahead_k=2)))
-    ref = quadratic_run(lambda p: make_optimizer(base, p, opt_cfg()))
+    ref = quadratic_run(lambda p: make_optimizer(base, p, **opt_cfg()))
     assert torch.allclose(la, ref, atol=1e-6)
 
 
@@ -325,18 +342,18 @@ def test_lookahead_alpha_one_equals_base(base):
 def test_lookahead_half_alpha_k1_is_base_at_half_step(base):
     # Paper C.2.5's α=0.5, k=1. timm creates the slow weights lazily at the first sync, *from the already
     # stepped fast weights*, so step 1 is a full base step and every later step is a half step.
-    la = quadratic_run(lambda p: make_optimizer("lookahead", p, opt_cfg(lookahead_base=base, lookahead_alpha=0.5,
+    la = quadratic_run(lambda p: make_optimizer("lookahead", p, **opt_cfg(lookahead_base=base, lookahead_alpha=0.5,
                                                                         lookahead_k=1)))
-    ref = quadratic_run(lambda p: make_optimizer(base, p, opt_cfg()), lr_schedule=lambda s: 0.01 if s == 0 else 0.005)
+    ref = quadratic_run(lambda p: make_optimizer(base, p, **opt_cfg()), lr_schedule=lambda s: 0.01 if s == 0 else 0.005)
     assert torch.allclose(la, ref, atol=1e-6)
-    plain = quadratic_run(lambda p: make_optimizer(base, p, opt_cfg()))
+    plain = quadratic_run(lambda p: make_optimizer(base, p, **opt_cfg()))
     assert not torch.allclose(la, plain, atol=1e-4)
 
 
 def test_adan_matches_paper_algorithm():
     # Adan (Xie et al. 2022), timm's β convention (β ≈ 0.9x) with bias correction and proximal weight decay.
     lr, (b1, b2, b3), eps, wd = 0.01, (0.98, 0.92, 0.99), 1e-8, 0.1
-    got = quadratic_run(lambda p: make_optimizer("adan", p, opt_cfg(weight_decay=wd)))
+    got = quadratic_run(lambda p: make_optimizer("adan", p, **opt_cfg(weight_decay=wd)))
     torch.manual_seed(0)
     a, b = torch.randn(5, 5), torch.randn(5)
     w = torch.randn(5)

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from profit_bench import UserError
-from profit_bench.models import MODELS, TaskModel, build_model
-from profit_bench.tasks import FMNIST_DIR, TASKS, TaskData, evaluate, get_task, random_crop_flip, read_idx
+from profit_bench.models import MODELS, TaskModel, build_model, uses_channels_last
+from profit_bench.tasks import (FMNIST_DIR, SPLITS, TASKS, TaskData, carve_val, evaluate, get_task, random_crop_flip,
+                                read_idx)
 
 torch.set_num_threads(1)
-SPLITS = ("old_train", "old_test", "new_train", "new_test")
 HAVE_FMNIST = (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
 
@@ -57,14 +57,13 @@ def check_splits(task: TaskData, in_shape, n_old, n_new):
 
 def test_toy_sizes_ranges_and_targets(toy):
     assert (toy.kind, toy.metric, toy.higher_is_better, toy.image) == ("regression", "mse", False, False)
-    assert (len(toy.old_train), len(toy.new_train), len(toy.old_test), len(toy.new_test)) == (50_000, 50_000,
-                                                                                              10_000, 10_000)
-    for name, (lo, hi) in zip(SPLITS, [(-1, 1), (-1, 1), (0.8, 1.5), (0.8, 1.5)]):
+    assert [len(getattr(toy, k)) for k in SPLITS] == [50_000, 1000, 10_000, 50_000, 1000, 10_000]
+    for name, (lo, hi) in zip(SPLITS, [(-1, 1)] * 3 + [(0.8, 1.5)] * 3):
         s = getattr(toy, name)
         assert s.x.shape[1] == 2 and s.y.shape == (len(s.x), 1) and s.y.dtype == torch.float32
         assert s.x.min() >= lo and s.x.max() <= hi
-        assert s.x.min() < lo + 0.01 and s.x.max() > hi - 0.01  # fills the whole box
-    for name in ("old_test", "new_test"):  # noise-free
+        assert s.x.min() < lo + 0.05 and s.x.max() > hi - 0.05  # fills the whole box
+    for name in ("old_val", "old_test", "new_val", "new_test"):  # noise-free
         s = getattr(toy, name)
         assert torch.equal(s.y, torch.sin(10 * torch.linalg.vector_norm(s.x, dim=1, keepdim=True)))
     for name in ("old_train", "new_train"):  # f(x) + N(0, 1)
@@ -93,9 +92,14 @@ def test_digits(digits):
                                                                                    True, False)
     check_splits(digits, (1, 8, 8), 5, 5)
     target = load_digits().target
-    assert len(digits.old_train) + len(digits.old_test) == (target < 5).sum()
-    assert len(digits.new_train) + len(digits.new_test) == (target >= 5).sum()
+    assert len(digits.old_train) + len(digits.old_val) + len(digits.old_test) == (target < 5).sum()
+    assert len(digits.new_train) + len(digits.new_val) + len(digits.new_test) == (target >= 5).sum()
     assert abs(len(digits.old_test) / (target < 5).sum() - 0.25) < 0.01
+    for head in ("old", "new"):  # 20% of each class's training images, ±1 (stratified)
+        train, val = getattr(digits, f"{head}_train").y, getattr(digits, f"{head}_val").y
+        for c in range(5):
+            n_c = (train == c).sum().item() + (val == c).sum().item()
+            assert abs((val == c).sum().item() - 0.2 * n_c) <= 1
 
 
 def test_digits_new_labels_are_reindexed(digits):
@@ -121,8 +125,8 @@ def test_digits_new_labels_are_reindexed(digits):
 @needs_fmnist
 def test_fmnist(fmnist):
     check_splits(fmnist, (1, 28, 28), 5, 5)
-    assert (len(fmnist.old_train), len(fmnist.old_test), len(fmnist.new_train), len(fmnist.new_test)) == (
-        30_000, 5_000, 30_000, 5_000)
+    assert [len(getattr(fmnist, k)) for k in SPLITS] == [27_000, 3_000, 5_000, 27_000, 3_000, 5_000]
+    assert fmnist.old_val.y.bincount().tolist() == [600] * 5  # stratified: 10% of each class's 6000
     # independent reader: the fixed offsets of the dataset's own utils/mnist_reader.py
     with gzip.open(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
@@ -132,8 +136,9 @@ def test_fmnist(fmnist):
     assert torch.equal(fmnist.new_test.y, torch.from_numpy(labels[labels >= 5].astype(np.int64) - 5))
     new_imgs = torch.from_numpy(images[labels >= 5].astype(np.float32) / 255)
     train_labels = read_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz")
-    old_train = read_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz")[train_labels < 5].astype(np.float64)
-    mean, std = old_train.mean() / 255, old_train.std() / 255
+    old_all = read_idx(FMNIST_DIR / "train-images-idx3-ubyte.gz")[train_labels < 5]
+    (old_train, _), _ = carve_val(old_all, train_labels[train_labels < 5].astype(np.int64), seed=0)  # minus val
+    mean, std = old_train.astype(np.float64).mean() / 255, old_train.astype(np.float64).std() / 255
     assert torch.allclose(fmnist.new_test.x[:, 0], (new_imgs - mean) / std, atol=1e-4)
     assert fmnist.image
 
@@ -142,14 +147,57 @@ def test_fmnist_missing_files(tmp_path, monkeypatch):
     import profit_bench.tasks as tasks
     monkeypatch.setattr(tasks, "FMNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(UserError, match="dataset-fashion-mnist"):
+        get_task("fmnist")
+
+
+def test_fmnist_empty_data_dir_never_falls_back_to_the_system_copy(tmp_path):
+    with pytest.raises(UserError, match=f"no Fashion-MNIST files in {tmp_path}"):
         get_task("fmnist", data_dir=tmp_path)
+
+
+def _idx_files(folder, n=20):
+    """Four tiny valid IDX files (gzipped) with n images of 28×28 and n labels 0..9."""
+    rng = np.random.default_rng(0)
+    parts = {"train-images-idx3-ubyte": (3, [n, 28, 28]), "t10k-images-idx3-ubyte": (3, [n, 28, 28]),
+             "train-labels-idx1-ubyte": (1, [n]), "t10k-labels-idx1-ubyte": (1, [n])}
+    for name, (ndim, shape) in parts.items():
+        data = (np.arange(n) % 10).astype(np.uint8) if ndim == 1 else rng.integers(0, 256, shape, dtype=np.uint8)
+        header = bytes([0, 0, 8, ndim]) + np.asarray(shape, ">i4").tobytes()
+        with gzip.open(folder / f"{name}.gz", "wb") as f:
+            f.write(header + data.tobytes())
+
+
+@pytest.mark.parametrize("damage", ["truncate_gzip", "short_data"])
+def test_corrupt_fmnist_file_is_named(tmp_path, damage):
+    _idx_files(tmp_path)
+    assert len(get_task("fmnist", data_dir=tmp_path).old_train) > 0  # the intact files load
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    if damage == "truncate_gzip":
+        bad.write_bytes(bad.read_bytes()[:40])
+    else:
+        with gzip.open(bad, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + np.asarray([20, 28, 28], ">i4").tobytes() + b"\0" * 100)
+    with pytest.raises(UserError, match=str(bad)):
+        get_task("fmnist", data_dir=tmp_path)
+
+
+def test_corrupt_cifar_file_is_named(tmp_path):
+    import shutil
+    from cifar_fixture import write_fake_cifar
+    root = write_fake_cifar(tmp_path, n_train=20, n_test=10)
+    bad = root / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"{bad} is corrupt"):
+        get_task("cifar", data_dir=root)
+    shutil.rmtree(root)
 
 
 def test_cifar(cifar, fake_cifar_dir):
     import pickle
     check_splits(cifar, (3, 32, 32), 10, 100)
-    assert (len(cifar.old_train), len(cifar.old_test), len(cifar.new_train), len(cifar.new_test)) == (200, 100,
-                                                                                                      200, 100)
+    # 10% of train, at least one per class: CIFAR-10 20 (2 per class), CIFAR-100 100 (1 per class)
+    assert [len(getattr(cifar, k)) for k in SPLITS] == [180, 20, 100, 100, 100, 100]
+    assert cifar.old_val.y.bincount().tolist() == [2] * 10 and cifar.new_val.y.bincount().tolist() == [1] * 100
     with open(fake_cifar_dir / "cifar-100-python" / "test", "rb") as f:
         fine = pickle.load(f, encoding="bytes")[b"fine_labels"]
     assert cifar.new_test.y.tolist() == fine  # CIFAR-100 fine labels kept as 0..99
@@ -158,8 +206,19 @@ def test_cifar(cifar, fake_cifar_dir):
         with open(fake_cifar_dir / "cifar-10-batches-py" / f"data_batch_{i}", "rb") as f:
             batches.append(pickle.load(f, encoding="bytes")[b"data"])
     raw = torch.from_numpy(np.concatenate(batches)).double().reshape(-1, 3, 32, 32) / 255
-    mean, std = raw.mean((0, 2, 3), keepdim=True), raw.std((0, 2, 3), keepdim=True, correction=0)
-    assert torch.allclose(cifar.old_train.x.double(), (raw - mean) / std, atol=1e-5)
+    # old_train ∪ old_val is the whole of CIFAR-10 train, standardised with old_train's statistics: undo the
+    # per-channel affine map (fitted from the union's moments, which equal raw's) and match rows exactly.
+    both = torch.cat([cifar.old_train.x, cifar.old_val.x]).double()
+    dims = (0, 2, 3)
+    scale = raw.std(dims, keepdim=True) / both.std(dims, keepdim=True)
+    shift = raw.mean(dims, keepdim=True) - scale * both.mean(dims, keepdim=True)
+    restored = both * scale + shift
+    def as_bytes(t):
+        return sorted(r.numpy().tobytes() for r in (t * 255).round().to(torch.uint8).reshape(len(t), -1))
+    assert torch.allclose(restored * 255, (restored * 255).round(), atol=1e-3)  # whole pixel values again
+    assert as_bytes(restored) == as_bytes(raw)
+    train_raw = cifar.old_train.x.double() * scale + shift
+    assert torch.allclose(shift, train_raw.mean(dims, keepdim=True), atol=1e-5)  # the stats are old_train's
     assert cifar.image and cifar.metric == "accuracy"
 
 
@@ -177,7 +236,10 @@ def test_unknown_task():
 
 def test_limit_and_device_arguments(fake_cifar_dir):
     t = get_task("cifar", data_dir=fake_cifar_dir, limit=50, device="cpu")
-    assert [len(getattr(t, s)) for s in SPLITS] == [50, 50, 50, 50] and t.device.type == "cpu"
+    assert [len(getattr(t, s)) for s in SPLITS] == [50, 20, 50, 50, 50, 50] and t.device.type == "cpu"
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UserError, match="limit must be a whole number >= 1"):
+            get_task("toy", limit=bad)
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -315,7 +377,7 @@ def test_evaluate_classification(digits):
 
     model = Batched()
     model.bn.eval()  # a submodule deliberately in eval mode must stay so
-    acc, loss = evaluate(model, digits, "old", batch_size=7)
+    acc, loss = evaluate(model, digits, "old_test", batch_size=7)
     y = digits.old_test.y
     assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
@@ -325,7 +387,7 @@ def test_evaluate_classification(digits):
 def test_evaluate_regression(toy):
     model = build_model("mlp", toy, seed=0)
     model.train()
-    mse, loss = evaluate(model, toy, "new", batch_size=999)
+    mse, loss = evaluate(model, toy, "new_test", batch_size=999)
     with torch.no_grad():
         model.eval()
         expected = nn.functional.mse_loss(model(toy.new_test.x), toy.new_test.y).item()
@@ -333,7 +395,10 @@ def test_evaluate_regression(toy):
     # the noise-free zero predictor scores E[sin²(10‖x‖)], about 0.5
     zero = TaskModel(nn.Flatten(), 2, 1, 1, shared_head=True)
     nn.init.zeros_(zero.heads["old"].weight), nn.init.zeros_(zero.heads["old"].bias)
-    assert evaluate(zero, toy, "old")[0] == pytest.approx((toy.old_test.y ** 2).mean().item(), rel=1e-5)
+    assert evaluate(zero, toy, "old_test")[0] == pytest.approx((toy.old_test.y ** 2).mean().item(), rel=1e-5)
+    assert evaluate(zero, toy, "old_val")[0] == pytest.approx((toy.old_val.y ** 2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate(zero, toy, "old")
 
 
 @pytest.mark.gpu
@@ -350,5 +415,59 @@ def test_cuda_data_augment_and_evaluate(fake_cifar_dir):
     assert torch.equal(cuda_gen, task.augment(x, torch.Generator(device="cuda").manual_seed(0)))
     model = build_model("resnet18", task, seed=0)
     assert next(model.parameters()).is_cuda
-    acc, loss = evaluate(model, task, "new", batch_size=64)
+    acc, loss = evaluate(model, task, "new_test", batch_size=64)
     assert 0 <= acc <= 1 and loss > 0
+
+
+# ------------------------------------------------------------------------------------------------ validation splits
+
+def _rows(split) -> set[bytes]:
+    return {r.numpy().tobytes() for r in split.x.reshape(len(split), -1)}
+
+
+@pytest.mark.parametrize("task_name", ["toy", "digits", "cifar"])
+def test_val_disjoint_from_train_and_test(request, task_name):
+    task = request.getfixturevalue(task_name)
+    for head in ("old", "new"):
+        train, val, test = (_rows(getattr(task, f"{head}_{s}")) for s in ("train", "val", "test"))
+        assert len(val) == len(getattr(task, f"{head}_val")) > 0  # no duplicate rows hide an overlap
+        assert not (val & train) and not (val & test) and not (train & test)
+
+
+def test_val_seeded_by_the_data_seed(digits):
+    again, other = get_task("digits", seed=0), get_task("digits", seed=1)
+    assert torch.equal(again.old_val.x, digits.old_val.x)
+    assert _rows(other.old_val) != _rows(digits.old_val)
+
+
+def test_carve_val_is_a_stratified_partition():
+    x = np.arange(200)[:, None]                   # row i is example i
+    y = np.repeat(np.arange(4), [100, 50, 30, 20])
+    (xt, yt), (xv, yv) = carve_val(x, y, seed=0, fraction=0.1)
+    assert sorted(np.concatenate([xt, xv])[:, 0].tolist()) == list(range(200))  # disjoint, nothing lost
+    assert np.array_equal(y[xv[:, 0]], yv) and np.bincount(yv).tolist() == [10, 5, 3, 2]
+    (_, _), (_, yv1) = carve_val(np.arange(12)[:, None], np.arange(12) % 6, seed=0, fraction=0.1)
+    assert sorted(yv1.tolist()) == list(range(6))  # at least one example of every class
+
+
+# ------------------------------------------------------------------------------------------------ small models
+
+def test_resnet_small_is_resnet20(cifar):
+    from timm.models.resnet import BasicBlock
+    model = build_model("resnet_small", cifar, seed=0)
+    blocks = [m for m in model.backbone.modules() if isinstance(m, BasicBlock)]
+    assert [b.conv1.out_channels for b in blocks] == [16] * 3 + [32] * 3 + [64] * 3
+    assert sum(p.numel() for p in model.backbone.parameters()) == 271_824  # ResNet-20 (1×1 projections): 0.27M
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and model.feat_dim == 64
+
+
+def test_vit_micro(cifar):
+    from timm.models.vision_transformer import VisionTransformer
+    vit = build_model("vit_micro", cifar, seed=0).backbone.net
+    assert isinstance(vit, VisionTransformer) and vit.patch_embed.patch_size == (4, 4)
+    assert (vit.embed_dim, len(vit.blocks)) == (128, 4)
+
+
+def test_channels_last_rule():
+    assert uses_channels_last("resnet_small", "cuda") and uses_channels_last("resnet18", "cuda:0")
+    assert not uses_channels_last("resnet18", "cpu") and not uses_channels_last("vit_micro", "cuda")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from profit_bench import UserError, methods, pretrain
-from profit_bench.methods import METHODS, OPTIMIZERS, register_method
-from profit_bench.pretrain import cache_path, default_pretrain_config, load_or_pretrain
+from profit_bench.methods import METHODS, OPTIMIZERS, Prepared, register_method
+from profit_bench.pretrain import cache_path, default_pretrain_config, ensure_pretrained, load_or_pretrain
 from profit_bench.tasks import FMNIST_DIR, evaluate, get_task
-from profit_bench.trial import TrialConfig, resolve, run_trial
+from profit_bench.trial import TrialConfig, resolve, run_trial, to_json
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +47,17 @@ def test_toy_methods_run_and_report(tmp_path, method):
     # PROFIT consumes n_ref + 1 = 2 batches per main step; the others one.
     assert r["batches"] == (12 if method == "profit" else 6)
     assert [h["main_steps"] for h in reports] == [3, 6] and reports == r["history"]
-    assert set(reports[0]) >= {"epoch", "step", "main_steps", "old_metric", "new_metric", "old_loss",
-                               "new_loss", "train_loss"}
+    assert set(reports[0]) >= {"epoch", "step", "main_steps", "old_val", "new_val", "old_val_loss",
+                               "new_val_loss", "train_loss"}
+    assert not any(k.startswith(("old_test", "new_test")) for rec in reports for k in rec)  # test: end only
+    diag = {"profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel"}
+    assert (diag <= set(reports[0])) == (method == "profit") and (diag <= set(r)) == (method == "profit")
     assert r["n_trainable"] == (501 if method == "head" else 2 * 500 + 500 + 500 * 500 + 500 + 2 * 500 + 501 + 1000)
     assert r["config"]["profit"] == (method == "profit")
-    assert r["forgetting"] == pytest.approx(r["old_metric"] - r["old_before"])  # MSE: positive = worse
+    assert r["forgetting_test"] == pytest.approx(r["old_test"] - r["old_test_before"])  # MSE: positive = worse
+    assert r["forgetting_val"] == pytest.approx(r["old_val"] - r["old_val_before"])
+    assert r["old_val"] == reports[-1]["old_val"] and r["old_val"] != r["old_test"]
+    assert r["chance_old"] is None and r["extra_state_bytes"] == r["profit_state_bytes"]
 
 
 def test_profit_memory_modes_in_a_trial(tmp_path):
@@ -59,7 +65,7 @@ def test_profit_memory_modes_in_a_trial(tmp_path):
     runs = {m: run_trial(tiny(tmp_path, method="profit", profit_memory=m), return_model=True)
             for m in ("full", "compact")}
     (full, m_full), (compact, m_compact) = runs["full"], runs["compact"]
-    for key in ("old_metric", "new_metric", "old_loss", "new_loss"):
+    for key in ("old_val", "new_val", "old_test", "new_test", "old_test_loss", "new_test_loss"):
         assert compact[key] == full[key]
     assert params_of(m_full).keys() == params_of(m_compact).keys()
     assert all(torch.equal(a, b) for a, b in zip(params_of(m_full).values(), params_of(m_compact).values()))
@@ -75,8 +81,9 @@ def test_digits_every_model(tmp_path, model):
     r = run_trial(tiny(tmp_path, task="digits", model=model, limit=32, batch_size=16, epochs=1, pretrain_epochs=1,
                        method="profit"))
     assert r["status"] == "ok" and r["metric"] == "accuracy"
-    assert 0.0 <= r["old_metric"] <= 1.0 and 0.0 <= r["new_metric"] <= 1.0
-    assert r["forgetting"] == pytest.approx(r["old_before"] - r["old_metric"])  # accuracy: positive = worse
+    assert 0.0 <= r["old_test"] <= 1.0 and 0.0 <= r["new_val"] <= 1.0
+    assert r["forgetting_test"] == pytest.approx(r["old_test_before"] - r["old_test"])  # accuracy: positive = worse
+    assert (r["chance_old"], r["chance_new"]) == (1 / 5, 1 / 5)
     assert r["epochs_done"] == 1 and r["batches"] == 2 and r["main_steps"] == 1  # 32/16 batches, 2 per cycle
 
 
@@ -114,8 +121,8 @@ def test_old_head_frozen_new_head_and_backbone_trained(tmp_path, method):
     assert not torch.equal(pre.heads["new"].weight, tuned.heads["new"].weight)
     assert not torch.equal(pre.backbone[1].weight, tuned.backbone[1].weight)
     # The "before" numbers are the pretrained model's, measured independently here.
-    assert r["old_before"] == evaluate(pre, task, "old")[0]
-    assert r["new_before"] == evaluate(pre, task, "new")[0]
+    for split in ("old_val", "new_val", "old_test", "new_test"):
+        assert r[f"{split}_before"] == evaluate(pre, task, split)[0]
 
 
 def test_head_method_moves_only_the_new_head(tmp_path):
@@ -125,7 +132,7 @@ def test_head_method_moves_only_the_new_head(tmp_path):
                            default_pretrain_config("digits", epochs=2, limit=64), cfg.cache_dir)
     assert torch.equal(pre.backbone[1].weight, tuned.backbone[1].weight)
     assert not torch.equal(pre.heads["new"].weight, tuned.heads["new"].weight)
-    assert r["old_metric"] == r["old_before"] and r["forgetting"] == 0  # backbone + old head untouched
+    assert r["old_test"] == r["old_test_before"] and r["forgetting_test"] == 0  # backbone + old head untouched
     assert r["n_trainable"] == 500 * 5 + 5
 
 
@@ -134,8 +141,8 @@ def test_head_method_moves_only_the_new_head(tmp_path):
 def test_lr_zero_keeps_old_metric(tmp_path, task, method):
     r = run_trial(tiny(tmp_path, task=task, method=method, lr=0.0, model="mlp", batch_size=16, limit=64))
     assert r["status"] == "ok" and r["main_steps"] > 0
-    assert r["old_metric"] == r["old_before"]
-    assert r["forgetting"] == 0
+    assert r["old_test"] == r["old_test_before"] and r["old_val"] == r["old_val_before"]
+    assert r["forgetting_test"] == 0 == r["forgetting_val"]
 
 
 def test_deterministic_on_cpu(tmp_path):
@@ -144,13 +151,13 @@ def test_deterministic_on_cpu(tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
     assert strip(a) == strip(b)
     c = run_trial(tiny(tmp_path, method="profit", seed=1))
-    assert c["old_metric"] != a["old_metric"]
+    assert c["old_test"] != a["old_test"]
 
 
 def test_bf16_autocast_runs(tmp_path):
     r = run_trial(tiny(tmp_path, task="digits", model="mlp", dtype="bf16", limit=64, batch_size=16))
     assert r["status"] == "ok" and r["config"]["dtype"] == "bf16"
-    assert r["new_metric"] != r["new_before"]  # it trained
+    assert r["new_val"] != r["new_val_before"]  # it trained
 
 
 def test_divergence_returns_status(tmp_path):
@@ -169,7 +176,8 @@ def test_warmup_then_profit(tmp_path):
 def test_step_scheduler_counts_main_steps(tmp_path, monkeypatch):
     import profit_bench.trial as trial
     made = []
-    monkeypatch.setattr(trial, "make_optimizer", lambda *a: made.append(methods.make_optimizer(*a)) or made[-1])
+    monkeypatch.setattr(trial, "make_optimizer",
+                        lambda *a, **k: made.append(methods.make_optimizer(*a, **k)) or made[-1])
     r = run_trial(tiny(tmp_path, profit=True, n_ref=2, steps=4, step_size=2, gamma=0.5, eval_every=None))
     assert r["main_steps"] == 4 and r["batches"] == 12 and r["profit"]
     # StepLR per main step: 0.5 ** (4 // 2); stepping per batch would give 0.5 ** (12 // 2).
@@ -187,11 +195,11 @@ def test_register_method_may_wrap_the_model(tmp_path):
         def forward(self, x, task="old"):
             return self.inner(x, task) * self.scale
 
-    def prepare_scaled(model, cfg):
+    def prepare_scaled(model, args, ctx):
         m = Scaled(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        return m, [m.scale]
+        return Prepared(m, [m.scale])
 
     register_method("scaled", prepare_scaled, supports=lambda name: name == "mlp")
     try:
@@ -222,7 +230,7 @@ def test_cache_hit_on_second_use(tmp_path, monkeypatch):
     path = cache_path("toy", "mlp", 0, pcfg, tmp_path)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["config"]["steps"] == 20 and meta["steps"] == 20
-    assert meta["old_metric"] == pytest.approx(evaluate(first, task, "old")[0])
+    assert meta["old_val"] == pytest.approx(evaluate(first, task, "old_val")[0])
 
     def boom(*a, **k):
         raise AssertionError("pretrained again despite the cache")
@@ -302,7 +310,7 @@ def test_cli_prints_json(tmp_path):
     r = json.loads(p.stdout)
     assert r["status"] == "ok" and r["main_steps"] == 4 and "history" not in r
     assert r["config"]["method"] == "profit" and r["config"]["steps"] == 4
-    assert math.isfinite(r["old_metric"])
+    assert math.isfinite(r["old_test"])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
@@ -320,3 +328,117 @@ def test_cpu_peak_memory_mark_is_reset_per_trial():
     ballast.close()
     assert _reset_peak_rss()
     assert _peak_rss_bytes() < high - 64 * 2**20
+
+
+# --------------------------------------------------------------------------------------- bad input (issue 17)
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("limit", 0, "limit must be >= 1"), ("steps", 0, "steps must be >= 1"), ("eval_every", 0, "eval_every"),
+    ("batch_size", 2.5, "batch_size must be a whole number"), ("lr", float("nan"), "lr must be a finite"),
+    ("n_ref", 1.5, "n_ref must be a whole number"), ("eval_every", "abc", "eval_every must be a whole number"),
+    ("ratio", 0.0, "ratio must be > 0"), ("ref_optimizer", "lbfgs", "unknown ref_optimizer"),
+    ("model", "resnet99", "unknown model"),
+])
+def test_resolve_rejects_bad_values(field, value, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve(TrialConfig(**{field: value}))
+
+
+def test_low_memory_needs_a_first_moment():
+    with pytest.raises(UserError, match="first moment"):
+        resolve(TrialConfig(method="profit", optimizer="rmsprop", profit_memory="low"))
+    assert resolve(TrialConfig(method="profit", optimizer="adam", profit_memory="low")).profit
+    assert resolve(TrialConfig(method="full", optimizer="rmsprop", profit_memory="low")).profit is False
+
+
+def test_method_args_are_checked_per_method():
+    with pytest.raises(UserError, match="'lora' takes no method_args \\['vpt_length'\\]"):
+        resolve(TrialConfig(task="digits", model="vit_micro", method="lora", method_args={"vpt_length": 3}))
+    with pytest.raises(UserError, match="'full' takes no method_args"):
+        resolve(TrialConfig(method="full", method_args={"lora_r": 4}))
+    assert METHODS["lora"].resolve_args({"lora_r": 2}) == {"lora_r": 2, "lora_alpha": 16.0, "lora_dropout": 0.0}
+
+
+def test_cli_limit_zero_fails_fast():
+    p = cli("--limit", "0", "--steps", "5")  # used to hang in pretraining
+    assert p.returncode == 2 and p.stderr.strip() == "error: limit must be >= 1 (got 0)"
+
+
+def test_cli_help_lists_choices_and_explains_profit():
+    out = cli("--help").stdout
+    for needle in ("{toy, digits, fmnist, cifar}", "lwf", "{sgd, adam, adamw, rmsprop, lookahead, adan}",
+                   "{sgd, rmsprop, adam, adamw}", "--method profit is the same as --method full --profit"):
+        assert needle in " ".join(out.split()), needle
+
+
+def test_json_uses_null_for_non_finite():
+    text = to_json({"a": float("nan"), "b": [float("inf"), 1.0], "c": {"d": -float("inf")}})
+    assert json.loads(text) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
+
+
+# --------------------------------------------------------------------------------------- self-healing cache
+
+def _toy_key(tmp_path):
+    pcfg = default_pretrain_config("toy", steps=10, limit=64)
+    return pcfg, cache_path("toy", "mlp", 0, pcfg, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "random", "other_model", "meta"])
+def test_corrupt_cache_is_reported_moved_aside_and_rebuilt(tmp_path, capsys, damage):
+    pcfg, path = _toy_key(tmp_path)
+    good = ensure_pretrained("toy", "mlp", 0, pcfg, tmp_path, limit=64, progress=False)
+    assert good == path and oct(path.stat().st_mode & 0o777) == "0o644"  # a shared cache is readable by all
+    reference = torch.load(path, weights_only=True)
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(torch.randint(0, 256, (len(raw),), dtype=torch.uint8).numpy().tobytes())
+    elif damage == "other_model":  # a loadable file with another model's tensors under this key
+        torch.save({"backbone.1.weight": torch.zeros(3, 3)}, path)
+    else:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        path.with_suffix(".json").write_text(json.dumps({**meta, "model": "resnet18"}))
+    capsys.readouterr()
+    ensure_pretrained("toy", "mlp", 0, pcfg, tmp_path, limit=64, progress=False)
+    err = capsys.readouterr().err
+    assert str(path) in err and "moved aside" in err
+    assert len(list(tmp_path.glob(f"{path.name}.corrupt-*"))) == 1
+    rebuilt = torch.load(path, weights_only=True)
+    assert all(torch.equal(rebuilt[k], v) for k, v in reference.items())  # seeded: the same weights again
+
+
+def test_unwritable_cache_dir_fails_before_pretraining(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a folder below a file cannot be created, whoever runs the test (root too)
+
+    def boom(*a, **k):
+        raise AssertionError("pretrained before checking the cache dir")
+    monkeypatch.setattr(pretrain, "pretrain", boom)
+    pcfg, _ = _toy_key(tmp_path)
+    with pytest.raises(UserError, match=f"cache dir {blocker / 'cache'} is not writable"):
+        ensure_pretrained("toy", "mlp", 0, pcfg, blocker / "cache", limit=64)
+
+
+def test_missing_checkpoint_without_pretraining_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no pretrained checkpoint .*toy-mlp-s0-"):
+        run_trial(tiny(tmp_path, pretrain_if_missing=False))
+
+
+def test_fisher_cached_beside_checkpoint_and_rebuilt_when_missing(tmp_path, monkeypatch):
+    pcfg, path = _toy_key(tmp_path)
+    ensure_pretrained("toy", "mlp", 0, pcfg, tmp_path, limit=64, fisher_samples=16, progress=False)
+    fpath = path.with_name(f"{path.stem}.fisher-n16.pt")
+    first = pretrain.load_fisher(path, 16)
+    # every parameter once (toy: the new head IS the old head), computed on old-train only
+    assert set(first) == set(torch.load(path, weights_only=True)) - {"heads.new.weight", "heads.new.bias"}
+    assert first["backbone.1.weight"].abs().sum() > 0
+    fpath.unlink()
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("the checkpoint was rebuilt"))
+    r = run_trial(tiny(tmp_path, limit=64, pretrain_steps=10, cache_dir=str(tmp_path), method="ewc",
+                       method_args={"ewc_fisher_samples": 16}))
+    assert r["status"] == "ok" and fpath.is_file()
+    assert all(torch.equal(first[k], v) for k, v in pretrain.load_fisher(path, 16).items())
+    assert r["extra_state_bytes"] > 0 and r["profit_state_bytes"] == 0
