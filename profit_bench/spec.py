@@ -1,0 +1,423 @@
+"""The sweep YAML: schema, validation, `--set` overrides, and the points a sweep runs. No Ray import here.
+
+Schema (every key but `task`, `budget`, `methods` optional):
+
+    name: toy                       # MLflow experiment / Ray run name (default: the file name)
+    table: 1                        # the paper table this sweep feeds (read by analysis/); omit for none
+    task: toy                       # a profit_bench.tasks name
+    task_if_data_dir: cifar         # used instead of `task` when --data-dir is given
+    models: [mlp]                   # backbones (default: the task's); a grid axis, or searched by Optuna
+    seeds: [0]                      # search seeds; a grid axis, or searched by Optuna
+    search: optuna                  # optuna | grid
+    sampler: nsga2                  # optuna only: nsga2 | tpe
+    num_samples: 8                  # optuna: trials PER ARM (equal budgets); grid: repeats of every arm's grid
+    max_concurrent: 2
+    objectives: [old_val, new_val]  # validation only; directions come from the task (mse ↓, accuracy ↑)
+    confirm_seeds: 5                # fresh seeds for the confirmation stage (0: no confirmation)
+    early_stop: false               # ASHA; only with one objective
+    budget: {steps: 1500}           # the fixed per-trial budget: steps or epochs
+    trial: {eval_every: 100}        # TrialConfig values for every trial
+    methods:                        # label (= arm) → TrialConfig values; {loguniform|uniform|int|logint|choice: ..}
+      profit: {lr: {loguniform: [1e-5, 1e-2]}, ratio: {loguniform: [10, 10000]}, n_ref: {int: [1, 5]}}
+      adam+profit: {method: full, optimizer: adam, profit: true, lr: 1e-4}   # grid: {grid: [...]}
+      vit: {method: profit, models: [vit_tiny], lr: 1e-4}   # an arm's own backbones
+
+Every field is checked for type and range before anything runs (`--dry-run` included): a searched value's
+bounds and every grid value go through the same per-field check as a fixed value.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from profit_bench import UserError
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+OBJECTIVES = ("old_val", "new_val", "forgetting_val", "old_val_loss", "new_val_loss")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
+# TrialConfig fields the sweep owns: set from the spec's top level, the CLI or the budget, never per method.
+SWEEP_OWNED = {"task", "model", "seed", "device", "data_dir", "cache_dir", "steps", "epochs", "pretrain_if_missing"}
+NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "limit", "dtype", "method", "method_args"}
+# PROFIT-only TrialConfig fields: logged and shown only for runs that train through PROFIT.
+PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "ref_optimizer", "ref_kwargs")
+LOOKAHEAD_FIELDS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
+
+# Ranges of the numeric TrialConfig fields: (low, high, low inclusive). Types come from the dataclass.
+RANGES = {
+    "lr": (0, math.inf, True), "ratio": (0, math.inf, False), "n_ref": (1, math.inf, True),
+    "batch_size": (1, math.inf, True), "eval_every": (1, math.inf, True), "limit": (1, math.inf, True),
+    "steps": (1, math.inf, True), "epochs": (1, math.inf, True), "step_size": (1, math.inf, True),
+    "gamma": (0, math.inf, False), "weight_decay": (0, math.inf, True), "warmup_epochs": (0, math.inf, True),
+    "pretrain_steps": (1, math.inf, True), "pretrain_epochs": (1, math.inf, True),
+    "lookahead_k": (1, math.inf, True), "lookahead_alpha": (0, 1, False), "seed": (0, math.inf, True),
+}
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; read it as the number everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+@dataclass
+class Arm:
+    """One `methods:` entry: a label, the TrialConfig values it fixes, and the ones it searches."""
+    label: str
+    fixed: dict            # TrialConfig field → value (method, optimizer, profit, method_args, ...)
+    space: dict            # TrialConfig field → {distribution: args}
+    models: list           # the backbones this arm runs on (default: the sweep's `models`)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    table: str             # the paper table this sweep feeds, "" for none
+    task: str
+    models: list           # [None] = the task's default model
+    seeds: list[int]
+    search: str            # "optuna" | "grid"
+    sampler: str           # "nsga2" | "tpe"
+    num_samples: int       # optuna: per arm
+    max_concurrent: int | None
+    objectives: list[str]
+    confirm_seeds: int
+    early_stop: bool
+    budget: dict           # {"steps": n} or {"epochs": n}
+    trial: dict            # TrialConfig values shared by every trial
+    arms: list[Arm]
+    raw: dict = field(repr=False, default_factory=dict)  # the validated YAML
+
+    def resolved(self) -> dict:
+        """The spec as run (CLI overrides applied), for the MLflow parent run."""
+        return {**self.raw, "name": self.name, "seeds": self.seeds, "num_samples": self.num_samples,
+                "confirm_seeds": self.confirm_seeds, "objectives": self.objectives}
+
+
+class _Top(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str | None = None
+    description: str | None = None
+    table: int | str | None = None
+    task: str
+    task_if_data_dir: str | None = None
+    models: list[str | None] = Field(default=[None], min_length=1)
+    seeds: list[typing.Annotated[int, Field(ge=0)]] = Field(default=[0], min_length=1)
+    search: Literal["optuna", "grid"] = "optuna"
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    num_samples: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    objectives: list[Literal[OBJECTIVES]] = Field(default=["old_val", "new_val"], min_length=1, max_length=2)
+    confirm_seeds: int = Field(default=5, ge=0)
+    early_stop: bool = False
+    budget: dict[Literal["steps", "epochs"], typing.Annotated[int, Field(ge=1)]] = Field(min_length=1,
+                                                                                         max_length=1)
+    trial: dict[str, Any] | None = None
+    methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "literal[")))
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})" if loc else f"{err['msg']} (got {err.get('input')!r})"
+
+
+def find_spec_file(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    q = SWEEPS_DIR / f"{name}.yaml"
+    if q.is_file():
+        return q
+    known = sorted(x.stem for x in SWEEPS_DIR.glob("*.yaml"))
+    raise UserError(f"no sweep {name!r}: not a YAML file and not in {SWEEPS_DIR}/ (known: {', '.join(known)})")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set a.b=VALUE`: VALUE is parsed as YAML (`1`, `[0, 1]`, `{loguniform: [1e-4, 1e-2]}`).
+    `--set budget.X=N` replaces the whole budget, so `budget.epochs=1` works on a sweep budgeted in steps."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set budget.epochs=1")
+        try:
+            value = yaml_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+        parts = key.split(".")
+        if parts[0] == "budget" and len(parts) == 2:
+            raw["budget"] = {parts[1]: value}
+            continue
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise UserError(f"--set {item!r}: {p!r} is not a mapping in the spec")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def load_spec(name: str, overrides: list[str] | None = None, data_dir=None) -> SweepSpec:
+    """Read, override and validate a sweep YAML (schema in the module docstring)."""
+    path = find_spec_file(name)
+    try:
+        raw = yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the sweep spec must be a mapping with keys task, budget, methods, ...")
+    raw = apply_overrides(raw, overrides)
+    if data_dir is not None and raw.get("task_if_data_dir"):
+        raw["task"] = raw["task_if_data_dir"]
+    return validate_spec(raw, default_name=path.stem, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- field checks
+def _trial_hints() -> dict:
+    from profit_bench.trial import TrialConfig
+    hints = typing.get_type_hints(TrialConfig)
+    return {f.name: hints[f.name] for f in fields(TrialConfig)}
+
+
+def check_field(where: str, key: str, value, hints: dict):
+    """Type (strict: 1.5 is not an int, "abc" not a number) and range of one TrialConfig value."""
+    try:
+        TypeAdapter(hints[key], config=ConfigDict(strict=True)).validate_python(value)
+    except ValidationError as e:
+        raise UserError(f"{where}.{key}: {_one_line(e)}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}.{key}: must be a finite number, got {value!r}")
+    if key in RANGES and value is not None and not isinstance(value, bool):
+        lo, hi, incl = RANGES[key]
+        if not ((value >= lo if incl else value > lo) and value <= hi):
+            op = ">=" if incl else ">"
+            raise UserError(f"{where}.{key}: must be {op} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
+                            + f", got {value!r}")
+
+
+def _dist_values(where: str, key: str, value, search: str) -> list | None:
+    """The values to check of a distribution ({kind: args}), None when `value` is not one."""
+    if not (isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS):
+        return None
+    kind, args = next(iter(value.items()))
+    if key in NOT_SEARCHABLE:
+        raise UserError(f"{where}.{key} cannot be searched; fix it in `trial:` / `budget:` instead")
+    if kind == "grid" and search != "grid":
+        raise UserError(f"{where}.{key}: `grid` values need `search: grid` (this sweep uses {search})")
+    if kind != "grid" and search == "grid":
+        raise UserError(f"{where}.{key}: a grid sweep takes `{{grid: [...]}}` lists, not {kind}")
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise UserError(f"{where}.{key}: `{kind}` needs a non-empty list")
+        return args
+    if not (isinstance(args, list) and len(args) == 2
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+            and args[0] <= args[1]):
+        raise UserError(f"{where}.{key}: `{kind}` needs [low, high] finite numbers with low <= high, got {args!r}")
+    if kind in ("loguniform", "logint") and args[0] <= 0:
+        raise UserError(f"{where}.{key}: `{kind}` needs low > 0")
+    if kind in ("int", "logint"):
+        if not all(float(a).is_integer() for a in args):
+            raise UserError(f"{where}.{key}: `{kind}` needs integer bounds")
+        return [int(a) for a in args]
+    return [float(a) for a in args]
+
+
+def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -> SweepSpec:
+    from profit_bench.methods import get_method
+    from profit_bench.tasks import TASKS
+
+    try:
+        top = _Top.model_validate(raw)
+    except ValidationError as e:
+        if any(err["type"] == "extra_forbidden" for err in e.errors()):
+            unknown = sorted(set(raw) - set(_Top.model_fields))
+            raise UserError(f"{where}: unknown keys {unknown}; valid: {sorted(_Top.model_fields)}") from None
+        raise UserError(f"{where}: {_one_line(e)}") from None
+    if top.task not in TASKS:
+        raise UserError(f"{where}: unknown task {top.task!r}; valid tasks: {', '.join(TASKS)}")
+    if top.early_stop and (len(top.objectives) != 1 or top.search != "optuna"):
+        raise UserError(f"{where}: early_stop needs a single objective and search: optuna (Pareto points need a "
+                        f"fixed budget)")
+    hints = _trial_hints()
+    owned = set(hints) & SWEEP_OWNED
+    trial = top.trial or {}
+    bad = set(trial) - (set(hints) - owned)
+    if bad:
+        raise UserError(f"{where}: trial: unknown or sweep-owned keys {sorted(bad)} (task/models/seeds/budget "
+                        f"go at the top level)")
+    for k, v in trial.items():
+        check_field(f"{where}: trial", k, v, hints)
+    arms = [_arm(where, str(label), entry, top, hints, owned, get_method) for label, entry in top.methods.items()]
+    num_samples = top.num_samples if top.num_samples is not None else (1 if top.search == "grid" else 8)
+    table = "" if top.table is None else str(top.table)
+    spec = SweepSpec(name=str(top.name or default_name), table=table, task=top.task, models=list(top.models),
+                     seeds=list(top.seeds), search=top.search, sampler=top.sampler, num_samples=num_samples,
+                     max_concurrent=top.max_concurrent, objectives=list(top.objectives),
+                     confirm_seeds=top.confirm_seeds, early_stop=top.early_stop, budget=dict(top.budget),
+                     trial=dict(trial), arms=arms, raw=raw)
+    for d in corner_configs(spec):  # the trial code's own cross-field checks (optimizer, warmup ≤ epochs, ...)
+        try:
+            resolved_config(d)
+        except (UserError, TypeError) as e:
+            raise UserError(f"{where}: methods.{d['_arm']}: {e}") from None
+    return spec
+
+
+def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
+    entry = dict(entry or {})
+    entry.setdefault("method", label)
+    arm_models = entry.pop("models", top.models)
+    if not isinstance(arm_models, list) or not arm_models:
+        raise UserError(f"{where}: methods.{label}.models must be a non-empty list")
+    bad = set(entry) - (set(hints) - owned)
+    if bad:
+        raise UserError(f"{where}: methods.{label}: unknown keys {sorted(bad)}; valid: {sorted(set(hints) - owned)}")
+    for m in arm_models:
+        try:
+            get_method(entry["method"], m)
+        except UserError as e:
+            raise UserError(f"{where}: methods.{label}: {e}") from None
+    space = {}
+    for k, v in entry.items():
+        values = _dist_values(f"{where}: methods.{label}", k, v, top.search)
+        for x in values if values is not None else [v]:
+            check_field(f"{where}: methods.{label}", k, x, hints)
+        if values is not None:
+            space[k] = v
+    fixed = {k: v for k, v in entry.items() if k not in space}
+    return Arm(label, fixed, space, arm_models)
+
+
+# ---------------------------------------------------------------------------------------------- points
+def trial_dict(spec: SweepSpec, point: dict, *, data_dir=None, cache_dir=None, device="cpu") -> dict:
+    """The TrialConfig kwargs of one point {arm, model, seed, params}."""
+    arm = next(a for a in spec.arms if a.label == point["arm"])
+    d = {**spec.trial, **arm.fixed, **point.get("params", {}), **spec.budget,
+         "task": spec.task, "model": point["model"], "seed": point["seed"], "device": device,
+         "data_dir": data_dir, "cache_dir": cache_dir}
+    return d
+
+
+def resolved_config(d: dict):
+    """The TrialConfig a trial dict runs with; `profit` says whether it trains through PROFIT (the method may
+    force it), as the trial's own result does."""
+    from dataclasses import replace
+
+    from profit_bench.methods import get_method
+    from profit_bench.trial import TrialConfig, resolve
+    cfg = resolve(TrialConfig(**{k: v for k, v in d.items() if not k.startswith("_")}))
+    return replace(cfg, profit=bool(cfg.profit or get_method(cfg.method).profit))
+
+
+def corner_configs(spec: SweepSpec):
+    """Trial dicts at the low and high corner of every arm's space (grid: first and last value), for validation."""
+    for arm in spec.arms:
+        for corner in (0, -1):
+            params = {}
+            for k, dist in arm.space.items():
+                kind, args = next(iter(dist.items()))
+                params[k] = int(args[corner]) if kind in ("int", "logint") else args[corner]
+            for m in arm.models:
+                yield {**trial_dict(spec, {"arm": arm.label, "model": m, "seed": spec.seeds[0], "params": params}),
+                       "_arm": arm.label}
+
+
+def config_key(point: dict) -> str:
+    """Hash of a hyperparameter point without its seed: search and confirmation runs of one config share it."""
+    blob = json.dumps({"arm": point["arm"], "model": point["model"], "params": point.get("params", {})},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def make_point(arm: str, model, seed: int, params: dict, stage: str = "search", **extra) -> dict:
+    p = dict(arm=arm, model=model, seed=seed, params=params, stage=stage, **extra)
+    p["config_key"] = config_key(p)
+    return p
+
+
+def grid_points(spec: SweepSpec) -> list[dict]:
+    """Every (arm, model, seed, values) of a grid sweep: each arm gets its whole grid."""
+    points = []
+    for arm in spec.arms:
+        keys = list(arm.space)
+        values = [next(iter(arm.space[k].values())) for k in keys]
+        for model, combo, seed in itertools.product(arm.models, itertools.product(*values), spec.seeds):
+            points.append(make_point(arm.label, model, seed, dict(zip(keys, combo))))
+    return points * spec.num_samples
+
+
+def suggest(trial, arm: Arm, seeds: list[int]) -> None:
+    """Optuna define-by-run space of one arm (each arm has its own study): its model, seed and searched fields."""
+    if len(arm.models) > 1:
+        trial.suggest_categorical("model", arm.models)
+    if len(seeds) > 1:
+        trial.suggest_categorical("seed", seeds)
+    for k, dist in arm.space.items():
+        kind, args = next(iter(dist.items()))
+        if kind in ("loguniform", "uniform"):
+            trial.suggest_float(k, float(args[0]), float(args[1]), log=kind == "loguniform")
+        elif kind in ("int", "logint"):
+            trial.suggest_int(k, int(args[0]), int(args[1]), log=kind == "logint")
+        else:
+            trial.suggest_categorical(k, args)
+
+
+def point_from_optuna(arm: Arm, seeds: list[int], params: dict) -> dict:
+    params = dict(params)
+    model = params.pop("model", arm.models[0])
+    seed = params.pop("seed", seeds[0])
+    return make_point(arm.label, model, seed, params)
+
+
+def run_name(point: dict, cfg) -> str:
+    """`profit r=431 n=3 lr=6.4e-4`: the arm and its key knobs (PROFIT's ratio / n_ref only where they apply)."""
+    parts = [point["arm"]]
+    if cfg.profit:
+        parts += [f"r={cfg.ratio:.0f}" if cfg.ratio >= 10 else f"r={cfg.ratio:.3g}", f"n={cfg.n_ref}"]
+    parts.append(f"lr={fmt_num(cfg.lr)}")
+    parts += [f"{k}={fmt_num(v)}" for k, v in point.get("params", {}).items() if k not in ("lr", "ratio", "n_ref")]
+    if point.get("stage") == "confirm":
+        parts.append(f"s={point['seed']}")
+    return " ".join(parts)
+
+
+def fmt_num(v) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    if v != 0 and not 1e-2 <= abs(v) < 1e4:
+        mantissa, exp = f"{v:.1e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{v:.3g}"
+
+
+def applicable_params(cfg_dict: dict) -> dict:
+    """The TrialConfig fields that apply to this run (no PROFIT knobs on a non-PROFIT run, ...)."""
+    out = {k: v for k, v in cfg_dict.items() if k not in ("data_dir", "cache_dir", "pretrain_if_missing")}
+    if not cfg_dict.get("profit"):
+        for k in PROFIT_FIELDS:
+            out.pop(k, None)
+    if cfg_dict.get("optimizer") != "lookahead":
+        for k in LOOKAHEAD_FIELDS:
+            out.pop(k, None)
+    return out

@@ -1,0 +1,390 @@
+"""Everything MLflow, on the driver only. Workers never import this module: they `tune.report`, and the Tune
+callback `MlflowLogger` below turns those reports into runs. So any tracking URI works from any node, a sqlite
+store has exactly one writer, and a trial whose worker died is still closed (FAILED, with Ray's error).
+
+Layout (CONTRACT §3): experiment = sweep name; one parent run per sweep folder (tag `sweep_dir`, matched
+exactly on --resume); one child run per Ray trial (tag `ray_trial_id`), `stage` search|confirm.
+Idempotence: a child is found again by its trial id; an evaluation step already in the store is not logged
+again; final metrics are logged only when the run is not FINISHED yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from profit_bench import UserError
+from profit_bench.spec import applicable_params, resolved_config, run_name, trial_dict
+
+EVAL_KEYS = ("old_val", "new_val", "old_val_loss", "new_val_loss", "train_loss")
+BEFORE_KEYS = {"old_val": "old_val_before", "new_val": "new_val_before"}  # the step-0 point
+REACH_TIMEOUT_S = 5  # a healthy server answers /health in milliseconds
+RAY_KEYS = {*AUTO_RESULT_KEYS, "iterations_since_restore", "time_since_restore", "timesteps_since_restore"}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///rel.db → sqlite:////abs/rel.db (the driver may chdir; runs must land in one place)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:  # a plain folder = file store
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, on one line naming the URI, when the store cannot be reached (before Ray starts)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).close()
+        except (OSError, urllib.error.URLError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server "
+                            f"--host 127.0.0.1 ...) or pass another --tracking-uri") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"--tracking-uri {uri}: folder {folder} is missing or not writable")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialise MLflow's table creation and experiment creation between processes sharing one sqlite file
+    (two sweeps started at once on a new file race on alembic's tables otherwise)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri[len("sqlite:///"):] + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+    with store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # creates / migrates the tables now, under the lock
+    return c
+
+
+def _param_str(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else str(v)
+    return s[:6000]
+
+
+def _retry(fn, *a, **kw):
+    # sqlite allows one writer; an `mlflow ui` reading the same file can still hold the lock briefly.
+    for attempt in range(6):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - mlflow wraps the sqlalchemy error in its own types
+            if "locked" not in str(e) or attempt == 5:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict:
+    out = {}
+    for pkg in ("profit-bench", "torch", "timm", "peft", "ray", "optuna", "mlflow", "numpy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def scalars(d: dict) -> dict:
+    """The numeric entries of a result (bools and strings are tags/params, not metrics)."""
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+class Sweep:
+    """The experiment and the parent run of one sweep folder."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
+        self.client = client(uri)
+        with store_lock(uri):
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                art = None
+                if uri.startswith("sqlite:///"):
+                    art = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+                self.exp_id = self.client.create_experiment(experiment, artifact_location=art)
+            else:
+                self.exp_id = exp.experiment_id
+        self.parent_id = None
+        self.commit = git_commit()
+        self.versions = package_versions()
+
+    def parents(self) -> list:
+        # Filter in Python: a folder or name with a quote would break an MLflow filter string.
+        runs = _retry(self.client.search_runs, [self.exp_id], "tags.`profit_bench.role` = 'sweep'",
+                      max_results=1000, order_by=["attributes.start_time DESC"])
+        return runs
+
+    def find(self, sweep_dir: str | None):
+        """The parent run of `sweep_dir` (exact), or of the latest sweep of this experiment when None."""
+        for r in self.parents():
+            if sweep_dir is None or r.data.tags.get("sweep_dir") == sweep_dir:
+                return r
+        return None
+
+    def create(self, sweep_dir: Path, spec, resolved_yaml: str, params: dict, device: str):
+        tags = {"profit_bench.role": "sweep", "sweep": spec.name, "sweep_dir": str(sweep_dir),
+                "table": spec.table, "git_commit": self.commit, "mlflow.source.git.commit": self.commit,
+                "device_name": device_name(device), "mlflow.runName": sweep_dir.name}
+        self.parent_id = self.client.create_run(self.exp_id, tags=tags, run_name=sweep_dir.name).info.run_id
+        params = {"sweep.yaml": resolved_yaml, **params, **{f"version.{k}": v for k, v in self.versions.items()}}
+        from mlflow.entities import Param
+        self.client.log_batch(self.parent_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
+        try:
+            self.client.log_text(self.parent_id, resolved_yaml, "sweep.yaml")
+        except Exception as e:  # noqa: BLE001 - an artifact store we cannot write should not stop the sweep
+            print(f"warning: could not store sweep.yaml as an artifact ({e})")
+
+    def attach(self, run):
+        self.parent_id = run.info.run_id
+        _retry(self.client.update_run, self.parent_id, status="RUNNING")
+
+    def failed_children(self, parent) -> list:
+        """Children of `parent` that ended FAILED (a finished sweep's --resume re-runs them)."""
+        return _retry(self.client.search_runs, [self.exp_id],
+                      f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FAILED'")
+
+    def children(self) -> list:
+        return _retry(self.client.search_runs, [self.exp_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                      max_results=50000)
+
+    def kill_running(self, wall_time_s: float):
+        """Close every RUNNING child and the parent as KILLED (a stop that Ray could not see through)."""
+        from mlflow.entities import RunTag
+        for r in self.children():
+            if r.info.status == "RUNNING":
+                _retry(self.client.log_batch, r.info.run_id, tags=[RunTag("status", "killed")])
+                _retry(self.client.set_terminated, r.info.run_id, status="KILLED")
+        self.finish("KILLED", {"wall_time_s": wall_time_s})
+
+    def finish(self, status: str, metrics: dict):
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        if ms:
+            _retry(self.client.log_batch, self.parent_id, metrics=ms)
+        _retry(self.client.set_terminated, self.parent_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------- the callback
+class MlflowLogger(Callback):
+    """Driver-side Tune callback: one child run per trial, per-evaluation metrics, final metrics, status."""
+
+    def __init__(self, sweep: Sweep, spec, *, metric_name: str, higher_is_better: bool, device: str,
+                 data_dir=None):
+        self.sweep, self.spec = sweep, spec
+        self.c = sweep.client
+        self.step_key = "main_steps" if "steps" in spec.budget else "epoch"
+        self.common_tags = {"mlflow.parentRunId": sweep.parent_id, "profit_bench.role": "trial",
+                            "metric_name": metric_name, "higher_is_better": str(higher_is_better),
+                            "git_commit": sweep.commit, "mlflow.source.git.commit": sweep.commit,
+                            "device_name": device_name(device),
+                            **{f"version.{k}": v for k, v in sweep.versions.items()}}
+        self.device, self.data_dir = device, data_dir
+        self.runs: dict[str, str] = {}        # ray trial id → MLflow run id
+        self.stage: dict[str, str] = {}       # ray trial id → "search" | "confirm"
+        self.logged: dict[str, float] = {}    # ray trial id → last evaluation step in the store
+        self.finished: set[str] = set()       # trial ids whose run is FINISHED with its final metrics
+        self.trials = []                      # Tune's trial list (kept fresh by on_step_end), for reconcile()
+        self.load_existing()
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl; the live logger is put back on restore (sweep.run_stage).
+        return {}
+
+    # -- start-up: what a previous driver left
+    def load_existing(self):
+        """Index the parent's children by trial id; delete duplicates (a crash between create and tag)."""
+        by_trial: dict[str, list] = {}
+        for r in self.sweep.children():
+            by_trial.setdefault(r.data.tags.get("ray_trial_id", ""), []).append(r)
+        for tid, runs in by_trial.items():
+            runs.sort(key=lambda r: (r.info.status != "FINISHED", r.info.start_time))
+            for extra in runs[1:]:
+                _retry(self.c.delete_run, extra.info.run_id)
+            keep = runs[0]
+            self.runs[tid] = keep.info.run_id
+            self.stage[tid] = keep.data.tags.get("stage", "search")
+            if keep.info.status == "FINISHED":
+                self.finished.add(tid)
+            hist = _retry(self.c.get_metric_history, keep.info.run_id, "old_val")
+            self.logged[tid] = max((m.step for m in hist), default=-1)
+
+    def done_results(self) -> dict:
+        """Final metrics of FINISHED children: a trial Ray re-runs after a crash reports these instead of
+        training again (Ray may not have recorded its end before the driver died)."""
+        out = {}
+        for tid in self.finished:
+            run = _retry(self.c.get_run, self.runs[tid])
+            out[tid] = {**run.data.metrics, "status": run.data.tags.get("status", "ok"), "final": True,
+                        "replayed": True}
+        return out
+
+    # -- Tune hooks
+    def on_step_end(self, iteration, trials, **info):
+        self.trials = trials
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.trials = trials
+        point = trial.config["point"]
+        cfg = resolved_config(trial_dict(self.spec, point, device=self.device, data_dir=self.data_dir))
+        tags = {**self.common_tags, "ray_trial_id": trial.trial_id, "stage": point.get("stage", "search"),
+                "arm": point["arm"], "config_key": point["config_key"], "status": "running",
+                "mlflow.runName": run_name(point, cfg)}
+        if point.get("choice"):
+            tags["choice"] = point["choice"]
+        self.stage[trial.trial_id] = tags["stage"]
+        if trial.trial_id in self.finished:
+            return
+        from mlflow.entities import Param, RunTag
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            run_id = _retry(self.c.create_run, self.sweep.exp_id, tags=tags,
+                            run_name=tags["mlflow.runName"]).info.run_id
+            self.runs[trial.trial_id], self.logged[trial.trial_id] = run_id, -1
+            params = {**applicable_params(_asdict(cfg)), "seed": point["seed"], "profit": cfg.profit}
+            _retry(self.c.log_batch, run_id, params=[Param(k, _param_str(v)) for k, v in sorted(params.items())])
+        else:  # a re-run after a crash or an error: same run, fresh state
+            _retry(self.c.update_run, run_id, status="RUNNING")
+            with contextlib.suppress(Exception):
+                self.c.delete_tag(run_id, "error")
+            _retry(self.c.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid = trial.trial_id
+        if result.get("final") or tid in self.finished or tid not in self.runs:
+            return
+        step = result.get(self.step_key)
+        if step is None or step <= self.logged.get(tid, -1):  # seeded re-runs repeat steps already logged
+            return
+        self._metrics(self.runs[tid], {k: v for k, v in result.items()
+                                       if k in EVAL_KEYS or k.startswith("profit_")}, step)
+        self.logged[tid] = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.complete(trial.trial_id, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.fail(trial.trial_id, _ray_error(trial), "FAILED")
+
+    # -- run endings
+    def complete(self, tid: str, result: dict):
+        run_id = self.runs.get(tid)
+        if run_id is None or tid in self.finished:
+            return
+        if not result.get("final"):  # stopped before its last report (interrupted)
+            self.fail(tid, "stopped before the end of its budget", "KILLED")
+            return
+        step = result.get("main_steps" if self.step_key == "main_steps" else "epochs_done", 0)
+        if all(m.step != 0 for m in _retry(self.c.get_metric_history, run_id, "old_val")):
+            self._metrics(run_id, {k: result[b] for k, b in BEFORE_KEYS.items() if b in result}, 0)  # pretrained
+        final = {k: v for k, v in scalars(result).items() if k not in RAY_KEYS}
+        if step <= self.logged.get(tid, -1):  # the last evaluation is the final one: one point per step
+            final = {k: v for k, v in final.items() if k not in EVAL_KEYS}
+        self._metrics(run_id, final, step)
+        from mlflow.entities import RunTag
+        tags = [RunTag("status", str(result.get("status", "ok")))]
+        if result.get("node_id"):
+            tags.append(RunTag("ray_node_id", result["node_id"]))
+        _retry(self.c.log_batch, run_id, tags=tags)
+        _retry(self.c.set_terminated, run_id, status="FINISHED")
+        self.finished.add(tid)
+
+    def fail(self, tid: str, error: str, status: str):
+        run_id = self.runs.get(tid)
+        if run_id is None or tid in self.finished:
+            return
+        from mlflow.entities import RunTag
+        _retry(self.c.log_batch, run_id, tags=[RunTag("status", "failed" if status == "FAILED" else "killed"),
+                                               RunTag("error", error[-5000:])])
+        _retry(self.c.set_terminated, run_id, status=status)
+
+    def reconcile(self, stage: str):
+        """After Tune returns (normally, interrupted, or resumed): every child of `stage` agrees with Ray's trial
+        states.
+        Finished trials are FINISHED, errored FAILED, the rest KILLED (resumable); a child whose trial the
+        restored experiment never knew (created after Ray's last checkpoint) is deleted: Ray runs that point
+        again under a new trial id."""
+        known = {t.trial_id: t for t in self.trials}
+        for tid, run_id in list(self.runs.items()):
+            if self.stage.get(tid) != stage:
+                continue
+            t = known.get(tid)
+            if t is None:
+                if self.trials:
+                    _retry(self.c.delete_run, run_id)
+                    self.runs.pop(tid)
+                continue
+            if t.status == "TERMINATED":
+                self.complete(tid, t.last_result or {})
+            elif t.status == "ERROR":
+                self.fail(tid, _ray_error(t), "FAILED")
+            else:
+                self.fail(tid, "interrupted; resume with --resume", "KILLED")
+
+    def tag_diverged(self, trial_id: str, reason: str):
+        from mlflow.entities import RunTag
+        if trial_id in self.runs:
+            _retry(self.c.log_batch, self.runs[trial_id],
+                   tags=[RunTag("status", "diverged"), RunTag("diverged_reason", reason)])
+
+    def _metrics(self, run_id: str, values: dict, step):
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        ms = [Metric(k, v if math.isfinite(v) else float("nan"), now, int(step)) for k, v in scalars(values).items()]
+        if ms:
+            _retry(self.c.log_batch, run_id, metrics=ms)
+
+
+def _asdict(cfg) -> dict:
+    from dataclasses import asdict
+    return asdict(cfg)
+
+
+def _ray_error(trial) -> str:
+    err = None
+    with contextlib.suppress(Exception):
+        err = trial.get_error()
+    return str(err or trial.error_file or "the trial's worker died (no error recorded by Ray)")

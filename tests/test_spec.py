@@ -1,0 +1,135 @@
+"""The sweep spec (profit_bench/spec.py) and the sweep CLI's up-front checks: no Ray, no training."""
+import pytest
+
+from profit_bench import UserError
+from profit_bench.spec import (applicable_params, config_key, grid_points, load_spec, make_point, resolved_config,
+                               run_name, trial_dict, yaml_load)
+from profit_bench.sweep import Options, main
+
+BASE = "task: toy\nbudget: {steps: 10}\n"
+
+
+def write_spec(tmp_path, text, name="spec"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_grid_expansion_overrides_and_table_key():
+    spec = load_spec("table9_ratio")
+    points = grid_points(spec)
+    # 3 backbones × 4 ratios × 3 seeds, each backbone with its own lr (Table 10)
+    assert len(points) == 3 * 4 * 3 and spec.table == "9"
+    assert {p["params"]["ratio"] for p in points} == {10, 100, 1000, 10000}
+    small = load_spec("table9_ratio", ["budget.epochs=1", "seeds=[0]", "trial.limit=100"])
+    assert small.budget == {"epochs": 1} and small.trial == {"limit": 100} and len(grid_points(small)) == 12
+    assert load_spec("table8_nref", data_dir="/data").task == "cifar"
+    assert load_spec("toy").table == ""
+
+
+def test_set_budget_replaces_the_budget_so_epochs_work_on_a_steps_table():
+    spec = load_spec("table1", ["budget.epochs=1"])
+    assert spec.budget == {"epochs": 1}
+
+
+def test_yaml_reads_1e_minus_3_as_a_number():
+    assert yaml_load("a: 1e-3\nb: 2E4\nc: 1.0e-2\nd: abc") == {"a": 0.001, "b": 20000.0, "c": 0.01, "d": "abc"}
+
+
+def test_config_key_ignores_the_seed_only():
+    a = make_point("profit", "mlp", 0, {"lr": 1e-3})
+    assert a["config_key"] == make_point("profit", "mlp", 1000, {"lr": 1e-3}, stage="confirm")["config_key"]
+    assert a["config_key"] != make_point("profit", "mlp", 0, {"lr": 2e-3})["config_key"]
+    assert a["config_key"] == config_key(a)
+
+
+def test_params_that_apply_and_run_names():
+    spec = load_spec("toy")
+    full = resolved_config(trial_dict(spec, make_point("full", "mlp", 0, {"lr": 6.4e-4})))
+    prof = resolved_config(trial_dict(spec, make_point("profit", "mlp", 0, {"lr": 6.4e-4, "ratio": 431.2,
+                                                                             "n_ref": 3})))
+    from dataclasses import asdict
+    assert not {"ratio", "n_ref", "profit_memory"} & set(applicable_params(asdict(full)))
+    assert {"ratio", "n_ref"} <= set(applicable_params(asdict(prof))) and prof.profit
+    assert run_name(make_point("profit", "mlp", 0, {"lr": 6.4e-4, "ratio": 431.2, "n_ref": 3}), prof) == \
+        "profit r=431 n=3 lr=6.4e-4"
+    assert run_name(make_point("full", "mlp", 1001, {"lr": 6.4e-4}, stage="confirm"), full) == "full lr=6.4e-4 s=1001"
+
+
+@pytest.mark.parametrize("text, expect", [
+    (BASE + "methods: {full: {n_ref: 1.5}}\n", "n_ref"),
+    (BASE + "methods: {full: {batch_size: 2.5}}\n", "batch_size"),
+    (BASE + "trial: {eval_every: abc}\nmethods: {full: {}}\n", "eval_every"),
+    (BASE + "methods: {full: {lr: .nan}}\n", "finite"),
+    (BASE + "trial: {limit: 0}\nmethods: {full: {}}\n", "limit: must be >= 1"),
+    (BASE + "trial: {eval_every: 0}\nmethods: {full: {}}\n", "eval_every: must be >= 1"),
+    ("task: toy\nbudget: {steps: 0}\nmethods: {full: {}}\n", "budget"),
+    ("task: toy\nbudget: {steps: 10, epochs: 1}\nmethods: {full: {}}\n", "budget"),
+    (BASE + "num_samples: 0\nmethods: {full: {}}\n", "num_samples"),
+    (BASE + "max_concurrent: -1\nmethods: {full: {}}\n", "max_concurrent"),
+    (BASE + "seeds: [0.5]\nmethods: {full: {}}\n", "seeds"),
+    (BASE + "objectives: [old_test]\nmethods: {full: {}}\n", "objectives"),  # search never reads test
+    (BASE + "methods: {profit: {n_ref: {int: [0, 3]}}}\n", "n_ref: must be >= 1"),  # searched bounds checked
+    (BASE + "search: grid\nmethods: {full: {lr: {grid: [1.0e-3, -1]}}}\n", "lr: must be >= 0"),
+    ("task: toy\nbudget: {steps: [unclosed\n", "not valid YAML"),
+    (BASE + "methods: {nosuch: {lr: 1.0e-3}}\n", "unknown method 'nosuch'"),
+    ("task: mnist9\nbudget: {steps: 10}\nmethods: {full: {}}\n", "unknown task 'mnist9'"),
+    (BASE + "methods: {full: {lr: {loguniform: [0, 1]}}}\n", "needs low > 0"),
+    (BASE + "methods: {full: {optimizer: sgdx}}\n", "unknown optimizer 'sgdx'"),
+    (BASE + "search: grid\nmethods: {full: {lr: {loguniform: [1, 2]}}}\n", "grid"),
+    ("task: toy\nbudgets: {steps: 10}\nmethods: {full: {}}\n", "unknown keys ['budgets']"),
+])
+def test_bad_spec_is_one_clear_error_on_dry_run(tmp_path, capsys, text, expect):
+    assert main([write_spec(tmp_path, text), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+
+
+def test_a_spec_with_1e_minus_3_validates():
+    load_spec_text = BASE + "methods: {full: {lr: 1e-3}, profit: {lr: {loguniform: [1e-5, 1e-2]}}}\n"
+    import pathlib
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        spec = load_spec(write_spec(pathlib.Path(d), load_spec_text))
+    assert spec.arms[0].fixed["lr"] == 0.001 and spec.arms[1].space["lr"] == {"loguniform": [1e-5, 1e-2]}
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--num-samples", "-3"], "--num-samples must be >= 1"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be >= 1"),
+    (["--confirm-seeds", "-1"], "--confirm-seeds must be >= 0"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+])
+def test_bad_cli_values_are_refused_up_front(tmp_path, capsys, args, expect):
+    assert main(["toy", *args, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {err[7:]}" and expect in err and "\n" not in err
+    assert not (tmp_path / "m.db").exists()  # refused before anything was written
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    opts_args = ["toy", "--dry-run", "--num-samples", "3", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main(opts_args) == 0
+    out = capsys.readouterr().out
+    assert "9 search trials (3 per arm" in out and "confirmation: 5 fresh seeds" in out
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_options_are_not_mutated():
+    opts = Options(tracking_uri="sqlite:///rel.db", storage_path="rel")
+    with pytest.raises(Exception):
+        opts.tracking_uri = "x"  # frozen: run_sweep works on its own resolved copies
+    with pytest.raises(UserError):
+        load_spec("no_such_sweep")
+
+
+def test_data_dir_is_checked_on_the_trial_node_and_names_it(tmp_path):
+    import ray
+
+    from profit_bench.sweep import check_data_dir
+    with pytest.raises(UserError, match=f"empty on node {ray.util.get_node_ip_address()}"):
+        check_data_dir(str(tmp_path))  # exists but holds no data
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    check_data_dir(str(tmp_path))
+    check_data_dir(None)
