@@ -1,6 +1,8 @@
-"""analysis/: Pareto set + hypervolume against brute force, mean ± s.e. against scipy, and the report end to end
-from MLflow stores (runs logged in the documented layout, and a real tiny sweep when profit_bench.sweep exists)."""
-import importlib.util
+"""analysis/: statistics against scipy, and the report end to end from synthetic MLflow stores in the CONTRACT §3
+layout (search runs, protocol-chosen confirmation runs), built in a tmp sqlite file in seconds.
+
+The synthetic sweep: per arm a grid of hyperparameter points; validation metrics trade old against new along the
+grid, test = validation + independent noise. Confirmation runs are the protocol's choices on validation."""
 import itertools
 import struct
 import subprocess
@@ -8,108 +10,54 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
-from analysis.pareto import hypervolume_2d, mean_se, pareto_mask, to_maximize
-from analysis.report import DPI, FIGSIZE, load_paper, main, staircase
+from analysis import load, stats
+from analysis.figures import DPI, FIGSIZE, staircase
+from analysis.report import main
+from analysis.tables import load_paper
+from profit_bench import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
-DIRECTIONS = [(True, True), (False, False), (True, False), (False, True)]
+CONFIRM_SEEDS = [1000, 1001, 1002]
+SEARCH_TEST_SENTINEL = 7.777  # search runs' test metrics: never in a table or a test front
 
 
-# ---------------------------------------------------------------------------------------------- brute force
-def brute_pareto(p, hib):
-    m = to_maximize(p, hib)
-    keep = []
-    for i, a in enumerate(m):
-        dominated = any((b >= a).all() and (b > a).any() for j, b in enumerate(m) if j != i)
-        keep.append(not dominated)
-    return np.array(keep)
+# ---------------------------------------------------------------------------------------------- statistics
+def test_paired_ci_matches_scipy():
+    a = np.array([0.61, 0.64, 0.58, 0.66, 0.70])
+    b = np.array([0.55, 0.63, 0.50, 0.60, 0.69])
+    d = a - b
+    s = stats.paired_difference(a, b)
+    lo, hi = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert (s.mean, s.se, s.n) == (pytest.approx(d.mean()), pytest.approx(scipy.stats.sem(d)), 5)
+    assert (s.lo, s.hi) == (pytest.approx(lo), pytest.approx(hi))
+    # the interval excludes zero exactly when the paired t-test rejects at 5 %
+    assert stats.excludes_zero(s) == (scipy.stats.ttest_rel(a, b).pvalue < 0.05) == True  # noqa: E712
+    noisy = stats.paired_difference(a, a[::-1])
+    assert stats.excludes_zero(noisy) == (scipy.stats.ttest_rel(a, a[::-1]).pvalue < 0.05) == False  # noqa: E712
 
 
-def brute_hypervolume(p, ref, hib):
-    """Area of the union of boxes [ref, p_i] on the grid of all coordinates: every grid cell is either fully
-    covered by some box or not at all."""
-    m, r = to_maximize(p, hib), to_maximize([ref], hib)[0]
-    xs = np.unique(np.r_[m[:, 0], r[0]])
-    ys = np.unique(np.r_[m[:, 1], r[1]])
-    area = 0.0
-    for (x0, x1), (y0, y1) in itertools.product(zip(xs[:-1], xs[1:]), zip(ys[:-1], ys[1:])):
-        if x0 < r[0] or y0 < r[1]:
-            continue
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        if ((m[:, 0] >= cx) & (m[:, 1] >= cy)).any():
-            area += (x1 - x0) * (y1 - y0)
-    return area
+def test_one_seed_prints_n1_never_nan():
+    assert stats.fmt_stat(stats.mean_ci([0.25]), "mse") == "0.25 (n=1)"
+    assert stats.fmt_stat(stats.mean_ci([np.nan]), "mse") == "—"
+    s = stats.mean_ci([0.5, 0.7])
+    assert stats.fmt_stat(s, "accuracy") == f"60.00 ± 10.00 [{s.lo * 100:.2f}, {s.hi * 100:.2f}] (n=2)"
 
 
-def random_points(rng, n, integer):
-    # Integer points on a small grid force ties in x, in y, and exact duplicates.
-    return rng.integers(0, 6, size=(n, 2)).astype(float) if integer else rng.normal(size=(n, 2))
-
-
-@pytest.mark.parametrize("hib", DIRECTIONS)
-def test_pareto_mask_matches_brute_force(hib):
-    rng = np.random.default_rng(0)
-    n_ties = 0
-    for trial in range(200):
-        p = random_points(rng, int(rng.integers(1, 25)), integer=trial % 2 == 0)
-        np.testing.assert_array_equal(pareto_mask(p, hib), brute_pareto(p, hib), err_msg=str(p))
-        n_ties += len(np.unique(p, axis=0)) < len(p)
-    assert n_ties > 50  # the battery really exercised duplicates
-
-
-def test_pareto_mask_keeps_duplicates_drops_nan_and_handles_mixed_directions():
-    # (old MSE lower-better, new accuracy higher-better)
-    p = np.array([[0.1, 0.5], [0.1, 0.5], [0.2, 0.9], [0.3, 0.9], [0.05, 0.2], [np.nan, 1.0], [0.1, 0.4]])
-    np.testing.assert_array_equal(pareto_mask(p, (False, True)), [1, 1, 1, 0, 1, 0, 0])
-    np.testing.assert_array_equal(pareto_mask(p, (True, True)), [0, 0, 0, 1, 0, 0, 0])
-
-
-@pytest.mark.parametrize("hib", DIRECTIONS)
-def test_hypervolume_matches_brute_force(hib):
-    rng = np.random.default_rng(1)
-    for trial in range(150):
-        p = random_points(rng, int(rng.integers(1, 15)), integer=trial % 2 == 0)
-        # a reference inside the cloud, so some points do not beat it and must add nothing
-        ref = np.quantile(p, 0.3, axis=0) if trial % 3 else p.min(axis=0) * np.where(hib, 1, -1) - 1
-        ref = np.where(hib, ref, -np.abs(ref)) if trial % 3 == 0 else ref
-        got, want = hypervolume_2d(p, ref, hib), brute_hypervolume(p, ref, hib)
-        assert got == pytest.approx(want, abs=1e-9), (p, ref)
-
-
-def test_hypervolume_known_values():
-    assert hypervolume_2d([[1, 1]], [0, 0]) == 1.0
-    assert hypervolume_2d([[2, 1], [1, 2]], [0, 0]) == 3.0  # two 2×1 boxes overlapping in 1×1
-    assert hypervolume_2d([[2, 1], [2, 1], [1, 1]], [0, 0]) == 2.0  # duplicates and dominated points add nothing
-    # lower-is-better x (MSE 0.1 vs reference 0.5), higher-is-better y (acc 0.8 vs 0.2)
-    assert hypervolume_2d([[0.1, 0.8]], [0.5, 0.2], (False, True)) == pytest.approx(0.4 * 0.6)
-    assert hypervolume_2d([[1, 1]], [1, 0]) == 0.0  # on the reference: no area
-
-
-@pytest.mark.parametrize("hib", DIRECTIONS)
+@pytest.mark.parametrize("hib", [(True, True), (False, False)])
 def test_staircase_encloses_the_hypervolume(hib):
     rng = np.random.default_rng(2)
     p = rng.normal(size=(12, 2))
-    front = p[pareto_mask(p, hib)]
-    ref = to_maximize([to_maximize(p, hib).min(axis=0) - 0.5], hib)[0]
-    v = to_maximize(staircase(front, hib), hib)
-    r = to_maximize([ref], hib)[0]
+    front = p[protocol.pareto_mask(p, hib)]
+    ref = protocol.to_maximize([protocol.to_maximize(p, hib).min(axis=0) - 0.5], hib)[0]
+    v = protocol.to_maximize(staircase(front, hib), hib)
+    r = protocol.to_maximize([ref], hib)[0]
     poly = np.vstack([[r[0], v[0, 1]], v, [v[-1, 0], r[1]], r])  # close the staircase at the reference corner
     shoelace = 0.5 * abs(np.dot(poly[:, 0], np.roll(poly[:, 1], 1)) - np.dot(poly[:, 1], np.roll(poly[:, 0], 1)))
-    assert shoelace == pytest.approx(hypervolume_2d(p, ref, hib))
-
-
-def test_mean_se_matches_numpy_and_scipy():
-    v = [0.61, 0.64, 0.58, 0.66, np.nan]
-    m, se, n = mean_se(v)
-    assert n == 4
-    assert m == pytest.approx(np.mean(v[:4]))
-    assert se == pytest.approx(scipy.stats.sem(v[:4]))
-    assert mean_se([1.0, 2.0, 3.0, 4.0])[:2] == pytest.approx((2.5, np.sqrt(5 / 3) / 2))
-    m1, se1, n1 = mean_se([0.5])
-    assert (m1, n1) == (0.5, 1) and np.isnan(se1)
+    assert shoelace == pytest.approx(protocol.hypervolume(p, ref, hib))
 
 
 def test_paper_tables_yaml_has_every_table():
@@ -120,157 +68,274 @@ def test_paper_tables_yaml_has_every_table():
     assert paper["table1"]["rows"][3]["old"] == 0.046
 
 
-# ---------------------------------------------------------------------------------------------- end to end
-def png_size(path: Path) -> tuple[int, int]:
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
+# ---------------------------------------------------------------------------------------------- synthetic stores
+TOY = dict(task="toy", model="mlp", metric="mse", before=(0.005, 1.9, 0.006, 1.95), table="1", steps=20, arms={
+    "full": (dict(method="full", optimizer="rmsprop"), [dict(lr=v) for v in (1e-4, 5e-4, 2e-3)]),
+    "head": (dict(method="head", optimizer="rmsprop"), [dict(lr=v) for v in (1e-4, 5e-4, 2e-3)]),
+    "profit": (dict(method="profit", optimizer="rmsprop", profit=True, ratio=100.0, n_ref=1),
+               [dict(lr=v) for v in (1e-4, 5e-4, 2e-3)])})
+GRID9 = dict(task="fmnist", model="resnet18", metric="accuracy", before=(0.95, 0.2, 0.94, 0.2), table="9", arms={
+    "adam": (dict(method="full", optimizer="adam", lr=1e-4), [dict(weight_decay=v) for v in (0.0, 0.01)]),
+    "profit": (dict(method="profit", optimizer="adam", profit=True, lr=1e-4, n_ref=1),
+               [dict(ratio=v) for v in (10.0, 100.0, 1000.0)])})
+OPTUNA = dict(task="digits", model="mlp", metric="accuracy", before=(0.97, 0.2, 0.96, 0.2), table="", arms={
+    "full": (dict(method="full", optimizer="adam"), [dict(lr=v) for v in (3e-4, 1e-3, 3e-3)]),
+    "profit": (dict(method="profit", optimizer="adam", profit=True, n_ref=1),
+               [dict(lr=v, ratio=r) for v, r in ((3e-4, 20.0), (1e-3, 300.0), (3e-3, 4000.0))])})
 
 
-def _log_trial(client, exp_id, parent_id, params, final, history, status="ok", metric="accuracy", hib=True):
+def _outcome(rng, spec, arm, i, n_points):
+    """Validation (old, new) along a trade-off: later grid points learn more and forget more; PROFIT forgets
+    less. Errors for MSE, accuracies otherwise; test = validation + independent noise."""
+    x = (i + 1) / (n_points + 1)
+    shift = 0.05 if arm == "profit" else 0.0
+    if spec["metric"] == "mse":
+        old, new = 0.02 + 0.6 * x - shift, 0.45 + 0.3 * (1 - x)
+    else:
+        old, new = 0.9 - 0.5 * x + shift, 0.5 + 0.3 * x
+    old, new = old + rng.normal(0, 0.01), new + rng.normal(0, 0.01)
+    return old, new, old + rng.normal(0, 0.02), new + rng.normal(0, 0.02)
+
+
+def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, config_key, choice=None,
+             status="ok"):
     from mlflow.entities import Metric, Param
-    run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent_id, "profit_bench.role": "trial",
-                                          "ray_trial_id": f"t{params['seed']}", "status": status,
-                                          "metric_name": metric, "higher_is_better": str(hib)})
-    rid = run.info.run_id
-    metrics = [Metric(k, v, 0, e) for e, row in enumerate(history) for k, v in row.items()]
-    metrics += [Metric(k, v, 0, len(history)) for k, v in final.items()]
-    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    old_v, new_v, old_t, new_t = values
+    hib = spec["metric"] != "mse"
+    ob, nb, obt, nbt = spec["before"]
+    tags = {"mlflow.parentRunId": parent, "profit_bench.role": "trial", "stage": stage, "arm": arm,
+            "config_key": config_key, "status": status, "metric_name": spec["metric"],
+            "higher_is_better": str(hib), "ray_trial_id": f"{arm}-{config_key}-{seed}"}
+    if choice:
+        tags["choice"] = choice
+    rid = client.create_run(exp_id, tags=tags).info.run_id
+    is_profit = bool(params.get("profit"))
+    sign = 1.0 if hib else -1.0
+    final = dict(old_val=old_v, new_val=new_v, old_test=old_t, new_test=new_t, old_val_before=ob,
+                 new_val_before=nb, old_test_before=obt, new_test_before=nbt,
+                 forgetting_val=sign * (ob - old_v), forgetting_test=sign * (obt - old_t),
+                 step_time_median_s=0.002 * (1.3 if is_profit else 1.0), peak_mem_bytes=1e7, wall_time_s=1.0,
+                 n_trainable=250_000, profit_state_bytes=1e6 if is_profit else 0.0, extra_state_bytes=0.0,
+                 main_steps=20)
+    if hib:
+        final.update(chance_old=0.2, chance_new=0.2)
+    history = [dict(old_val=ob, new_val=nb), dict(old_val=(ob + old_v) / 2, new_val=(nb + new_v) / 2),
+               dict(old_val=old_v, new_val=new_v)]
+    if is_profit:
+        final["profit_projected_frac"] = 0.4
+        for e, h in enumerate(history[1:], 1):
+            h.update(profit_projected_frac=0.3 + 0.1 * e, profit_cos_g_delta=-0.2 * e)
+    metrics = [Metric(k, v, 0, 10 * e) for e, row in enumerate(history) for k, v in row.items()]
+    metrics += [Metric(k, float(v), 0, 20) for k, v in final.items() if k not in history[-1]]
+    all_params = dict(task=spec["task"], model=spec["model"], seed=seed, device="cpu", steps=20, **params)
+    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in all_params.items()])
     client.set_terminated(rid)
     return rid
 
 
-def _fake_experiment(client, name, trials):
+def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False):
+    """A search stage (2 seeds per grid point), then confirmation runs of protocol.confirm_choices."""
     exp_id = client.create_experiment(name)
-    parent = client.create_run(exp_id, tags={"profit_bench.role": "sweep"})
-    client.log_param(parent.info.run_id, "sweep.yaml", "fake")
-    return [_log_trial(client, exp_id, parent.info.run_id, *t) for t in trials]
+    parent = client.create_run(exp_id, tags={"profit_bench.role": "sweep", "sweep": name, "table": spec["table"]})
+    parent = parent.info.run_id
+    rng = np.random.default_rng(seed)
+    hib = spec["metric"] != "mse"
+    search = []
+    for arm, (base, points) in spec["arms"].items():
+        for i, (point, s) in enumerate(itertools.product(points, (0, 1))):
+            old_v, new_v, _, _ = _outcome(rng, spec, arm, i // 2, len(points))
+            key = f"{arm}-{sorted(point.items())}"
+            search.append(dict(arm=arm, seed=s, params={**base, **point}, config_key=key, old_val=old_v,
+                               new_val=new_v, old_val_before=spec["before"][0], new_val_before=spec["before"][1],
+                               values=(old_v, new_v, SEARCH_TEST_SENTINEL, SEARCH_TEST_SENTINEL)))
+    if explode:  # a PROFIT trial that blew up to finite values, logged as ok by the sweep
+        base, _ = spec["arms"]["profit"]
+        search.append(dict(arm="profit", seed=0, params={**base, "lr": 0.5}, config_key="profit-boom",
+                           old_val=2.2e6, new_val=7.1e6, old_val_before=spec["before"][0],
+                           new_val_before=spec["before"][1], values=(2.2e6, 7.1e6, 2.3e6, 7.0e6)))
+    frame = protocol.mark_diverged(pd.DataFrame(search), hib)
+    chosen = stats.merge_choices(protocol.confirm_choices(frame, hib))  # as the sweep should: one per config
+    confirm = []
+    for _, c in chosen.iterrows():
+        for s in CONFIRM_SEEDS:
+            x = _outcome(rng, spec, c["arm"], 0, 1)
+            shift = c["old_val"] - x[0], c["new_val"] - x[1]  # centred on the chosen point, fresh noise
+            vals = (x[0] + shift[0], x[1] + shift[1], x[2] + shift[0], x[3] + shift[1])
+            confirm.append(dict(arm=c["arm"], seed=s, params=c["params"], config_key=c["config_key"],
+                                choice=c["choice"], values=vals))
+    if shuffle_test:  # permute test metrics across confirmation runs, scramble the search runs': validation stays
+        other = np.random.default_rng(99)
+        perm = other.permutation(len(confirm))
+        tests = [confirm[j]["values"][2:] for j in perm]
+        for r, t in zip(confirm, tests):
+            r["values"] = r["values"][:2] + t
+        for r in search:
+            r["values"] = r["values"][:2] + tuple(other.uniform(0.3, 0.9, size=2))
+    for r in search:
+        _log_run(client, exp_id, parent, spec, stage="search", arm=r["arm"], seed=r["seed"], params=r["params"],
+                 values=r["values"], config_key=r["config_key"])
+    for r in confirm:
+        _log_run(client, exp_id, parent, spec, stage="confirm", arm=r["arm"], seed=r["seed"], params=r["params"],
+                 values=r["values"], config_key=r["config_key"], choice=r["choice"])
+    return confirm
 
 
-def _accuracy_trial(rng, seed, model="resnet18", task="fmnist", method="full", optimizer="adam", profit=False,
-                    ratio=100.0, n_ref=1, lr=1e-3, status="ok", mem=1e8, step=0.01):
-    params = dict(task=task, model=model, seed=seed, method=method, optimizer=optimizer, lr=lr, profit=profit,
-                  ratio=ratio, n_ref=n_ref, device="cpu", limit=None, data_dir=None)
-    old, new = float(rng.uniform(0.3, 0.9)), float(rng.uniform(0.5, 0.95))
-    final = dict(old_metric=old, new_metric=new, old_before=0.97, new_before=0.2, forgetting=0.97 - old,
-                 peak_mem_bytes=mem * (1.3 if profit else 1), step_time_median_s=step * (1.4 if profit else 1),
-                 wall_time_s=1.0, n_trainable=1000)
-    history = [dict(old_metric=0.97 - (0.97 - old) * e / 2, new_metric=0.2 + (new - 0.2) * e / 2) for e in (1, 2)]
-    return params, final, history, status
-
-
-@pytest.fixture(scope="module")
-def fake_store(tmp_path_factory):
-    """Three experiments in the documented layout: toy (MSE), a mixed CIFAR-style one, and table12."""
+def _store(tmp_path_factory, name):
     from mlflow.tracking import MlflowClient
-    d = tmp_path_factory.mktemp("mlflow")
+    d = tmp_path_factory.mktemp(name)
     uri = f"sqlite:///{d}/mlflow.db"
-    client = MlflowClient(uri)
-    rng = np.random.default_rng(0)
-    toy = []
-    for seed, (method, profit) in itertools.product(range(3), [("full", False), ("head", False), ("profit", True)]):
-        params = dict(task="toy", model="mlp", seed=seed, method=method, optimizer="rmsprop", lr=5e-4,
-                      profit=profit, ratio=100.0, n_ref=1, limit=2000)
-        old, new = float(rng.uniform(0.01, 0.8)), float(rng.uniform(0.4, 0.6))
-        final = dict(old_metric=old, new_metric=new, old_before=0.005, new_before=1.9, forgetting=old - 0.005,
-                     peak_mem_bytes=1e7, step_time_median_s=0.002, wall_time_s=1.0, n_trainable=250_000)
-        toy.append((params, final, [dict(old_metric=old, new_metric=new)], "ok", "mse", False))
-    main_trials = []
-    for seed in range(2):
-        for opt in ("sgd", "adam"):
-            main_trials.append(_accuracy_trial(rng, seed, optimizer=opt))
-        for ratio in (10.0, 100.0, 1000.0, 10000.0):
-            main_trials.append(_accuracy_trial(rng, seed, method="profit", profit=True, ratio=ratio))
-        for n_ref in (2, 5):
-            main_trials.append(_accuracy_trial(rng, seed, method="profit", profit=True, n_ref=n_ref))
-        main_trials.append(_accuracy_trial(rng, seed, model="vit_tiny", method="lora", optimizer="adam"))
-        main_trials.append(_accuracy_trial(rng, seed, model="vit_tiny", method="lora", optimizer="adam",
-                                           profit=True))
-    main_trials.append(_accuracy_trial(rng, 9, optimizer="adam", status="diverged"))
-    t12 = [_accuracy_trial(rng, seed, model="vit_small", task="digits", method="profit", optimizer="adamw",
-                           profit=True, ratio=r, lr=1e-2) for seed in range(2) for r in (10.0, 100.0, 1000.0, 1e4)]
-    t12 += [_accuracy_trial(rng, seed, model="vit_small", task="digits", optimizer="adamw") for seed in range(2)]
-    ids = dict(toy=_fake_experiment(client, "table1_toy", toy), main=_fake_experiment(client, "mixed", main_trials),
-               t12=_fake_experiment(client, "table12_ratio", t12))
-    client.create_experiment("empty")
-    return dict(uri=uri, client=client, ids=ids, main_trials=main_trials)
+    return uri, MlflowClient(uri), d
+
+
+def _report(uri, out, *experiments):
+    assert main(["--experiment", *experiments, "--tracking-uri", uri, "--out", str(out)]) == 0
+    return (out / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
-def fake_report(fake_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    rc = main(["--experiment", "table1_toy", "mixed", "table12_ratio", "--tracking-uri", fake_store["uri"],
-               "--out", str(out)])
-    assert rc == 0
-    return out, (out / "report.md").read_text()
+def base(tmp_path_factory):
+    """One store, one report: toy Table 1 (grid over lr), an accuracy ratio grid (Table 9), an Optuna-like
+    sweep, and two copies of the toy sweep (same seed, no table): one with a PROFIT trial that exploded to finite
+    values, one with its confirmation runs' test metrics shuffled."""
+    uri, client, d = _store(tmp_path_factory, "base")
+    confirm = {"table1": add_sweep(client, "table1", TOY), "table9": add_sweep(client, "table9", GRID9),
+               "optuna": add_sweep(client, "optuna", OPTUNA)}
+    add_sweep(client, "boom", {**TOY, "table": ""}, explode=True)
+    add_sweep(client, "shuffled", {**TOY, "table": ""}, shuffle_test=True)
+    client.create_experiment("empty")
+    md = _report(uri, d / "report", "table1", "table9", "optuna", "boom", "shuffled")
+    return dict(uri=uri, dir=d, md=md, out=d / "report", confirm=confirm)
 
 
-def test_report_has_every_paper_table_and_labels_stand_ins(fake_report):
-    out, md = fake_report
-    for n in (1, 2, 7, 8, 9, 11, 12):
-        assert f"### Table {n} —" in md, f"Table {n} missing"
-    headers = [line for line in md.splitlines() if line.startswith("### Table")]
-    for h in headers:
-        if "Table 1 " in h:
-            assert "toy" in h
-        elif "Table 12" in h:
-            assert "STAND-IN" in h and "not DriveLM" in h
-        else:  # every accuracy table here runs on fmnist/digits, never on CIFAR
-            assert "stand-in for CIFAR-10 → CIFAR-100" in h, h
-    assert "ours on CIFAR" not in md
-    t12 = md.split("### Table 12")[1]
-    assert "| full+adamw | — |" in t12 and "| 62.21 | 56.98 |" in t12  # AdamW beside the paper's Table 4 row
-    assert "| PROFIT(adamw) | 10000 |" in t12 and "| 67.88 | 59.16 |" in t12
+def section(md: str, start: str, end: str = "\n## ") -> str:
+    return md.split(start, 1)[1].split(end, 1)[0]
 
 
-def test_report_numbers_match_the_logged_runs(fake_report, fake_store):
-    _, md = fake_report
-    # Table 9, ratio 1000 row: mean ± s.e. of the two seeds' logged final metrics, in percent.
-    finals = [f for p, f, _, s in fake_store["main_trials"] if p["method"] == "profit" and p["ratio"] == 1000.0]
-    old = [f["old_metric"] * 100 for f in finals]
-    want = f"{np.mean(old):.2f} ± {scipy.stats.sem(old):.2f}"
-    t9 = md.split("### Table 9")[1].split("###")[0]
-    row = next(line for line in t9.splitlines() if line.startswith("| ResNet-18 | 1000 |"))
-    assert want in row and "| 34.35 |" in row  # ours beside the paper's 34.35 %
-    # Global hypervolume of the mixed experiment's resnet18 cells, from the cell means, by brute force.
-    cells = {}
-    for p, f, _, s in fake_store["main_trials"]:
-        if p["model"] == "resnet18" and s == "ok":
-            cells.setdefault((p["method"], p["optimizer"], p["ratio"], p["n_ref"]), []).append(
-                (f["old_metric"], f["new_metric"]))
-    pts = np.array([np.mean(v, axis=0) for v in cells.values()])
-    ref = (pts[:, 0].min(), min(pts[:, 1].min(), 0.2))
-    section = md.split("### Fashion-MNIST 0–4 → 5–9 — ResNet-18")[1]
-    assert f"together = {brute_hypervolume(pts, ref, (True, True)):.4g} (" in section
-    # The diverged run is counted, not averaged.
-    assert "1 diverged" in md
+def test_report_has_no_nan_and_states_the_protocol(base):
+    md = base["md"]
+    assert "nan" not in md.lower()
+    assert protocol.SELECTION_RULE in md
+    assert "Budget per arm** (search trials): boom: full 6, head 6, profit 7; optuna: full 6, profit 6; " in md
+    assert "Confirmation seeds**: boom: 1000, 1001, 1002; optuna: 1000, 1001, 1002;" in md
 
 
-def test_report_figures_are_pngs_of_the_stated_size(fake_report):
-    out, md = fake_report
-    expected = {"pareto_toy_mlp.png": "pareto", "pareto_fmnist_resnet18.png": "pareto",
-                "ablation_ratio_fmnist.png": "wide", "ablation_n_ref_fmnist.png": "wide",
-                "curves_fmnist_resnet18.png": "wide", "cost_fmnist.png": "wide", "cost_toy.png": "wide"}
+def test_ablation_plot_only_where_the_knob_varies_alone(base):
+    md, out = base["md"], base["out"]
+    assert "ablation_ratio_table9_fmnist_resnet18.png" in md
+    assert "No ablation plot over ratio for optuna (profit: ratio varies only together with lr" in md
+    assert not list(out.glob("ablation_*optuna*"))
+    runs = pd.read_csv(out / "runs.csv")
+    grid = runs[(runs["experiment"] == "table9") & (runs["arm"] == "profit") & (runs["stage"] == "search")]
+    assert grid["ratio"].nunique() == 3 and grid["lr"].nunique() == 1  # what the plot drew: ratio alone varies
+
+
+def test_tables_come_from_confirmation_runs_only(base):
+    md = base["md"]
+    tables = md.split("## Paper tables", 1)[1]
+    assert str(SEARCH_TEST_SENTINEL) not in md  # no search run's test metric anywhere
+    t1 = section(tables, "### Table 1 —", "\n### ")
+    for r in base["confirm"]["table1"]:
+        if r["arm"] == "profit" and "knee" in r["choice"]:
+            key, choice = r["config_key"], r["choice"]
+    olds = [r["values"][2] for r in base["confirm"]["table1"] if r["config_key"] == key]
+    want = stats.fmt_stat(stats.mean_ci(olds), "mse")
+    row = next(line for line in t1.splitlines() if line.startswith(f"| profit | {choice} |"))
+    assert want in row and "(n=3)" in row and "| 0.046 |" in row  # beside the paper's PROFIT row
+    t9 = section(tables, "### Table 9 —", "\n### ")
+    assert "stand-in for CIFAR-10 → CIFAR-100" in t9
+    assert all("(n=3)" in line for line in t9.splitlines()[6:] if line.startswith("| ResNet-18 | 10"))
+
+
+def test_search_grid_cells_are_validation_means_over_search_seeds(base):
+    runs = pd.read_csv(base["out"] / "runs.csv")
+    grid = section(base["md"], "## Search grid")
+    g = runs[(runs["experiment"] == "table9") & (runs["stage"] == "search") & (runs["ratio"] == 100.0)]
+    want = stats.fmt_stat(stats.mean_ci(g["old_val"]), "accuracy", ci=False)
+    assert want.endswith("(n=2)") and f"| profit | lr=0.0001, ratio=100 | {want} |" in grid
+    assert "Paper's PROFIT row (table 1): old 0.046, new 0.501." in grid
+
+
+def test_paired_differences_in_the_report_match_scipy(base):
+    md, runs = base["md"], pd.read_csv(base["out"] / "runs.csv")
+    conf = runs[(runs["experiment"] == "table1") & (runs["stage"] == "confirm")]
+    knee = conf[conf["choice"].str.contains("knee")]
+    p = knee[knee["arm"] == "profit"].set_index("seed")["old_test"]
+    f = knee[knee["arm"] == "full"].set_index("seed")["old_test"]
+    d = (p - f).to_numpy()
+    lo, hi = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+    paired = section(md, "## PROFIT vs each baseline")
+    row = next(line for line in paired.splitlines() if "| profit | full |" in line and "knee" in line
+               and line.startswith("| table1 |"))
+    assert f"[{lo:.4g}, {hi:.4g}] (n=3)" in row
+
+
+def test_histories_keep_the_evaluation_where_the_final_result_shares_its_step(base):
+    runs = pd.read_csv(base["out"] / "runs.csv")
+    rid = runs.loc[(runs["experiment"] == "table1") & runs["is_profit"], "run_id"].iloc[0]
+    hist = load.metric_histories({"p": rid}, base["uri"], ["profit_projected_frac", "old_val"])
+    frac = hist[hist["key"] == "profit_projected_frac"]
+    assert list(frac["step"]) == [10, 20] and frac["value"].iloc[-1] == pytest.approx(0.5)  # not the final 0.4
+    assert list(hist.loc[hist["key"] == "old_val", "step"]) == [0, 10, 20]
+
+
+def test_figures_are_pngs_of_the_stated_size(base):
+    out, md = base["out"], base["md"]
+    expected = {"pareto_table1_toy_mlp.png": "pareto", "ablation_ratio_table9_fmnist_resnet18.png": "wide",
+                "curves_table1_toy_mlp.png": "wide", "diagnostics_table1_toy_mlp.png": "wide",
+                "cost_toy.png": "wide"}
     for name, kind in expected.items():
-        path = out / name
-        assert path.is_file() and path.stat().st_size > 1000, name
+        head = (out / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md, name
         w, h = FIGSIZE[kind]
-        assert png_size(path) == (round(w * DPI), round(h * DPI)), name
-        assert f"]({name})" in md
+        assert struct.unpack(">II", head[16:24]) == (round(w * DPI), round(h * DPI)), name
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "analysis.report", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+def _lines(md: str, start: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith(start)]
 
 
-def test_missing_and_empty_experiment_exit_2_with_one_line(fake_store, tmp_path, capsys):
+def part(md: str, top: str, experiment: str) -> str:
+    """The subsection of experiment `experiment` in section `top`, its name replaced so copies compare equal."""
+    return section(section(md, top), f"### {experiment}: ", "\n### ").replace(experiment, "EXP")
+
+
+def selection_of(out: Path, experiment: str) -> pd.DataFrame:
+    sel = pd.read_csv(out / "selection.csv")
+    return sel[sel["experiment"] == experiment].drop(columns="experiment").reset_index(drop=True)
+
+
+def test_exploding_run_is_diverged_and_moves_nothing(base):
+    md, out = base["md"], base["out"]
+    assert "| boom | search | profit | diverged | 0 | old_val 2.2e+06 > 10× pretrained" in md
+    boom, ref = part(md, "## Selection", "boom"), part(md, "## Selection", "table1")
+    for start in ("Validation reference point", "| full |", "| head |"):
+        assert _lines(boom, start) == _lines(ref, start) and _lines(ref, start), start
+    # the profit rows differ only in the trial and diverged counts: same Pareto set, choices and values
+    tail = [r.split("|")[4:] for r in _lines(ref, "| profit |")]
+    assert [r.split("|")[4:] for r in _lines(boom, "| profit |")] == tail
+    assert [r.split("|")[2:4] for r in _lines(boom, "| profit |")] == [[" 7 ", " 1 "]] * 2
+    assert part(md, "## Confirmed results", "boom") == part(md, "## Confirmed results", "table1")  # fronts, ref, HV
+    pd.testing.assert_frame_equal(selection_of(out, "boom"), selection_of(out, "table1"))
+
+
+def test_shuffled_test_metrics_leave_every_selection_unchanged(base):
+    md, out = base["md"], base["out"]
+    assert part(md, "## Confirmed results", "shuffled") != part(md, "## Confirmed results", "table1")  # test moved
+    assert part(md, "## Selection", "shuffled") == part(md, "## Selection", "table1")
+    pd.testing.assert_frame_equal(selection_of(out, "shuffled"), selection_of(out, "table1"))
+    runs = pd.read_csv(out / "runs.csv")
+    confirmed = [set(runs.loc[(runs["experiment"] == e) & (runs["stage"] == "confirm"), "config_key"])
+                 for e in ("shuffled", "table1")]
+    assert confirmed[0] == confirmed[1]
+
+
+def test_missing_and_empty_experiment_exit_2_with_one_line(base, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     empty_store = f"sqlite:///{tmp_path}/empty.db"
     MlflowClient(empty_store).create_experiment("nothing_yet")
     capsys.readouterr()  # drop MLflow's own "creating tables" log lines
-    cases = (([ "--experiment", "nope", "--tracking-uri", fake_store["uri"]], "no experiment 'nope'"),
-             (["--experiment", "empty", "--tracking-uri", fake_store["uri"]], "has no trial runs"),
+    cases = ((["--experiment", "nope", "--tracking-uri", base["uri"]], "no experiment 'nope'"),
+             (["--experiment", "empty", "--tracking-uri", base["uri"]], "has no trial runs"),
              (["--tracking-uri", f"sqlite:///{tmp_path}/absent.db"], "no MLflow store at"),
              (["--tracking-uri", empty_store], "no trial runs in any experiment"))
     for args, words in cases:
@@ -280,49 +345,9 @@ def test_missing_and_empty_experiment_exit_2_with_one_line(fake_store, tmp_path,
         assert not (tmp_path / "out").exists() and not (tmp_path / "absent.db").exists()
 
 
-# ---------------------------------------------------------------------------------------------- a real sweep
-TINY_SWEEP = """\
-name: tiny_analysis
-task: toy
-models: [mlp]
-seeds: [0, 1]
-search: grid
-max_concurrent: 2
-budget: {steps: 20}
-trial: {eval_every: 10, limit: 400, pretrain_steps: 30, batch_size: 32}
-methods:
-  full: {}
-  head: {}
-  profit: {ratio: {grid: [10, 1000]}}
-"""
-
-
-@pytest.mark.slow  # ~2.5 min on 2 shared CPU cores, mostly Ray start-up; the fake-store tests above stay in CI
-@pytest.mark.skipif(importlib.util.find_spec("profit_bench.sweep") is None, reason="profit_bench.sweep not written")
-def test_real_tiny_sweep_to_report(tmp_path):
-    """profit_bench.sweep → sqlite MLflow store → analysis.report, both as the user runs them."""
-    spec = tmp_path / "tiny_analysis.yaml"
-    spec.write_text(TINY_SWEEP)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env_cmd = [sys.executable, "-m", "profit_bench.sweep", str(spec), "--tracking-uri", uri, "--cpus-per-trial", "1",
-               "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"), "--verbose", "0"]
-    r = subprocess.run(env_cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "report"
-    r = _cli("--experiment", "tiny_analysis", "--tracking-uri", uri, "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    md = (out / "report.md").read_text()
-    assert "8 trial runs (8 ok)" in md
-    assert "### Table 1 — ours on the paper's own 2-D toy task" in md
-    t1 = md.split("### Table 1")[1].split("###")[0]
-    for label in ("full+rmsprop", "head+rmsprop", "PROFIT(rmsprop)"):
-        assert f"| {label} |" in t1
-    assert "| 0.705 |" in t1 and "| 0.046 |" in t1  # the paper's numbers beside ours
-    for name in ("pareto_toy_mlp.png", "curves_toy_mlp.png", "ablation_ratio_toy.png", "cost_toy.png"):
-        w, h = FIGSIZE["pareto" if name.startswith("pareto") else "wide"]
-        assert png_size(out / name) == (round(w * DPI), round(h * DPI)), name
-    # forgetting in the table = mean over seeds of what the runs logged (MSE: after − before)
-    import pandas as pd
-    runs = pd.read_csv(out / "runs.csv")
-    full = runs[runs["label"] == "full+rmsprop"]
-    assert len(full) == 2 and np.allclose(full["forgetting"], full["old_metric"] - full["old_before"], atol=1e-6)
+def test_cli_keeps_its_flags():
+    r = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--experiment", "--tracking-uri", "--out", "--runs"):
+        assert flag in r.stdout

@@ -1,0 +1,178 @@
+"""The report's figures (matplotlib/seaborn, PNG files only). Every figure colours a method (arm) with the same
+colour: `method_palette` is built once per report from every arm and handed to each plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from profit_bench.protocol import pareto_mask, to_maximize  # noqa: E402
+
+DPI = 100
+FIGSIZE = {"pareto": (12.8, 4.8), "wide": (12.8, 4.8)}  # inches; PNG pixels = inches × DPI (no tight bbox)
+PAPER_COLOUR = "dimgray"
+
+
+def method_palette(labels) -> dict[str, tuple]:
+    """A fixed colour per method label (sorted, so the same set of labels always gets the same colours)."""
+    labels = sorted(set(labels))
+    colours = sns.color_palette("tab10" if len(labels) <= 10 else "tab20", len(labels))
+    return dict(zip(labels, colours))
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the PNG keeps exactly FIGSIZE × DPI pixels
+    plt.close(fig)
+    return path.name
+
+
+def axis_label(name: str, metric: str, hib: bool, split: str) -> str:
+    return f"{name} {metric}, {split} ({'↑' if hib else '↓'} better)"
+
+
+def staircase(points, higher_is_better) -> np.ndarray:
+    """Vertices of the attainment boundary of a front (raw units): drawn as a step line it encloses exactly the
+    area protocol.hypervolume measures."""
+    m = to_maximize(points, higher_is_better)
+    m = m[np.argsort(m[:, 0])]  # front: x ascending means y descending
+    verts = []
+    for i, (x, y) in enumerate(m):
+        verts.append((x, y))
+        if i + 1 < len(m):
+            verts.append((x, m[i + 1, 1]))
+    return to_maximize(np.array(verts), higher_is_better)
+
+
+def _front(ax, pts_new_old: np.ndarray, hib: bool, colour) -> None:
+    front = pts_new_old[pareto_mask(pts_new_old, (hib, hib))]
+    if len(front):
+        v = staircase(front, (hib, hib))
+        ax.plot(v[:, 0], v[:, 1], color=colour, lw=1.2)
+
+
+def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame, refs: dict, paper: list,
+                palette: dict, title: str, path: Path) -> str:
+    """Left: search trials on validation (chosen configurations ringed). Right: confirmed cells on test, mean ±
+    s.e. over confirmation seeds, each method's front, the pretrained model, the paper's points where given."""
+    metric, hib = str(search["metric_name"].iloc[0]), bool(search["higher_is_better"].iloc[0])
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE["pareto"])
+    ok = search[search["status"] == "ok"]
+    for arm, g in ok.groupby("arm"):
+        left.scatter(g["new_val"], g["old_val"], s=18, alpha=0.5, color=palette[arm], label=arm)
+        _front(left, g[["new_val", "old_val"]].to_numpy(float), hib, palette[arm])
+    if len(chosen):
+        left.scatter(chosen["new_val"], chosen["old_val"], s=90, facecolors="none", edgecolors="black",
+                     label="chosen (validation)")
+    _pretrained(left, search, "val")
+    _reference(left, refs.get("val"))
+    left.set_title("search trials, validation (diverged left out)", fontsize=9)
+    for arm, c in cells.groupby("arm") if len(cells) else ():
+        xerr = [s.se if s.n > 1 else 0 for s in c["new_test_stat"]]
+        yerr = [s.se if s.n > 1 else 0 for s in c["old_test_stat"]]
+        right.errorbar(c["new_test"], c["old_test"], xerr=xerr, yerr=yerr, fmt="o", color=palette[arm], label=arm,
+                       markeredgecolor="black", capsize=2)
+        _front(right, c[["new_test", "old_test"]].to_numpy(float), hib, palette[arm])
+    for name, old, new in paper:
+        right.scatter([new], [old], marker="X", s=60, color=PAPER_COLOUR, zorder=4)
+        right.annotate(name.split(": ", 1)[-1], (new, old), fontsize=6, color=PAPER_COLOUR, xytext=(3, 3),
+                       textcoords="offset points")
+    if paper:
+        right.scatter([], [], marker="X", color=PAPER_COLOUR, label=paper[0][0].split(":")[0])
+    _pretrained(right, search, "test")
+    _reference(right, refs.get("test"))
+    right.set_title("confirmed configurations, test (mean ± s.e. over confirmation seeds)", fontsize=9)
+    for ax, split in ((left, "validation"), (right, "test")):
+        ax.set_xlabel(axis_label("new-task", metric, hib, split))
+        ax.set_ylabel(axis_label("old-task", metric, hib, split))
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _pretrained(ax, runs: pd.DataFrame, split: str) -> None:
+    old, new = runs[f"old_{split}_before"].mean(), runs[f"new_{split}_before"].mean()
+    if np.isfinite(old) and np.isfinite(new):
+        ax.scatter([new], [old], marker="*", s=150, color="black", label="pretrained", zorder=5)
+
+
+def _reference(ax, ref) -> None:
+    if ref is not None and all(np.isfinite(ref)):
+        ax.axhline(ref[0], color="gray", ls=":", lw=0.8)
+        ax.axvline(ref[1], color="gray", ls=":", lw=0.8)
+
+
+def plot_ablation(points: pd.DataFrame, param: str, palette: dict, title: str, path: Path) -> str:
+    """Old and new validation metric against `param`, one line per arm, mean ± s.e. over the seeds of each
+    point. The caller has checked that `param` is the only knob that varies; a one-value plot is refused."""
+    if points[param].nunique() < 2:
+        raise ValueError(f"ablation over {param} needs at least two values")
+    metric, hib = str(points["metric_name"].iloc[0]), bool(points["higher_is_better"].iloc[0])
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["wide"])
+    for ax, col, name in zip(axes, ["old_val", "new_val"], ["old-task", "new-task"]):
+        sns.lineplot(data=points, x=param, y=col, hue="arm", palette=palette, marker="o", errorbar="se",
+                     err_style="bars", ax=ax)
+        if param == "ratio":
+            ax.set_xscale("log")
+        ax.set_ylabel(axis_label(name, metric, hib, "validation"))
+        ax.set_xlabel("ratio = λ_main / λ_ref" if param == "ratio" else param)
+    n = points.groupby(["arm", param]).size()
+    fig.suptitle(f"{title} (mean ± s.e. over {n.min()}–{n.max()} seeds per point)" if n.max() > 1 else
+                 f"{title} (one seed per point: no error bars)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_curves(hist: pd.DataFrame, run_arm: dict, palette: dict, metric: str, hib: bool, title: str, path: Path,
+                xlabel: str) -> str:
+    """Validation metrics per evaluation (step 0 = the pretrained model), one line per run in its arm's colour."""
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["wide"])
+    for ax, key, name in zip(axes, ["old_val", "new_val"], ["old-task", "new-task"]):
+        for run, g in hist[hist["key"] == key].groupby("run"):
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["value"], marker="o", ms=3, color=palette[run_arm[run]], label=run)
+        ax.set_ylabel(axis_label(name, metric, hib, "validation"))
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_diagnostics(hist: pd.DataFrame, run_arm: dict, palette: dict, title: str, path: Path, xlabel: str) -> str:
+    """PROFIT's diagnostics (profit_* metrics) per evaluation, one panel per diagnostic."""
+    keys = sorted(hist["key"].unique())
+    fig, axes = plt.subplots(1, len(keys), figsize=FIGSIZE["wide"], squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run, g in hist[hist["key"] == key].groupby("run"):
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["value"], marker="o", ms=3, color=palette[run_arm[run]], label=run)
+        ax.set_title(key, fontsize=8)
+        ax.set_xlabel(xlabel)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_cost(rows: pd.DataFrame, palette: dict, title: str, path: Path) -> str:
+    """Exactly Table 11's numbers: step time mean ± s.e. (ms) and the tensor accounting of memory (MiB)."""
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["wide"])
+    x = np.arange(len(rows))
+    colours = [palette[a] for a in rows["arm"]]
+    names = [f"{m}\n{a}" for m, a in zip(rows["backbone"], rows["arm"])]
+    axes[0].bar(x, rows["step_ms"], yerr=rows["step_ms_se"].fillna(0), color=colours, capsize=3)
+    axes[0].set_ylabel("median step time (ms), mean ± s.e. over runs")
+    bottom = np.zeros(len(rows))
+    for col, hatch, name in (("params_mib", "", "parameters"), ("grads_mib", "//", "gradients"),
+                             ("state_mib", "xx", "PROFIT / method state")):
+        axes[1].bar(x, rows[col], bottom=bottom, color=colours, hatch=hatch, edgecolor="black", label=name)
+        bottom += rows[col].to_numpy(float)
+    axes[1].set_ylabel("MiB, tensor accounting (not process RSS)")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(x, names, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
