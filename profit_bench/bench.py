@@ -1,6 +1,7 @@
 """Speed and memory benchmarks, measured side by side in one process. Never imported by tests for timing.
 
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
+    python -m profit_bench.bench step --model resnet18 --methods l2sp ewc lwf      (or --methods all)
     python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
     python -m profit_bench.bench memory --model resnet18 --batch-size 512 --dtype bf16 --memory all
     python -m profit_bench.bench deviation --tasks toy digits --seeds 0 1 2
@@ -12,6 +13,14 @@ both alike, and prints the medians and their ratio. Peak memory is, on a GPU, CU
 the variant's warm-up minus what was allocated before the variant was built;
 on the CPU it is the exact byte count of what the optimizer keeps alive (parameters, gradients, optimizer
 state, θ_ref), since the process RSS high-water mark cannot be reset between variants.
+
+``step --methods NAME ...`` adds one row per fine-tuning method of the registry (``methods.METHODS``): the method
+prepares a fresh model exactly as a trial does (``METHODS[name].prepare``, its default ``method_args``), AdamW
+trains its parameters and its loss term (``Prepared.penalty``: L2-SP, EWC, LwF) is added to every batch's loss as
+in ``loop.train_steps``; these rows run in the same alternating rounds. Their CPU bytes add the method's own state
+(``Prepared.extra_state_bytes``: anchors, Fisher, teacher). EWC's Fisher is computed once, before any variant is
+built and charged to none, with ``baselines.regularizers.diagonal_fisher`` on ``--fisher-samples`` examples of the
+synthetic task's old split (its cost per step does not depend on the sample count).
 """
 
 from __future__ import annotations
@@ -24,13 +33,16 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from profit_bench import UserError
-from profit_bench.methods import prepare_full
-from profit_bench.models import MODELS, build_model
+from profit_bench.loop import LoopState, train_steps
+from baselines.regularizers import diagonal_fisher
+from profit_bench.methods import METHODS, MethodContext, get_method
+from profit_bench.models import MODELS, build_model, uses_channels_last
 from profit_bench.optim import MEMORY_MODES, PROFIT
 from profit_bench.tasks import Split, TaskData
 
@@ -40,10 +52,15 @@ def synthetic_task(model: str, n: int, device: str) -> TaskData:
     if model == "mlp":
         x, y = torch.rand(n, 2, device=device) * 2 - 1, torch.randn(n, 1, device=device)
         s = Split(x, y)
-        return TaskData("synthetic-toy", "regression", s, s, s, s, (2,), 1, 1, "mse", False, False)
+        return TaskData("synthetic-toy", "regression", s, s, s, s, s, s, (2,), 1, 1, "mse", False, False)
     x = torch.randn(n, 3, 32, 32, device=device)
     s = Split(x, torch.randint(0, 100, (n,), device=device))
-    return TaskData("synthetic-cifar", "classification", s, s, s, s, (3, 32, 32), 10, 100, "accuracy", True, True)
+    return TaskData("synthetic-cifar", "classification", s, s, s, s, s, s, (3, 32, 32), 10, 100, "accuracy", True,
+                    True)
+
+
+# The AdamW and PROFIT(AdamW) rows train the `full` method; the built-in `profit` method is that same PROFIT row.
+BASE_METHODS = ("full", "profit")
 
 
 @dataclass
@@ -51,6 +68,8 @@ class Variant:
     name: str
     model: nn.Module
     opt: torch.optim.Optimizer
+    penalty: Callable | None = None  # the method's loss term, added to every batch's loss (as in loop.train_steps)
+    extra_state_bytes: int = 0       # the method's own kept state (anchors, Fisher, teacher); PROFIT's is in opt
 
 
 def variant_memories(args) -> list[str | None]:
@@ -58,27 +77,55 @@ def variant_memories(args) -> list[str | None]:
     return [None, *(MEMORY_MODES if "all" in args.memory else dict.fromkeys(args.memory))]
 
 
-def variant_name(memory: str | None, args) -> str:
+def bench_methods(args) -> list[str]:
+    """The registry methods asked for with --methods (all: every one the model supports, but `full`/`profit`,
+    which are the AdamW and PROFIT rows)."""
+    asked = list(dict.fromkeys(getattr(args, "methods", None) or []))
+    if "all" in asked:
+        return [m for m in METHODS if m not in BASE_METHODS and METHODS[m].supports(args.model)]
+    for name in asked:
+        if name in BASE_METHODS:
+            raise UserError(f"--methods {name}: that is the AdamW / PROFIT(AdamW) row already")
+        get_method(name, args.model)  # unknown or unsupported by the model: a UserError
+    return asked
+
+
+def method_context(task: TaskData, args, methods) -> MethodContext:
+    """The context every method is prepared with: the task, and for EWC the old task's diagonal Fisher of the
+    (seed-0) model, from --fisher-samples examples of the old split, as pretraining would cache it."""
+    fisher = None
+    if any(METHODS[m].needs_fisher for m in methods):
+        model = build_model(args.model, task, seed=0)
+        gen = torch.Generator(device=task.old_train.x.device).manual_seed(0)
+        fisher = diagonal_fisher(model, task.old_train, head="old", n_samples=args.fisher_samples, generator=gen)
+        del model
+    return MethodContext(task, fisher)
+
+
+def variant_name(memory: str | None, args, method: str = "full") -> str:
+    if method != "full":
+        return f"{method}(AdamW)"
     if memory is None:
         return "AdamW"
     label = {"full": "", "compact": " compact", "low": " low-mem"}[memory]
     return f"PROFIT(AdamW){label} ratio={args.ratio:g} n_ref={args.n_ref}"
 
 
-def make_variant(memory: str | None, args, task: TaskData) -> Variant:
-    """AdamW (memory=None) or PROFIT(AdamW, memory=memory) on a fresh model."""
-    model = build_model(args.model, task, seed=0)
-    if uses_channels_last(args):
-        model = model.to(memory_format=torch.channels_last)
-    model, params = prepare_full(model, args)  # the `full` method: everything but the old head trains
+def make_variant(memory: str | None, args, task: TaskData, method: str = "full",
+                 ctx: MethodContext | None = None) -> Variant:
+    """AdamW (memory=None) or PROFIT(AdamW, memory=memory) on a fresh model prepared by the registry's `method`
+    (default `full`: all but the old head trains) with its default method_args, in the order a trial uses
+    (prepare, then channels_last)."""
+    m = METHODS[method]
+    prepared = m.prepare(build_model(args.model, task, seed=0), m.resolve_args({}), ctx or MethodContext(task))
+    model = prepared.model
+    if uses_channels_last(args.model, args.device):
+        model = model.to(memory_format=torch.channels_last)  # in place: the method's parameter lists stay valid
+    params = list({id(p): p for p in prepared.params}.values())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
     if memory is not None:
         opt = PROFIT(opt, ratio=args.ratio, n_ref=args.n_ref, memory=memory)
-    return Variant(variant_name(memory, args), model, opt)
-
-
-def uses_channels_last(args) -> bool:
-    return args.device == "cuda" and args.model == "resnet18"  # as trial.py does for ResNet on CUDA
+    return Variant(variant_name(memory, args, method), model, opt, prepared.penalty, prepared.extra_state_bytes)
 
 
 def check_device(args) -> None:
@@ -105,7 +152,10 @@ def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n_batches):
         with autocast(args):
-            loss = task.loss(v.model(x, task="new").float(), y)
+            out = v.model(x, task="new").float()
+            loss = task.loss(out, y)
+            if v.penalty is not None:
+                loss = loss + v.penalty(x, out, y)
         loss.backward()
         v.opt.step()
         v.opt.zero_grad(set_to_none=True)
@@ -115,7 +165,7 @@ def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
 
 def kept_bytes(v: Variant) -> int:
     """Bytes the training state keeps between steps: parameters, gradients, optimizer state, θ_ref (or its
-    compact form)."""
+    compact form) and the method's own state (L2-SP/EWC anchors, EWC's Fisher, LwF's teacher)."""
     seen, total = set(), 0
 
     def add(t):
@@ -132,27 +182,37 @@ def kept_bytes(v: Variant) -> int:
     for s in main.state.values():
         for t in s.values():
             add(t)
-    return total + (v.opt.extra_state_bytes() if isinstance(v.opt, PROFIT) else 0)
+    return total + (v.opt.extra_state_bytes() if isinstance(v.opt, PROFIT) else 0) + v.extra_state_bytes
 
 
 def bench_step(args) -> list[dict]:
     check_device(args)
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)
+    methods = bench_methods(args)
+    ctx = method_context(task, args, methods)  # EWC's Fisher: built before any variant, charged to none
+    factories = [lambda memory=memory: make_variant(memory, args, task) for memory in variant_memories(args)]
+    factories += [lambda method=method: make_variant(None, args, task, method, ctx) for method in methods]
+    return measure_step(factories, task, args)
+
+
+def measure_step(factories: list[Callable[[], Variant]], task: TaskData, args) -> list[dict]:
+    """Build and warm up each variant in turn (measuring its memory), then time them all in alternating rounds;
+    the first factory is the baseline the ratios refer to."""
     block = args.n_ref + 1  # whole PROFIT cycles, so reference and main steps are weighed as they occur
     variants, peak = [], {}
     if args.device == "cuda":  # one-time allocations (cuBLAS/cuDNN workspaces) must not be charged to variant 1
         primer = make_variant(None, args, task)
         train_block(primer, task, args, 2)
         del primer
-    for memory in variant_memories(args):  # build + warm up (allocations, cudnn autotune, optimizer state), one by one
+    for factory in factories:  # build + warm up (allocations, cudnn autotune, optimizer state), one by one
         if args.device == "cuda":
             # A variant's peak is counted above what is alive before it is built (the batch, earlier variants,
             # idle with their gradients freed), so every variant is charged for its own memory only.
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        v = make_variant(memory, args, task)
+        v = factory()
         train_block(v, task, args, max(args.warmup, 2 * block))
         peak[v.name] = torch.cuda.max_memory_allocated() - base if args.device == "cuda" else kept_bytes(v)
         variants.append(v)
@@ -182,7 +242,7 @@ def saved_activation_bytes(v: Variant, task: TaskData, args) -> int:
         return t
 
     x, y = task.new_train.x[:args.batch_size], task.new_train.y[:args.batch_size]
-    if uses_channels_last(args):
+    if uses_channels_last(args.model, args.device):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(args):
         loss = task.loss(v.model(x, task="new").float(), y)
@@ -223,9 +283,8 @@ def print_memory(rows: list[dict], args) -> None:
 
 
 def bench_epoch(args) -> list[dict]:
-    """Whole fine-tune epochs through trial.py's training loop (the code every trial runs): on-device data,
+    """Whole fine-tune epochs through the training loop every trial runs (loop.train_steps): on-device data,
     batched augmentation, bf16 autocast, channels_last for ResNet on CUDA, optional torch.compile."""
-    from profit_bench.trial import LoopState, train_steps
     check_device(args)
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.n_images, args.device)
@@ -245,7 +304,8 @@ def bench_epoch(args) -> list[dict]:
             t0 = time.perf_counter()
             train_steps(v.model, v.opt, task.new_train, head="new", loss_fn=task.loss, batch_size=args.batch_size,
                         generator=gen, augment=task.augment, state=state, lr_factor=lambda s: 1.0, max_epochs=1,
-                        on_eval=lambda *a: True, dtype=args.dtype, channels_last=uses_channels_last(args))
+                        on_eval=lambda *a: True, dtype=args.dtype,
+                        channels_last=uses_channels_last(args.model, args.device))
             sync(args.device)
             if epoch:
                 times.append(time.perf_counter() - t0)
@@ -293,11 +353,11 @@ def bench_deviation(args) -> None:
                     cfg["steps"] = args.steps
                 res[memory] = run_trial(cfg)
             e, lo = res["full"], res[alt]
-            d_old.append(lo["old_metric"] - e["old_metric"])
-            d_new.append(lo["new_metric"] - e["new_metric"])
+            d_old.append(lo["old_test"] - e["old_test"])
+            d_new.append(lo["new_test"] - e["new_test"])
             per_weight = [r["profit_state_bytes"] / r["n_trainable"] for r in (e, lo)]
-            print(f"{task:<8} {seed:>4} {e['old_metric']:>10.4f} {lo['old_metric']:>11.4f} "
-                  f"{e['new_metric']:>10.4f} {lo['new_metric']:>11.4f} {per_weight[0]:>6.3f} → {per_weight[1]:.3f}",
+            print(f"{task:<8} {seed:>4} {e['old_test']:>10.4f} {lo['old_test']:>11.4f} "
+                  f"{e['new_test']:>10.4f} {lo['new_test']:>11.4f} {per_weight[0]:>6.3f} → {per_weight[1]:.3f}",
                   flush=True)
         se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")  # noqa: E731
         print(f"{task:<8} {alt} − exact: old {np.mean(d_old):+.4f} ± {se(d_old):.4f}, "
@@ -345,6 +405,10 @@ def print_side_by_side(rows: list[dict], args) -> None:
         print(f"{r['variant']:<44} {1e3 * r['median_batch_s']:>10.2f} {r['median_batch_s'] / base['median_batch_s']:>8.3f}"
               f" {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / base['peak_bytes']:>8.3f}")
     print(f"(median over {rows[0]['n_batches']} batches each, in whole PROFIT cycles, alternating variants)")
+    if bench_methods(args):
+        print("(method(AdamW) rows: AdamW on the parameters the method trains, its loss term on every batch; "
+              + ("its peak includes its state: " if args.device == "cuda" else "bytes add its state: ")
+              + "L2-SP/EWC anchors, EWC's λ·Fisher, LwF's frozen teacher)")
 
 
 def main(argv=None) -> int:
@@ -356,6 +420,12 @@ def main(argv=None) -> int:
     st.add_argument("--batch-size", type=int, default=None, help="default: 512 on cuda, 32 on cpu")
     st.add_argument("--steps", type=int, default=60, help="measured batches per variant (>= 50 recommended)")
     st.add_argument("--warmup", type=int, default=10)
+    st.add_argument("--methods", nargs="+", default=[],
+                    choices=[*(m for m in METHODS if m not in BASE_METHODS), "all"],
+                    help="fine-tuning methods of the registry to add as rows, each trained by AdamW with its loss "
+                         "term (l2sp ewc lwf; all: every method the model supports)")
+    st.add_argument("--fisher-samples", type=int, default=32,
+                    help="old-split examples for EWC's Fisher (computed once, before timing)")
     ep = sub.add_parser("epoch", help="fine-tune epoch time (images/s): AdamW vs PROFIT(AdamW)")
     ep.add_argument("--model", choices=[m for m in MODELS if m != "mlp"], default="resnet18")
     ep.add_argument("--n-images", type=int, default=None, help="default: 50000 on cuda (CIFAR-size), 1024 on cpu")
