@@ -169,8 +169,11 @@ def knee_index(points: np.ndarray, pretrained: tuple[float, float], higher_is_be
 def confirm_choices(df: pd.DataFrame, higher_is_better: bool, arm_col: str = "arm") -> pd.DataFrame:
     """The configurations to confirm: per arm, on its non-diverged rows (`diverged` column, else all finite
     rows), the validation Pareto set's best-old, best-new and knee rows, deduplicated. Returns those rows of
-    `df` with a `choice` column ("best-old,knee", ...). Ties keep the first row in `df` order (deterministic)."""
+    `df` with a `choice` column ("best-old,knee", ...). Ties keep the first row in `df` order (deterministic).
+    With a `config_key` column, the rows of one configuration (several search seeds) are first averaged."""
     ok = df[~df["diverged"].astype(bool)] if "diverged" in df else df
+    if "config_key" in ok and len(ok):
+        ok = _mean_over_seeds(ok, arm_col)
     picked = []
     for _, g in ok.groupby(arm_col, sort=True):
         pts = g[["old_val", "new_val"]].to_numpy(dtype=float)
@@ -190,6 +193,16 @@ def confirm_choices(df: pd.DataFrame, higher_is_better: bool, arm_col: str = "ar
             row["choice"] = ",".join(names)
             picked.append(row)
     return pd.DataFrame(picked).reset_index(drop=True) if picked else df.iloc[0:0].assign(choice=[])
+
+
+def _mean_over_seeds(df: pd.DataFrame, arm_col: str) -> pd.DataFrame:
+    """One row per (arm, config_key): validation metrics averaged over the search seeds, so a configuration is
+    judged once and never confirmed twice for two roles."""
+    metrics = [c for c in ("old_val", "new_val", "old_val_before", "new_val_before") if c in df]
+    keys = [arm_col, "config_key"]
+    means = df.groupby(keys, sort=False)[metrics].mean().reset_index()
+    first = df.drop(columns=metrics).drop_duplicates(keys)
+    return first.merge(means, on=keys, how="left")[list(df.columns)]
 
 
 def fresh_seeds(used, n: int, start: int = 1000) -> list[int]:

@@ -89,3 +89,15 @@ def test_knee_scales_axes_by_pretrained_gap():
 def test_fresh_seeds_avoid_the_search_seeds():
     assert P.fresh_seeds([1000, 1002], 3) == [1001, 1003, 1004]
     assert len(set(P.fresh_seeds(range(5), 5)) & set(range(5))) == 0
+
+
+def test_confirm_choices_judge_a_configuration_once_over_its_seeds():
+    df = pd.DataFrame(dict(arm=["a"] * 4, config_key=["x", "x", "y", "y"], seed=[0, 1, 0, 1],
+                           old_val=[0.1, 0.5, 0.3, 0.3], new_val=[0.5, 0.1, 0.3, 0.3],
+                           old_val_before=[0.0] * 4, new_val_before=[1.0] * 4))
+    ch = P.confirm_choices(df, higher_is_better=False)
+    # Per seed, x's two rows would be best-old (0.1) and best-new (0.1): x confirmed twice. Averaged, x ties y at
+    # (0.3, 0.3) and the first row takes every role once.
+    assert ch["config_key"].tolist() == ["x"]
+    assert ch["choice"].iloc[0] == "best-old,best-new,knee"
+    assert ch["old_val"].iloc[0] == pytest.approx(0.3)
