@@ -258,7 +258,8 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
         for arm, a in g.groupby("arm", sort=True):
             step = mean_ci(a["step_time_median_s"] * 1e3)
             n_tr = float(a["n_trainable"].median())
-            state = float((a["profit_state_bytes"].fillna(0) + a["extra_state_bytes"].fillna(0)).median())
+            # extra_state_bytes already holds PROFIT's state plus the method's; older runs only have PROFIT's.
+            state = float(a["extra_state_bytes"].fillna(a["profit_state_bytes"]).fillna(0).median())
             cuda = a["device"].astype(str).str.startswith("cuda").all() if "device" in a else False
             rows.append(dict(task=task, backbone=model_name(model), model=model, optimizer=opt, arm=arm,
                              is_profit=bool(a["is_profit"].iloc[0]), n=step.n, step_ms=step.mean,

@@ -27,18 +27,21 @@ SELECTION_RULE = (
 
 DIVERGENCE_RULE = (
     f"A trial has diverged when a final validation metric is not finite; for error metrics (MSE) also when it is "
-    f"more than {MSE_BLOWUP:g}× the pretrained model's value and more than {MSE_BLOWUP:g}× the best value of the "
-    f"sweep; for accuracy when it is below chance (1 / number of classes).")
+    f"more than {MSE_BLOWUP:g}× the pretrained model's value and more than {MSE_BLOWUP:g}× the median of the "
+    f"sweep's finite values (the median, not the best: plain fine-tuning legitimately forgets 10–30× the "
+    f"pretrained old-task MSE, while an explosion is orders of magnitude above every ordinary trial); for "
+    f"accuracy when it is below chance (1 / number of classes).")
 
 
 def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
 
 
-def divergence_reason(row, *, higher_is_better: bool, best_old: float, best_new: float,
+def divergence_reason(row, *, higher_is_better: bool, typical_old: float, typical_new: float,
                       chance_old: float | None = None, chance_new: float | None = None) -> str | None:
-    """Why the trial in `row` (old_val, new_val, old_val_before, new_val_before) counts as diverged, or None."""
-    for side, best, chance in (("old", best_old, chance_old), ("new", best_new, chance_new)):
+    """Why the trial in `row` (old_val, new_val, old_val_before, new_val_before) counts as diverged, or None.
+    `typical_*`: the sweep's median finite value of that metric (see DIVERGENCE_RULE)."""
+    for side, typical, chance in (("old", typical_old, chance_old), ("new", typical_new, chance_new)):
         v = row.get(f"{side}_val")
         if not _finite(v):
             return f"{side}_val is not finite"
@@ -48,38 +51,35 @@ def divergence_reason(row, *, higher_is_better: bool, best_old: float, best_new:
                 return f"{side}_val {v:.4g} below chance {chance:.4g}"
         else:
             before = row.get(f"{side}_val_before")
-            anchors = [a for a in (before, best) if _finite(a)]
+            anchors = [a for a in (before, typical) if _finite(a)]
             if anchors and all(v > MSE_BLOWUP * float(a) for a in anchors):
                 return (f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× pretrained ({float(before):.4g}) and "
-                        f"best of sweep ({float(best):.4g})" if _finite(before) and _finite(best)
+                        f"the sweep's median ({float(typical):.4g})" if _finite(before) and _finite(typical)
                         else f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× its anchor")
     return None
 
 
-def _best(values, higher_is_better: bool) -> float:
-    v = pd.to_numeric(pd.Series(values), errors="coerce")
+def _median(values) -> float:
+    v = pd.to_numeric(pd.Series(values, dtype=float), errors="coerce")
     v = v[np.isfinite(v)]
-    if v.empty:
-        return float("nan")
-    return float(v.max() if higher_is_better else v.min())
+    return float(v.median()) if len(v) else float("nan")
 
 
 def mark_diverged(df: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
-    """A copy of `df` with `diverged` (bool) and `diverged_reason` columns. "Best of the sweep" is the best finite
-    value over every row of `df` (one sweep, one task × backbone); chance comes from `chance_old`/`chance_new`
-    columns when present. Rows whose `status` is not ok/diverged (failed, killed) are marked diverged=False:
+    """A copy of `df` with `diverged` (bool) and `diverged_reason` columns. The sweep's median is taken over every
+    row of `df` (one sweep, one task × backbone); chance comes from `chance_old`/`chance_new` columns when
+    present. Rows whose `status` is not ok/diverged (failed, killed) are marked diverged=False:
     they are counted separately."""
     out = df.copy()
-    best_old, best_new = _best(out.get("old_val", []), higher_is_better), _best(out.get("new_val", []),
-                                                                                higher_is_better)
+    typical_old, typical_new = _median(out.get("old_val", [])), _median(out.get("new_val", []))
     reasons = []
     for _, row in out.iterrows():
         status = row.get("status", "ok")
         if status not in ("ok", "diverged", None) and not (isinstance(status, float) and math.isnan(status)):
             reasons.append(None)
             continue
-        reasons.append(divergence_reason(row, higher_is_better=higher_is_better, best_old=best_old,
-                                         best_new=best_new, chance_old=row.get("chance_old"),
+        reasons.append(divergence_reason(row, higher_is_better=higher_is_better, typical_old=typical_old,
+                                         typical_new=typical_new, chance_old=row.get("chance_old"),
                                          chance_new=row.get("chance_new")))
     out["diverged_reason"] = reasons
     out["diverged"] = [r is not None for r in reasons]

@@ -21,6 +21,7 @@ Schema (every key but `task`, `budget`, `methods` optional):
       profit: {lr: {loguniform: [1e-5, 1e-2]}, ratio: {loguniform: [10, 10000]}, n_ref: {int: [1, 5]}}
       adam+profit: {method: full, optimizer: adam, profit: true, lr: 1e-4}   # grid: {grid: [...]}
       vit: {method: profit, models: [vit_tiny], lr: 1e-4}   # an arm's own backbones
+      ewc: {lr: 1e-3, ewc_lambda: {loguniform: [1e2, 1e5]}}  # a method's own knobs (method_args) sit beside them
 
 Every field is checked for type and range before anything runs (`--dry-run` included): a searched value's
 bounds and every grid value go through the same per-field check as a fixed value.
@@ -28,6 +29,7 @@ bounds and every grid value go through the same per-field check as a fixed value
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -193,6 +195,7 @@ def load_spec(name: str, overrides: list[str] | None = None, data_dir=None) -> S
 
 
 # ---------------------------------------------------------------------------------------------- field checks
+@functools.lru_cache(maxsize=1)
 def _trial_hints() -> dict:
     from profit_bench.trial import TrialConfig
     hints = typing.get_type_hints(TrialConfig)
@@ -290,14 +293,18 @@ def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
     arm_models = entry.pop("models", top.models)
     if not isinstance(arm_models, list) or not arm_models:
         raise UserError(f"{where}: methods.{label}.models must be a non-empty list")
-    bad = set(entry) - (set(hints) - owned)
-    if bad:
-        raise UserError(f"{where}: methods.{label}: unknown keys {sorted(bad)}; valid: {sorted(set(hints) - owned)}")
     for m in arm_models:
         try:
-            get_method(entry["method"], m)
+            knobs = get_method(entry["method"], m).args
         except UserError as e:
             raise UserError(f"{where}: methods.{label}: {e}") from None
+    # The method's own knobs (ewc_lambda, lora_r, ...) sit beside the TrialConfig fields and can be searched;
+    # trial_dict folds them into method_args. Their type is their default's.
+    hints = {**hints, **{k: type(v) for k, v in knobs.items()}}
+    valid = set(hints) - owned
+    bad = set(entry) - valid
+    if bad:
+        raise UserError(f"{where}: methods.{label}: unknown keys {sorted(bad)}; valid: {sorted(valid)}")
     space = {}
     for k, v in entry.items():
         values = _dist_values(f"{where}: methods.{label}", k, v, top.search)
@@ -316,6 +323,10 @@ def trial_dict(spec: SweepSpec, point: dict, *, data_dir=None, cache_dir=None, d
     d = {**spec.trial, **arm.fixed, **point.get("params", {}), **spec.budget,
          "task": spec.task, "model": point["model"], "seed": point["seed"], "device": device,
          "data_dir": data_dir, "cache_dir": cache_dir}
+    trial_fields = _trial_hints()
+    knobs = {k: d.pop(k) for k in list(d) if k not in trial_fields and not k.startswith("_")}
+    if knobs:
+        d["method_args"] = {**d.get("method_args", {}), **knobs}
     return d
 
 

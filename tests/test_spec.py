@@ -133,3 +133,18 @@ def test_data_dir_is_checked_on_the_trial_node_and_names_it(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     check_data_dir(str(tmp_path))
     check_data_dir(None)
+
+
+def test_method_knobs_sit_beside_trial_fields_and_become_method_args(tmp_path):
+    from profit_bench.spec import grid_points, trial_dict, validate_spec
+    raw = dict(task="toy", search="grid", budget={"steps": 10},
+               methods={"ewc": {"ewc_lambda": {"grid": [10.0, 1000.0]}, "lr": 1e-3},
+                        "lora": {"lora_r": 4}})
+    spec = validate_spec(raw)
+    dicts = [trial_dict(spec, p) for p in grid_points(spec)]
+    assert [d["method_args"] for d in dicts] == [{"ewc_lambda": 10.0}, {"ewc_lambda": 1000.0}, {"lora_r": 4}]
+    assert all("ewc_lambda" not in d and "lora_r" not in d for d in dicts)
+    with pytest.raises(UserError, match=r"unknown keys \['lora_r'\]"):
+        validate_spec(dict(raw, methods={"ewc": {"lora_r": 4}}))
+    with pytest.raises(UserError, match="lora_r"):
+        validate_spec(dict(raw, methods={"lora": {"lora_r": 2.5}}))  # an int knob
