@@ -138,8 +138,14 @@ def tidy_runs(raw: pd.DataFrame, tables: dict[str, str]) -> pd.DataFrame:
 
 
 def mark_divergence(df: pd.DataFrame) -> pd.DataFrame:
-    """protocol.mark_diverged per experiment × task × backbone (one sweep's "best" each): a finite explosion is
-    `diverged` even where the sweep logged `ok`; the reason is kept."""
+    """protocol.mark_diverged per experiment × task × backbone (one sweep's median each): a finite explosion is
+    `diverged` even where the sweep logged `ok`, and the sweep's own relative tags are re-derived."""
+    # The analysis derives the relative rule afresh (protocol.py may have changed since the sweep tagged its
+    # runs): a `diverged` tag with a reason came from that rule; one without came from the trial (non-finite).
+    df = df.copy()
+    relative = (df["status"] == "diverged") & df["diverged_reason"].notna()
+    df.loc[relative, "status"] = "ok"
+    df.loc[relative, "diverged_reason"] = None
     parts = []
     for _, g in df.groupby(["experiment", "task", "model"], sort=False):
         settled = g["status"].isin(SETTLED)
