@@ -442,3 +442,42 @@ def test_fisher_cached_beside_checkpoint_and_rebuilt_when_missing(tmp_path, monk
     assert r["status"] == "ok" and fpath.is_file()
     assert all(torch.equal(first[k], v) for k, v in pretrain.load_fisher(path, 16).items())
     assert r["extra_state_bytes"] > 0 and r["profit_state_bytes"] == 0
+
+
+def test_shuffled_test_labels_change_no_choice(tmp_path, monkeypatch):
+    """Selection reads validation only: with the test labels of both tasks shuffled, every trial reports the same
+    history and validation results, so protocol.confirm_choices (what the sweep confirms, what the report
+    selects) picks exactly the same configurations; only the test numbers move."""
+    import dataclasses
+
+    import pandas as pd
+
+    from profit_bench import protocol, tasks
+
+    def grid_results():
+        rows = []
+        for arm, method, lr in [("full", "full", 1e-3), ("full", "full", 1e-2), ("profit", "profit", 1e-3),
+                                ("profit", "profit", 1e-2), ("head", "head", 1e-2)]:
+            r = run_trial(tiny(tmp_path, task="digits", method=method, lr=lr, epochs=2))
+            rows.append(dict(arm=arm, lr=lr, **{k: v for k, v in r.items() if k not in ("config",)}))
+        return pd.DataFrame(rows)
+
+    plain = grid_results()
+    spec = tasks.TASKS["digits"]
+
+    def shuffled_build(**kw):
+        data = spec.build(**kw)
+        g = torch.Generator().manual_seed(123)
+        for split in ("old_test", "new_test"):
+            s = getattr(data, split)
+            data = dataclasses.replace(data, **{split: tasks.Split(s.x, s.y[torch.randperm(len(s.y), generator=g)])})
+        return data
+    monkeypatch.setitem(tasks.TASKS, "digits", dataclasses.replace(spec, build=shuffled_build))
+    shuffled = grid_results()
+
+    assert not plain["new_test"].equals(shuffled["new_test"])  # the test labels really changed
+    val_cols = ["old_val", "new_val", "old_val_loss", "new_val_loss", "old_val_before", "new_val_before"]
+    pd.testing.assert_frame_equal(plain[val_cols], shuffled[val_cols])
+    assert plain["history"].tolist() == shuffled["history"].tolist()
+    pick = lambda df: protocol.confirm_choices(protocol.mark_diverged(df, True), True)[["arm", "lr", "choice"]]  # noqa: E731
+    pd.testing.assert_frame_equal(pick(plain), pick(shuffled))
