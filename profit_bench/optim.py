@@ -97,7 +97,7 @@ class PROFIT(Optimizer):
         self._cycle: set[torch.Tensor] = set()
         self._ref_sq = None  # ‖θ_ref‖² at the first cycle of the diagnostics window (a device scalar)
         self._in_anchored = False
-        self._diag_sum, self._diag_n = None, 0
+        self._diag_raw, self._diag_sum, self._diag_n = [], None, 0
         super().__init__(main.param_groups, main.defaults)
         # Share the very list, not only its dicts, so groups added to `main` later are seen here too.
         self.param_groups = main.param_groups
@@ -143,9 +143,19 @@ class PROFIT(Optimizer):
         The only host sync of the diagnostics."""
         if not self._diag_n:
             return {}
+        self._fold_diagnostics()
         means = (self._diag_sum / self._diag_n).tolist()
         self._diag_sum, self._diag_n = None, 0
         return dict(zip(DIAGNOSTICS, means))
+
+    def _fold_diagnostics(self) -> None:
+        """Turn the kept raw terms into the running sums of DIAGNOSTICS (device ops only)."""
+        if not self._diag_raw:
+            return
+        omega, delta_sq, g_sq, ref_sq, projected = torch.stack(self._diag_raw).unbind(1)
+        values = _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected.bool()).sum(dim=1)
+        self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
+        self._diag_raw = []
 
     # ------------------------------------------------------------------ Algorithm 1
     @torch.no_grad()
@@ -246,10 +256,12 @@ class PROFIT(Optimizer):
         self._record(omega, delta_sq, g_sq, ref_sq, projected)
 
     def _record(self, omega, delta_sq, g_sq, ref_sq, projected) -> None:
-        """Add this main step's diagnostics to the device-side running sums (no host sync)."""
-        values = _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected)
-        self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
+        """Keep this main step's raw terms on the device (no host sync); diagnostics() derives the ratios of a
+        whole window at once, so a step pays one stack instead of a dozen scalar kernels."""
+        self._diag_raw.append(torch.stack([omega, delta_sq, g_sq, ref_sq, projected.to(omega.dtype)]))
         self._diag_n += 1
+        if len(self._diag_raw) >= 256:  # bounded memory when diagnostics() is never called
+            self._fold_diagnostics()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -340,7 +352,8 @@ def _maximizing(param_groups) -> bool:
 
 
 def _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected) -> torch.Tensor:
-    """One main step's DIAGNOSTICS as a device vector: projected, cos(g, Δ), ‖g'‖/‖g‖, ‖Δ‖/‖θ_ref‖."""
+    """DIAGNOSTICS of main steps (scalars, or vectors of a window's steps) stacked on dim 0: projected, cos(g, Δ),
+    ‖g'‖/‖g‖, ‖Δ‖/‖θ_ref‖."""
     cos = _safe_div(omega, delta_sq.sqrt() * g_sq.sqrt())
     perp = torch.where(projected, torch.sqrt(torch.clamp(1 - cos * cos, min=0)), torch.ones_like(cos))
     return torch.stack([projected.to(cos.dtype), cos, perp, _safe_div(delta_sq.sqrt(), ref_sq.sqrt())])

@@ -401,7 +401,12 @@ def test_table2_yaml_is_the_papers_grid():
             assert "grid" in arms[(model, "full", opt, False)].space["lr"]
     assert {m for m, *_ in arms} == set(table10) and {k[2] for k in arms} == {"sgd", "adam", "lookahead", "adan",
                                                                             "profit"}
-    assert len(grid_points(spec)) == 3 * 3 * (4 + 1 + 1 + 3 + 1)
+    for model, lrs in table10.items():  # L2-SP, EWC, LwF (issue 18): Adam at its Table 10 lr, 4 strengths each
+        for method, knob in (("l2sp", "l2sp_alpha"), ("ewc", "ewc_lambda"), ("lwf", "lwf_lambda")):
+            arm = arms[(model, method, "adam", False)]
+            assert arm.fixed["lr"] == lrs["adam"] and len(arm.space[knob]["grid"]) == 4
+    # 3 backbones × 3 seeds × (SGD 4 + Adam + Lookahead + Adan 3 + PROFIT + 3 regularisers × 4)
+    assert len(grid_points(spec)) == 3 * 3 * (4 + 1 + 1 + 3 + 1 + 3 * 4)
 
 
 def test_table7_yaml_pairs_every_adapter_with_and_without_profit():

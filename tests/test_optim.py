@@ -364,6 +364,27 @@ def test_diagnostics_agree_with_a_direct_computation():
         assert got[key] == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
+def test_diagnostics_window_longer_than_the_fold_is_the_mean_of_its_steps():
+    """A window of 300 main steps (more than the 256 raw steps kept before folding into sums) reports the mean of
+    the per-step values that a twin optimizer reads one main step at a time."""
+    torch.manual_seed(0)
+    a = small_mlp(dtype=torch.float64)
+    b = copy.deepcopy(a)
+    opt_a = PROFIT(make_main("adam", a), ratio=10.0, n_ref=1)
+    opt_b = PROFIT(make_main("adam", b), ratio=10.0, n_ref=1)
+    batches = make_batches(600, bs=2, dtype=torch.float64)
+    per_step = []
+    for i in range(0, 600, 2):
+        run_fast(a, opt_a, batches[i:i + 2])
+        run_fast(b, opt_b, batches[i:i + 2])
+        step = opt_b.diagnostics()
+        per_step.append([step[k] for k in DIAGNOSTICS[:3]])  # delta_rel's ‖θ_ref‖ is per window
+    got = opt_a.diagnostics()
+    want = torch.tensor(per_step, dtype=torch.float64).mean(0).tolist()
+    for key, w in zip(DIAGNOSTICS[:3], want):
+        assert got[key] == pytest.approx(w, rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("memory", ["compact", "low"])
 def test_diagnostics_in_other_memory_modes(memory):
     runs = {}
