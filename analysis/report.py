@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if (args.tracking_uri or "").startswith(("http://", "https://")):
+            from profit_bench.tracking import check_reachable
+            check_reachable(args.tracking_uri)  # seconds, one line; MLflow's own client retries for minutes
         runs = load_runs(args.experiment, args.tracking_uri)
         out = Path(args.out or Path("reports") / "+".join(sorted(runs["experiment"].unique())))
         path = write_report(runs, out, tracking_uri=args.tracking_uri, curve_runs=args.runs)

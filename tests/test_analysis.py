@@ -351,3 +351,12 @@ def test_cli_keeps_its_flags():
     assert r.returncode == 0, r.stderr[-2000:]
     for flag in ("--experiment", "--tracking-uri", "--out", "--runs"):
         assert flag in r.stdout
+
+
+def test_unreachable_tracking_server_fails_fast_on_one_line():
+    import time
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "analysis.report", "--experiment", "x", "--tracking-uri",
+                        "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and time.monotonic() - t0 < 15
+    assert r.stderr.strip().count("\n") == 0 and "http://127.0.0.1:9" in r.stderr
