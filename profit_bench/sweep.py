@@ -241,8 +241,10 @@ def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
-def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> str:
-    """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it); a Ray task."""
+def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, str]:
+    """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it); a Ray task.
+    Returns the checkpoint's path and the id of the node that built it."""
+    import ray
     import torch
 
     from profit_bench import pretrain
@@ -251,7 +253,7 @@ def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> str:
     path = pretrain.ensure_pretrained(cfg.task, cfg.model, cfg.seed, pretrain.pretrain_config_for(cfg), cache_dir,
                                       data_dir=cfg.data_dir, device=device, limit=cfg.limit,
                                       fisher_samples=pretrain.fisher_samples_for(cfg), progress=progress)
-    return str(path)
+    return str(path), ray.get_runtime_context().get_node_id()
 
 
 def pretrain_keys(dicts, data_dir, device) -> dict:
@@ -279,9 +281,10 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
     task = ray.remote(_pretrain_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     refs = {task.remote(d, cache_dir, not quiet): d for d in keys.values()}
     for ref, d in refs.items():
-        path = ray.get(ref)
+        path, node = ray.get(ref)
         if not quiet:
-            print(f"pretrained {d['task']}/{d['model'] or 'default'} seed {d['seed']} → {path}", flush=True)
+            print(f"pretrained {d['task']}/{d['model'] or 'default'} seed {d['seed']} on node {node[:12]} → {path}",
+                  flush=True)
     return time.perf_counter() - t0
 
 

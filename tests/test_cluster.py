@@ -2,6 +2,7 @@
 MLflow behind a real `mlflow server` on 127.0.0.1: trials spread over nodes, the driver is the only writer."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,13 +17,14 @@ from profit_bench.sweep import main
 SPEC = """
 task: toy
 search: grid
+seeds: [0, 1, 2]
 max_concurrent: 3
 confirm_seeds: 0
 budget: {steps: 200}
 trial: {eval_every: 100, pretrain_steps: 50, limit: 500}
 methods:
-  full: {lr: {grid: [1.0e-4, 1.0e-3, 3.0e-3]}}
-  profit: {lr: {grid: [1.0e-4, 1.0e-3, 3.0e-3]}, ratio: 100}
+  full: {lr: {grid: [1.0e-3]}}
+  profit: {lr: {grid: [1.0e-3, 3.0e-3]}, ratio: 100}
 """
 
 
@@ -55,7 +57,7 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_on_a_three_node_cluster_through_an_mlflow_server(tmp_path, mlflow_server):
+def test_sweep_on_a_three_node_cluster_through_an_mlflow_server(tmp_path, mlflow_server, capsys):
     import ray
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
@@ -72,11 +74,14 @@ def test_sweep_on_a_three_node_cluster_through_an_mlflow_server(tmp_path, mlflow
     finally:
         ray.shutdown()
         cluster.shutdown()
+    builders = set(re.findall(r"pretrained .* on node (\w+) ", capsys.readouterr().out))
+    print("pretraining node ids:", sorted(builders))
+    assert len(builders) >= 2  # the checkpoints were built as Ray tasks on more than one node
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("cluster")
     runs = client.search_runs([exp.experiment_id])
     kids = [r for r in runs if r.data.tags["profit_bench.role"] == "trial"]
-    assert len(kids) == 6 and len({r.data.tags["ray_trial_id"] for r in kids}) == 6
+    assert len(kids) == 9 and len({r.data.tags["ray_trial_id"] for r in kids}) == 9
     assert all(r.info.status == "FINISHED" and r.data.tags["status"] in ("ok", "diverged") for r in kids)
     for r in kids:
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "new_val")) == [0, 100, 200]
