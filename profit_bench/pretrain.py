@@ -15,6 +15,7 @@ Pretraining is the one training loop (`loop.train_steps`) on old-train, training
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,9 +78,49 @@ def config_hash(pcfg: PretrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def cache_key(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig) -> str:
+    """The file stem of one checkpoint; its .json, .pt and .fisher-n<N>.pt files all start with it."""
+    return f"{task_name}-{model_name}-s{seed}-{config_hash(pcfg)}"
+
+
 def cache_path(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir=None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / f"{task_name}-{model_name}-s{seed}-{config_hash(pcfg)}.pt"
+    return root / f"{cache_key(task_name, model_name, seed, pcfg)}.pt"
+
+
+def is_uri(cache_dir) -> bool:
+    return cache_dir is not None and "://" in str(cache_dir)
+
+
+@contextlib.contextmanager
+def local_cache(cache_dir, key: str):
+    """A local folder holding the cache files of `key`. A plain path is used as it is. A URI (s3://, gs://,
+    hdfs://, file://: anything pyarrow.fs reads, as Ray Tune's storage) is mirrored through a local staging folder:
+    the key's files are fetched first, and the files the body wrote or rewrote are uploaded afterwards, so every
+    node of a cluster reads one cache without a shared file system."""
+    if not is_uri(cache_dir):
+        yield Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return
+    from pyarrow import fs
+    try:
+        remote, root = fs.FileSystem.from_uri(str(cache_dir))
+        remote.create_dir(root, recursive=True)
+        listing = remote.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cache {cache_dir} cannot be reached ({e}); check the URI and its credentials") from None
+    stage = default_cache_dir() / "staging" / hashlib.sha256(str(cache_dir).encode()).hexdigest()[:12]
+    stage.mkdir(parents=True, exist_ok=True)
+    remote_sizes = {i.base_name: i.size for i in listing if i.type == fs.FileType.File and i.base_name.startswith(key)}
+    for name, size in remote_sizes.items():
+        local = stage / name
+        if not (local.is_file() and local.stat().st_size == size):
+            fs.copy_files(f"{root}/{name}", str(local), source_filesystem=remote,
+                          destination_filesystem=fs.LocalFileSystem())
+    yield stage
+    for local in stage.glob(f"{key}*"):
+        if local.is_file() and remote_sizes.get(local.name) != local.stat().st_size:
+            fs.copy_files(str(local), f"{root}/{local.name}", source_filesystem=fs.LocalFileSystem(),
+                          destination_filesystem=remote)
 
 
 def fisher_path(ckpt: Path, n_samples: int) -> Path:
@@ -274,15 +315,17 @@ def load_fisher(ckpt, n_samples: int, map_location="cpu") -> dict[str, torch.Ten
 
 def ensure_pretrained(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir, *,
                       data_dir=None, device="cpu", limit=None, fisher_samples: int | None = None,
-                      progress=True) -> Path:
+                      progress=True) -> Path | str:
     """Make sure the checkpoint (and, with fisher_samples, the EWC Fisher) for this key is in the cache, building
     or healing it as needed; return the checkpoint's path. Plain arguments only, so a Ray task can run it."""
     task = get_task(task_name, data_dir=data_dir, device=device, seed=seed, limit=limit)
-    model = load_or_pretrain(task, model_name, seed, pcfg, cache_dir, progress=progress)
-    path = cache_path(task_name, model_name, seed, pcfg, cache_dir)
-    if fisher_samples is not None:
-        fisher_for(model, task, path, fisher_samples, seed)
-    return path
+    key = cache_key(task_name, model_name, seed, pcfg)
+    with local_cache(cache_dir, key) as local:
+        model = load_or_pretrain(task, model_name, seed, pcfg, local, progress=progress)
+        if fisher_samples is not None:
+            fisher_for(model, task, cache_path(task_name, model_name, seed, pcfg, local), fisher_samples, seed)
+    return f"{str(cache_dir).rstrip('/')}/{key}.pt" if is_uri(cache_dir) else cache_path(task_name, model_name,
+                                                                                         seed, pcfg, cache_dir)
 
 
 def fisher_samples_for(cfg) -> int | None:

@@ -484,7 +484,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
     spec = resolve_spec(name, opts)
     experiment = opts.experiment or spec.name
     storage = Path(opts.storage_path).resolve()
-    cache_dir = str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
+    remote_cache = opts.cache_dir is not None and "://" in opts.cache_dir  # a pyarrow.fs URI (pretrain.local_cache)
+    cache_dir = opts.cache_dir if remote_cache else str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
     points = grid_points(spec) if spec.search == "grid" else None
     total = len(points) if points is not None else spec.num_samples * len(spec.arms)
@@ -660,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "sqlite:///mlflow.db in this folder)")
     p.add_argument("--experiment", help="MLflow experiment and Ray run name (default: the spec's name)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR / Fashion-MNIST), present on every node")
-    p.add_argument("--cache-dir", help="pretrained-model cache (default: STORAGE_PATH/pretrain_cache)")
+    p.add_argument("--cache-dir", help="pretrained-model cache (default: STORAGE_PATH/pretrain_cache); a folder "
+                                       "every node reads, or a pyarrow.fs URI (s3://, gs://, ...)")
     p.add_argument("--seed", type=int, help="search with this seed only (replaces the spec's seeds) and seed "
                                             "the samplers with it")
     p.add_argument("--confirm-seeds", type=int, help="fresh seeds per confirmed configuration (default: spec, 5)")

@@ -35,8 +35,8 @@ from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
 from profit_bench.models import MODELS, uses_channels_last
 from profit_bench.optim import MEMORY_MODES, PROFIT, REF_OPTIMIZERS
-from profit_bench.pretrain import (cache_path, default_cache_dir, fisher_for, fisher_samples_for, load_or_pretrain,
-                                   pretrain_config_for)
+from profit_bench.pretrain import (cache_key, cache_path, default_cache_dir, fisher_for, fisher_samples_for,
+                                   load_or_pretrain, local_cache, pretrain_config_for)
 from profit_bench.tasks import TASKS, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
@@ -78,7 +78,7 @@ class TrialConfig:
     dtype: str = "fp32"                 # fp32 | bf16 (autocast)
     compile: bool = False               # torch.compile the model (CUDA; the first epoch pays for compilation)
     data_dir: str | None = None
-    cache_dir: str | None = None        # None → $PROFIT_BENCH_CACHE or ~/.cache/profit_bench
+    cache_dir: str | None = None        # None → $PROFIT_BENCH_CACHE or ~/.cache/profit_bench; or a pyarrow.fs URI
     limit: int | None = None            # subsample every split to this many examples (smoke tests)
 
 
@@ -233,12 +233,13 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     task = get_task(cfg.task, data_dir=cfg.data_dir, device=device, seed=cfg.seed, limit=cfg.limit)
     pcfg = pretrain_config_for(cfg)
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
-    model = load_or_pretrain(task, cfg.model, cfg.seed, pcfg, cache_dir, progress=progress,
-                             build=cfg.pretrain_if_missing)
-    fisher = None
-    if method.needs_fisher:  # from the cache, or rebuilt from the checkpoint (old-train data only)
-        ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, cache_dir)
-        fisher = fisher_for(model, task, ckpt, fisher_samples_for(cfg), cfg.seed)
+    with local_cache(cache_dir, cache_key(task.name, cfg.model, cfg.seed, pcfg)) as local:
+        model = load_or_pretrain(task, cfg.model, cfg.seed, pcfg, local, progress=progress,
+                                 build=cfg.pretrain_if_missing)
+        fisher = None
+        if method.needs_fisher:  # from the cache, or rebuilt from the checkpoint (old-train data only)
+            ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, local)
+            fisher = fisher_for(model, task, ckpt, fisher_samples_for(cfg), cfg.seed)
     before = {f"{s}_before": evaluate(model, task, s)[0] for s in ("old_val", "new_val", "old_test", "new_test")}
 
     # Reseed: fine-tuning must not depend on whether pretraining ran in this process or came from the cache.

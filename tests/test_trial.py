@@ -481,3 +481,25 @@ def test_shuffled_test_labels_change_no_choice(tmp_path, monkeypatch):
     assert plain["history"].tolist() == shuffled["history"].tolist()
     pick = lambda df: protocol.confirm_choices(protocol.mark_diverged(df, True), True)[["arm", "lr", "choice"]]  # noqa: E731
     pd.testing.assert_frame_equal(pick(plain), pick(shuffled))
+
+
+def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, monkeypatch):
+    """A file:// cache URI stands for a bucket: ensure_pretrained uploads the checkpoint (+ Fisher) there, and a
+    trial on a "fresh node" (an empty local staging folder) finds it there instead of pretraining."""
+    import shutil
+    from dataclasses import replace
+    monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "node_a"))
+    bucket = tmp_path / "bucket"
+    uri = bucket.as_uri()
+    cfg = tiny(tmp_path, method="ewc", cache_dir=uri)
+    pcfg = pretrain.pretrain_config_for(resolve(cfg))
+    where = ensure_pretrained("toy", "mlp", 0, pcfg, uri, limit=256, fisher_samples=64)
+    key = pretrain.cache_key("toy", "mlp", 0, pcfg)
+    assert where == f"{uri}/{key}.pt"
+    assert sorted(p.name for p in bucket.iterdir()) == sorted([f"{key}.json", f"{key}.pt", f"{key}.fisher-n64.pt"])
+    shutil.rmtree(tmp_path / "node_a")
+    monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "node_b"))
+    r = run_trial(replace(cfg, pretrain_if_missing=False, method_args={"ewc_fisher_samples": 64}))
+    assert r["status"] == "ok"
+    with pytest.raises(UserError, match="no pretrained checkpoint"):  # nothing there for another seed
+        run_trial(replace(cfg, seed=1, pretrain_if_missing=False))
