@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from profit_bench import UserError
 
@@ -54,16 +54,6 @@ NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "limit", "d
 # PROFIT-only TrialConfig fields: logged and shown only for runs that train through PROFIT.
 PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "ref_optimizer", "ref_kwargs")
 LOOKAHEAD_FIELDS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
-
-# Ranges of the numeric TrialConfig fields: (low, high, low inclusive). Types come from the dataclass.
-RANGES = {
-    "lr": (0, math.inf, True), "ratio": (0, math.inf, False), "n_ref": (1, math.inf, True),
-    "batch_size": (1, math.inf, True), "eval_every": (1, math.inf, True), "limit": (1, math.inf, True),
-    "steps": (1, math.inf, True), "epochs": (1, math.inf, True), "step_size": (1, math.inf, True),
-    "gamma": (0, math.inf, False), "weight_decay": (0, math.inf, True), "warmup_epochs": (0, math.inf, True),
-    "pretrain_steps": (1, math.inf, True), "pretrain_epochs": (1, math.inf, True),
-    "lookahead_k": (1, math.inf, True), "lookahead_alpha": (0, 1, False), "seed": (0, math.inf, True),
-}
 
 
 # ---------------------------------------------------------------------------------------------- YAML
@@ -203,19 +193,14 @@ def _trial_hints() -> dict:
 
 
 def check_field(where: str, key: str, value, hints: dict):
-    """Type (strict: 1.5 is not an int, "abc" not a number) and range of one TrialConfig value."""
+    """Type (strict: 1.5 is not an int, "abc" not a number), range and choices of one TrialConfig value (or a
+    method knob, typed by its default): the trial's own per-field check, so a spec and a trial agree."""
+    from profit_bench.trial import check_value
     try:
-        TypeAdapter(hints[key], config=ConfigDict(strict=True)).validate_python(value)
-    except ValidationError as e:
-        raise UserError(f"{where}.{key}: {_one_line(e)}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}.{key}: must be a finite number, got {value!r}")
-    if key in RANGES and value is not None and not isinstance(value, bool):
-        lo, hi, incl = RANGES[key]
-        if not ((value >= lo if incl else value > lo) and value <= hi):
-            op = ">=" if incl else ">"
-            raise UserError(f"{where}.{key}: must be {op} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
-                            + f", got {value!r}")
+        check_value(key, value, hints[key])
+    except UserError as e:
+        msg = str(e).removeprefix(f"{key} ")  # "limit must be >= 1" reads "spec: trial.limit: must be >= 1"
+        raise UserError(f"{where}.{key}: {msg}") from None
 
 
 def _dist_values(where: str, key: str, value, search: str) -> list | None:
@@ -331,14 +316,10 @@ def trial_dict(spec: SweepSpec, point: dict, *, data_dir=None, cache_dir=None, d
 
 
 def resolved_config(d: dict):
-    """The TrialConfig a trial dict runs with; `profit` says whether it trains through PROFIT (the method may
-    force it), as the trial's own result does."""
-    from dataclasses import replace
-
-    from profit_bench.methods import get_method
+    """The TrialConfig a trial dict runs with; `profit` says whether it trains through PROFIT (trial.resolve sets
+    it where the method forces it), as the trial's own result does."""
     from profit_bench.trial import TrialConfig, resolve
-    cfg = resolve(TrialConfig(**{k: v for k, v in d.items() if not k.startswith("_")}))
-    return replace(cfg, profit=bool(cfg.profit or get_method(cfg.method).profit))
+    return resolve(TrialConfig(**{k: v for k, v in d.items() if not k.startswith("_")}))
 
 
 def corner_configs(spec: SweepSpec):

@@ -94,7 +94,7 @@ CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "dtype": DTYPES, "p
            "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
 
 
-def _check_value(name: str, value, hint):
+def check_value(name: str, value, hint):
     """One field's value as a plain Python value, after checking its type (strict: 1.5 is not an int, True is not
     a number, nan/inf are not values; numpy scalars from a searcher are fine) and range."""
     if value is None:
@@ -135,7 +135,7 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
         cfg = replace(cfg, weight_decay=1e-2 if cfg.optimizer == "adamw" else 0.0)
     cfg = replace(cfg, step_size=cfg.step_size or 1, gamma=1.0 if cfg.gamma is None else cfg.gamma)
     hints = typing.get_type_hints(TrialConfig)
-    cfg = replace(cfg, **{f.name: _check_value(f.name, getattr(cfg, f.name), hints[f.name]) for f in fields(cfg)})
+    cfg = replace(cfg, **{f.name: check_value(f.name, getattr(cfg, f.name), hints[f.name]) for f in fields(cfg)})
     method = get_method(cfg.method, cfg.model)
     method.resolve_args(cfg.method_args)  # unknown knobs fail here, not after pretraining
     cfg = replace(cfg, profit=cfg.profit or method.profit)  # the recorded config says what actually runs
