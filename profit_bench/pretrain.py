@@ -65,7 +65,8 @@ def default_pretrain_config(task_name: str, **overrides) -> PretrainConfig:
 
 def pretrain_config_for(cfg) -> PretrainConfig:
     """The PretrainConfig a TrialConfig's trial loads (its pretrain_steps/epochs, limit and dtype)."""
-    return default_pretrain_config(cfg.task, steps=cfg.pretrain_steps, epochs=cfg.pretrain_epochs, limit=cfg.limit,
+    return default_pretrain_config(cfg.task, steps=cfg.pretrain_steps, epochs=cfg.pretrain_epochs,
+                                   lr=cfg.pretrain_lr, scheduler=cfg.pretrain_scheduler, limit=cfg.limit,
                                    dtype=cfg.dtype)
 
 
@@ -224,24 +225,28 @@ def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=Tr
     total = pcfg.steps if pcfg.steps is not None else pcfg.epochs * batches_per_epoch
 
     t0 = time.perf_counter()
+    curve = []  # old-task validation metric per evaluation: shows whether pretraining reached a plateau
 
     def show(opt_, state, train_loss):
+        curve.append(evaluate(model, task, "old_val")[0])
         if progress:
-            print(f"pretrain {task.name}: step {state.main_steps}/{total} train_loss {train_loss:.4g} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(f"pretrain {task.name}: step {state.main_steps}/{total} train_loss {train_loss:.4g} old_val "
+                  f"{curve[-1]:.4g} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         return True  # the loop itself stops on a non-finite loss
 
+    # Image budgets: one evaluation per epoch; step budgets (toy): ten over the run.
+    every = batches_per_epoch if pcfg.steps is None else max(total // 10, 1)
     state = LoopState()
     train_steps(model, opt, task.old_train, head="old", loss_fn=task.loss, batch_size=pcfg.batch_size,
                 generator=gen, augment=task.augment, state=state,
                 lr_factor=make_lr_factor(pcfg.scheduler, pcfg.step_size, pcfg.gamma, total),
-                max_main_steps=pcfg.steps, max_epochs=pcfg.epochs, eval_every=max(total // 10, 1), on_eval=show,
+                max_main_steps=pcfg.steps, max_epochs=pcfg.epochs, eval_every=every, on_eval=show,
                 dtype=pcfg.dtype)
     if state.diverged:
         raise UserError(f"pretraining {task.name} diverged (non-finite loss); lower the pretraining lr")
     model.requires_grad_(True)
     old_val, old_val_loss = evaluate(model, task, "old_val")
-    return dict(old_val=old_val, old_val_loss=old_val_loss, steps=state.main_steps,
+    return dict(old_val=old_val, old_val_loss=old_val_loss, steps=state.main_steps, old_val_curve=curve,
                 wall_time_s=time.perf_counter() - t0)
 
 
@@ -273,6 +278,28 @@ def load_or_pretrain(task: TaskData, model_name: str, seed: int, pcfg: PretrainC
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
     _save_tensors(path, model.state_dict())
     return model
+
+
+# ---------------------------------------------------------------------------------------------- before metrics
+BEFORE_SPLITS = ("old_val", "new_val", "old_test", "new_test")
+
+
+def before_metrics(model, task: TaskData, ckpt: Path) -> dict:
+    """The pretrained model's metric on every val/test split ({"old_val_before": ..}): a function of the
+    checkpoint alone, so computed once (by the pretraining task) and kept beside it; every trial of that
+    checkpoint reads it instead of evaluating four splits again. Stale when the checkpoint changed."""
+    path = ckpt.with_name(ckpt.stem + f".before-{task.device.type}.json")
+    stamp = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("checkpoint_mtime_ns") == stamp and stamp is not None:
+            return {f"{s}_before": saved[f"{s}_before"] for s in BEFORE_SPLITS}
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    before = {f"{s}_before": evaluate(model, task, s)[0] for s in BEFORE_SPLITS}
+    with contextlib.suppress(OSError):  # a read-only cache: the trial still has its numbers
+        _atomic_write(path, lambda f: f.write(json.dumps({**before, "checkpoint_mtime_ns": stamp}).encode()))
+    return before
 
 
 # ---------------------------------------------------------------------------------------------- EWC Fisher
@@ -322,6 +349,7 @@ def ensure_pretrained(task_name: str, model_name: str, seed: int, pcfg: Pretrain
     key = cache_key(task_name, model_name, seed, pcfg)
     with local_cache(cache_dir, key) as local:
         model = load_or_pretrain(task, model_name, seed, pcfg, local, progress=progress)
+        before_metrics(model, task, cache_path(task_name, model_name, seed, pcfg, local))
         if fisher_samples is not None:
             fisher_for(model, task, cache_path(task_name, model_name, seed, pcfg, local), fisher_samples, seed)
     return f"{str(cache_dir).rstrip('/')}/{key}.pt" if is_uri(cache_dir) else cache_path(task_name, model_name,

@@ -46,11 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from profit_bench import UserError
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+CHOICES = ("best-old", "best-new", "knee")  # protocol.confirm_choices' names
 OBJECTIVES = ("old_val", "new_val", "forgetting_val", "old_val_loss", "new_val_loss")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
 # TrialConfig fields the sweep owns: set from the spec's top level, the CLI or the budget, never per method.
 SWEEP_OWNED = {"task", "model", "seed", "device", "data_dir", "cache_dir", "steps", "epochs", "pretrain_if_missing"}
-NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "limit", "dtype", "method", "method_args"}
+NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit",
+                                "dtype", "method", "method_args"}
 # PROFIT-only TrialConfig fields: logged and shown only for runs that train through PROFIT.
 PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "ref_optimizer", "ref_kwargs")
 LOOKAHEAD_FIELDS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
@@ -98,11 +100,22 @@ class SweepSpec:
     trial: dict            # TrialConfig values shared by every trial
     arms: list[Arm]
     raw: dict = field(repr=False, default_factory=dict)  # the validated YAML
+    confirm_choices: tuple = CHOICES   # which of each arm's validation choices the confirmation re-runs
+    ablate: dict | None = None         # {arm, n_ref: [...], ratio: [...], seeds: n}: the ablation stage, or None
 
     def resolved(self) -> dict:
         """The spec as run (CLI overrides applied), for the MLflow parent run."""
         return {**self.raw, "name": self.name, "seeds": self.seeds, "num_samples": self.num_samples,
                 "confirm_seeds": self.confirm_seeds, "objectives": self.objectives}
+
+
+class _Ablate(BaseModel):
+    """Tables 8/9 around the confirmed knee of one PROFIT arm: one knob varied at a time, on confirmation seeds."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    arm: str = "profit"
+    n_ref: list[typing.Annotated[int, Field(ge=1)]] = [1, 2, 5]
+    ratio: list[typing.Annotated[float, Field(gt=0)] | typing.Annotated[int, Field(gt=0)]] = [10, 100, 1000, 10000]
+    seeds: int | None = Field(default=None, ge=1)  # the first N confirmation seeds (default: all of them)
 
 
 class _Top(BaseModel):
@@ -120,6 +133,8 @@ class _Top(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1)
     objectives: list[Literal[OBJECTIVES]] = Field(default=["old_val", "new_val"], min_length=1, max_length=2)
     confirm_seeds: int = Field(default=5, ge=0)
+    confirm_choices: list[Literal[CHOICES]] = Field(default=list(CHOICES), min_length=1)
+    ablate: _Ablate | None = None
     early_stop: bool = False
     budget: dict[Literal["steps", "epochs"], typing.Annotated[int, Field(ge=1)]] = Field(min_length=1,
                                                                                          max_length=1)
@@ -171,6 +186,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_spec(name: str, overrides: list[str] | None = None, data_dir=None) -> SweepSpec:
     """Read, override and validate a sweep YAML (schema in the module docstring)."""
+    path, raw = read_yaml(name)
+    if "workloads" in raw:
+        raise UserError(f"{path} is a suite (workloads: ...), not one sweep; run it with python -m "
+                        f"profit_bench.sweep {name}")
+    raw = apply_overrides(raw, overrides)
+    if data_dir is not None and raw.get("task_if_data_dir"):
+        raw["task"] = raw["task_if_data_dir"]
+    return validate_spec(raw, default_name=path.stem, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- suites
+@dataclass
+class Suite:
+    """Several sweeps (workloads) run by one command in one Ray session; workload W is experiment NAME_W."""
+    name: str
+    description: str
+    workloads: dict[str, SweepSpec]
+
+
+def read_yaml(name: str) -> tuple[Path, dict]:
     path = find_spec_file(name)
     try:
         raw = yaml_load(path.read_text())
@@ -178,10 +213,42 @@ def load_spec(name: str, overrides: list[str] | None = None, data_dir=None) -> S
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the sweep spec must be a mapping with keys task, budget, methods, ...")
-    raw = apply_overrides(raw, overrides)
-    if data_dir is not None and raw.get("task_if_data_dir"):
-        raw["task"] = raw["task_if_data_dir"]
-    return validate_spec(raw, default_name=path.stem, where=str(path))
+    return path, raw
+
+
+def is_suite(name: str) -> bool:
+    return "workloads" in read_yaml(name)[1]
+
+
+def load_suite(name: str, overrides: list[str] | None = None, data_dir=None, only: list[str] | None = None) -> Suite:
+    """A suite YAML: `suite:` (name), `description:`, `workloads: {label: <sweep spec>}` (YAML anchors and `<<:`
+    merge keys share arms between workloads). `--set workloads.W.KEY=V` edits one workload, any other `--set`
+    every workload. Top-level `x-*` keys only hold YAML anchors. `only` keeps those workloads, in the suite's order."""
+    path, raw = read_yaml(name)
+    extra = {k for k in raw if not str(k).startswith("x-")} - {"suite", "description", "workloads"}
+    if extra:
+        raise UserError(f"{path}: unknown suite keys {sorted(extra)}; valid: description, suite, workloads, and "
+                        f"x-* (blocks for YAML anchors)")
+    mine = [o for o in overrides or [] if o.startswith("workloads.")]
+    raw = apply_overrides(raw, mine)
+    if not isinstance(raw.get("workloads"), dict) or not raw["workloads"]:
+        raise UserError(f"{path}: workloads must be a non-empty mapping of label → sweep spec")
+    suite = str(raw.get("suite") or path.stem)
+    labels = list(raw["workloads"])
+    unknown = [w for w in only or [] if w not in labels]
+    if unknown:
+        raise UserError(f"unknown workload(s) {', '.join(unknown)} in suite {suite}; it has {', '.join(labels)}")
+    rest = [o for o in overrides or [] if not o.startswith("workloads.")]
+    specs = {}
+    for label in [w for w in labels if not only or w in only]:
+        w = raw["workloads"][label]
+        if not isinstance(w, dict):
+            raise UserError(f"{path}: workloads.{label} must be a sweep spec mapping")
+        w = apply_overrides({k: v for k, v in w.items() if k != "name"}, rest)
+        if data_dir is not None and w.get("task_if_data_dir"):
+            w["task"] = w["task_if_data_dir"]
+        specs[label] = validate_spec(w, default_name=f"{suite}_{label}", where=f"{path}: workloads.{label}")
+    return Suite(suite, str(raw.get("description") or ""), specs)
 
 
 # ---------------------------------------------------------------------------------------------- field checks
@@ -263,13 +330,31 @@ def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -
                      seeds=list(top.seeds), search=top.search, sampler=top.sampler, num_samples=num_samples,
                      max_concurrent=top.max_concurrent, objectives=list(top.objectives),
                      confirm_seeds=top.confirm_seeds, early_stop=top.early_stop, budget=dict(top.budget),
-                     trial=dict(trial), arms=arms, raw=raw)
+                     trial=dict(trial), arms=arms, raw=raw, confirm_choices=tuple(top.confirm_choices),
+                     ablate=top.ablate.model_dump() if top.ablate else None)
+    if top.ablate:
+        check_ablation(spec, where)
     for d in corner_configs(spec):  # the trial code's own cross-field checks (optimizer, warmup ≤ epochs, ...)
         try:
             resolved_config(d)
         except (UserError, TypeError) as e:
             raise UserError(f"{where}: methods.{d['_arm']}: {e}") from None
     return spec
+
+
+def check_ablation(spec: SweepSpec, where: str) -> None:
+    ab = spec.ablate
+    arm = next((a for a in spec.arms if a.label == ab["arm"]), None)
+    if arm is None:
+        raise UserError(f"{where}: ablate.arm {ab['arm']!r} is not one of the methods "
+                        f"({', '.join(a.label for a in spec.arms)})")
+    if spec.confirm_seeds == 0 or "knee" not in spec.confirm_choices:
+        raise UserError(f"{where}: ablate needs the confirmation stage with its knee (confirm_seeds > 0, "
+                        f"confirm_choices including knee): it varies the confirmed knee's n_ref and ratio")
+    d = next(d for d in corner_configs(spec) if d["_arm"] == arm.label)
+    if not resolved_config(d).profit:
+        raise UserError(f"{where}: ablate.arm {arm.label!r} does not train through PROFIT; n_ref and ratio "
+                        f"mean nothing")
 
 
 def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:

@@ -18,6 +18,8 @@ parallel, into a cache under --storage-path (or --cache-dir); trials only load i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import pickle
@@ -62,6 +64,7 @@ class Options:
     quiet: bool = False
     overrides: tuple = ()
     verbose: int = 1
+    workloads: list | None = None
 
 
 def check_options(opts: Options) -> None:
@@ -79,7 +82,10 @@ def check_options(opts: Options) -> None:
 
 
 def resolve_spec(name: str, opts: Options) -> SweepSpec:
-    spec = load_spec(name, list(opts.overrides), data_dir=opts.data_dir)
+    return apply_options(load_spec(name, list(opts.overrides), data_dir=opts.data_dir), opts)
+
+
+def apply_options(spec: SweepSpec, opts: Options) -> SweepSpec:
     if opts.seed is not None:
         spec.seeds = [opts.seed]
     if opts.num_samples is not None:
@@ -241,19 +247,25 @@ def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
-def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, str]:
+def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
     """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it); a Ray task.
-    Returns the checkpoint's path and the id of the node that built it."""
+    Returns the checkpoint's path, the id of the node that built it, the seconds it took and its metadata."""
+    import json
+
     import ray
     import torch
 
     from profit_bench import pretrain
+    t0 = time.perf_counter()
     cfg = resolved_config(cfg_dict)
     device = "cuda" if cfg_dict["device"] == "cuda" and torch.cuda.is_available() else "cpu"
     path = pretrain.ensure_pretrained(cfg.task, cfg.model, cfg.seed, pretrain.pretrain_config_for(cfg), cache_dir,
                                       data_dir=cfg.data_dir, device=device, limit=cfg.limit,
                                       fisher_samples=pretrain.fisher_samples_for(cfg), progress=progress)
-    return str(path), ray.get_runtime_context().get_node_id()
+    meta = {}
+    with contextlib.suppress(OSError, ValueError):  # a URI cache: the local copy may be gone; curves are extras
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+    return str(path), ray.get_runtime_context().get_node_id(), time.perf_counter() - t0, meta
 
 
 def pretrain_keys(dicts, data_dir, device) -> dict:
@@ -263,29 +275,52 @@ def pretrain_keys(dicts, data_dir, device) -> dict:
     for d in dicts:
         d = {**{k: v for k, v in d.items() if not k.startswith("_")}, "data_dir": data_dir, "device": device}
         cfg = resolved_config(d)
-        keys.setdefault((cfg.model, cfg.seed, pretrain_config_for(cfg), fisher_samples_for(cfg)), d)
+        keys.setdefault((cfg.task, cfg.model, cfg.seed, pretrain_config_for(cfg), fisher_samples_for(cfg)), d)
     return keys
 
 
-def stage_dicts(spec: SweepSpec, points) -> list[dict]:
-    """Trial dicts covering every checkpoint a stage loads (Optuna: each arm's corners × the search seeds)."""
+def sweep_seeds(spec: SweepSpec) -> list[int]:
+    """Search seeds, then the confirmation's fresh seeds (known before the search: protocol.fresh_seeds)."""
+    from profit_bench.protocol import fresh_seeds
+    return list(spec.seeds) + fresh_seeds(spec.seeds, spec.confirm_seeds)
+
+
+def stage_dicts(spec: SweepSpec, points, seeds=None) -> list[dict]:
+    """Trial dicts covering every checkpoint a stage loads (Optuna: each arm's corners × `seeds`, default the
+    search seeds)."""
     if points is not None:
-        return [trial_dict(spec, p) for p in points]
-    return [{**d, "seed": s} for d in corner_configs(spec) for s in spec.seeds]
+        return [{**trial_dict(spec, p), **({"seed": s} if seeds else {})} for p in points for s in seeds or [None]]
+    return [{**d, "seed": s} for d in corner_configs(spec) for s in (seeds or spec.seeds)]
 
 
-def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, quiet: bool) -> float:
-    """Every missing checkpoint as a Ray task with the trials' resources, all in parallel."""
+# Rough relative cost of pretraining a backbone: the longest tasks go first so the last slot is not left alone.
+PRETRAIN_ORDER = ("vit_small", "vit_tiny", "resnet18", "vit_micro", "resnet_small")
+
+
+def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, quiet: bool,
+                        meter: "Meter | None" = None) -> tuple[float, dict]:
+    """Every checkpoint of `keys` not built yet by this driver (meter.pretrained) as a Ray task with the trials'
+    resources, all in parallel, longest first. Returns (seconds, {key: checkpoint metadata})."""
     import ray
     t0 = time.perf_counter()
+    known = meter.pretrained if meter is not None else {}
+    todo = {k: d for k, d in keys.items() if k not in known}
+    rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
+    todo = dict(sorted(todo.items(), key=lambda kv: rank.get(kv[0][1], len(rank))))
     task = ray.remote(_pretrain_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    refs = {task.remote(d, cache_dir, not quiet): d for d in keys.values()}
-    for ref, d in refs.items():
-        path, node = ray.get(ref)
+    refs = {task.remote(d, cache_dir, not quiet): k for k, d in todo.items()}
+    out = {k: known[k] for k in keys if k in known}
+    for ref, k in refs.items():
+        path, node, seconds, meta = ray.get(ref)
+        out[k] = meta
+        if meter is not None:
+            meter.pretrained[k] = meta
+            meter.busy_s += seconds
         if not quiet:
-            print(f"pretrained {d['task']}/{d['model'] or 'default'} seed {d['seed']} on node {node[:12]} → {path}",
-                  flush=True)
-    return time.perf_counter() - t0
+            d = todo[k]
+            print(f"pretrained {d['task']}/{d['model'] or 'default'} seed {d['seed']} on node {node[:12]} in "
+                  f"{seconds:.0f}s (old val {meta.get('old_val', float('nan')):.4g}) → {path}", flush=True)
+    return time.perf_counter() - t0, out
 
 
 # ---------------------------------------------------------------------------------------------- driver helpers
@@ -327,10 +362,11 @@ def init_ray(address: str | None):
         ray.init(num_cpus=os.cpu_count(), object_store_memory=200 * 1024 ** 2, **kw)
 
 
-def task_direction(spec: SweepSpec, data_dir) -> tuple[str, bool]:
-    from profit_bench.tasks import get_task
-    task = get_task(spec.task, data_dir=data_dir, limit=8)
-    return task.metric, task.higher_is_better
+def task_facts(spec: SweepSpec, data_dir) -> tuple[str, bool, dict]:
+    """The task's metric, its direction and the size of each split the trials see (after `trial.limit`)."""
+    from profit_bench.tasks import SPLITS, get_task
+    task = get_task(spec.task, data_dir=data_dir, limit=spec.trial.get("limit"))
+    return task.metric, task.higher_is_better, {k: len(getattr(task, k)) for k in SPLITS}
 
 
 def _fmt(v) -> str:
@@ -342,11 +378,55 @@ def _progress_base():
     return tune.Callback
 
 
-class Progress(_progress_base()):
-    """One compact line per finished trial: stage, arm and knobs, old/new validation metric, status, time."""
+def _dur(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
-    def __init__(self, spec: SweepSpec, total: int, stage: str):
+
+@dataclass
+class Meter:
+    """Progress and accounting of one command (a sweep, or a suite of them): trials done / planned, elapsed, ETA,
+    and the busy slot-seconds (trials and pretraining tasks) against which the harness overhead is measured."""
+    concurrent: int = 1
+    t0: float = field(default_factory=time.perf_counter)
+    planned: dict = field(default_factory=dict)   # workload → trials it will run (upper bound until known)
+    done: dict = field(default_factory=dict)      # workload → trials finished (failed included)
+    trial_s: dict = field(default_factory=dict)   # workload → [seconds of each trial that ran here]
+    busy_s: float = 0.0                           # trial + pretraining seconds run in this process's session
+    pretrained: dict = field(default_factory=dict)  # pretrain key → checkpoint metadata (built or found)
+
+    def finished(self, workload: str, seconds: float | None):
+        self.done[workload] = self.done.get(workload, 0) + 1
+        if seconds is not None:
+            self.busy_s += seconds
+            self.trial_s.setdefault(workload, []).append(seconds)
+
+    def eta(self) -> float | None:
+        """Remaining trials × their workload's mean trial time (the mean over all workloads for one not started)
+        / concurrent trials."""
+        every = [x for v in self.trial_s.values() for x in v]
+        if not every:
+            return None
+        left = 0.0
+        for w, n in self.planned.items():
+            ts = self.trial_s.get(w) or every
+            left += max(0, n - self.done.get(w, 0)) * sum(ts) / len(ts)
+        return left / max(1, self.concurrent)
+
+    def line(self) -> str:
+        done, total = sum(self.done.values()), sum(self.planned.values())
+        eta = self.eta()
+        return (f"{done}/~{total} trials, {_dur(time.perf_counter() - self.t0)} elapsed, "
+                f"ETA {'~' + _dur(eta) if eta is not None else '?'}")
+
+
+class Progress(_progress_base()):
+    """One compact line per finished trial: stage, arm and knobs, old/new validation metric, status, time, and
+    the command's trials done / planned, elapsed time and ETA."""
+
+    def __init__(self, spec: SweepSpec, total: int, stage: str, meter: Meter, workload: str):
         self.spec, self.total, self.stage, self.done = spec, total, stage, 0
+        self.meter, self.workload = meter, workload
 
     def _name(self, trial) -> str:
         point = trial.config["point"]
@@ -355,11 +435,14 @@ class Progress(_progress_base()):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result or {}
+        self.meter.finished(self.workload, None if r.get("replayed") else r.get("trainable_s"))
         print(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | old_val {_fmt(r.get('old_val'))} "
-              f"new_val {_fmt(r.get('new_val'))} | {r.get('status', '?')} {r.get('wall_time_s', 0):.1f}s", flush=True)
+              f"new_val {_fmt(r.get('new_val'))} | {r.get('status', '?')} {r.get('wall_time_s', 0):.1f}s | "
+              f"{self.meter.line()}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
+        self.meter.finished(self.workload, None)
         print(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | FAILED (traceback: "
               f"{trial.local_path}/error.txt; MLflow tag `error`)", flush=True)
 
@@ -395,14 +478,15 @@ class Stage:
     total: int
 
 
-def run_stage(stage: Stage, spec, ctx: SweepContext, logger, opts: Options, modes, cpus, gpus, concurrent):
+def run_stage(stage: Stage, spec, ctx: SweepContext, logger, opts: Options, modes, cpus, gpus, concurrent,
+              meter: Meter, workload: str):
     """One Tuner (new or restored) to the end or to an interrupt; the trials afterwards, or None if interrupted
     before Tune returned."""
     from ray import tune
     ctx = replace(ctx, done=logger.done_results())
     logger.trials = []  # filled by this stage's callbacks
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": cpus, "gpu": gpus})
-    callbacks = [logger, Progress(spec, stage.total, stage.name)]
+    callbacks = [logger, Progress(spec, stage.total, stage.name, meter, workload)]
     if (stage.exp_dir / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(stage.exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         # restore() keeps the callbacks pickled with the tuner; this driver's logger must be the live one.
@@ -447,14 +531,61 @@ def stage_frame(trials, higher_is_better: bool):
     return pd.concat([protocol.mark_diverged(g, higher_is_better) for _, g in df.groupby("model", dropna=False)])
 
 
+def confirm_rows(df, spec: SweepSpec, higher_is_better: bool):
+    """Per arm, the validation choices (protocol.confirm_choices) the spec confirms (`confirm_choices`)."""
+    from profit_bench import protocol
+    chosen = protocol.confirm_choices(df, higher_is_better)
+    wanted = set(spec.confirm_choices)
+    return chosen[[bool(wanted & set(c.split(","))) for c in chosen["choice"]]] if len(chosen) else chosen
+
+
 def confirm_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
     from profit_bench import protocol
     if df.empty or spec.confirm_seeds == 0:
         return []
-    chosen = protocol.confirm_choices(df, higher_is_better)
     seeds = protocol.fresh_seeds(spec.seeds, spec.confirm_seeds)
     return [make_point(row["arm"], row["model"], s, row["params"], stage="confirm", choice=row["choice"])
-            for _, row in chosen.iterrows() for s in seeds]
+            for _, row in confirm_rows(df, spec, higher_is_better).iterrows() for s in seeds]
+
+
+def ablation_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
+    """Tables 8/9 around the ablated arm's confirmed knee: its n_ref over `ablate.n_ref` (ratio kept), then its
+    ratio over `ablate.ratio` (n_ref kept), on the first `ablate.seeds` confirmation seeds. The knee itself is
+    not re-run: its confirmation runs are the centre of both ablations."""
+    from profit_bench import protocol
+    ab = spec.ablate
+    if ab is None or df.empty or spec.confirm_seeds == 0:
+        return []
+    rows = confirm_rows(df, spec, higher_is_better)
+    if rows.empty:  # every trial of every arm diverged
+        return []
+    seeds = protocol.fresh_seeds(spec.seeds, spec.confirm_seeds)[:ab["seeds"] or spec.confirm_seeds]
+    points = []
+    knees = rows[(rows["arm"] == ab["arm"]) & rows["choice"].astype(str).str.contains("knee")]
+    for _, row in knees.iterrows():
+        knee = resolved_config(trial_dict(spec, {"arm": row["arm"], "model": row["model"], "seed": seeds[0],
+                                                 "params": row["params"]}))
+        for knob, values, current in (("n_ref", ab["n_ref"], knee.n_ref), ("ratio", ab["ratio"], knee.ratio)):
+            for v in values:
+                if float(v) == float(current):
+                    continue
+                params = {**row["params"], knob: int(v) if knob == "n_ref" else float(v)}
+                points += [make_point(row["arm"], row["model"], s, params, stage="ablation", choice="ablation",
+                                      ablation_knob=knob) for s in seeds]
+    return points
+
+
+def planned_trials(spec: SweepSpec, search_total: int) -> int:
+    """An upper bound of a sweep's trials before its search has run (choices may coincide; a knee may sit on a
+    grid value of the ablation)."""
+    n_models = sum(len(a.models) for a in spec.arms)
+    confirm = n_models * len(spec.confirm_choices) * spec.confirm_seeds
+    ab = spec.ablate
+    ablation = 0
+    if ab and spec.confirm_seeds:
+        arm = next(a for a in spec.arms if a.label == ab["arm"])
+        ablation = len(arm.models) * (len(ab["n_ref"]) + len(ab["ratio"])) * (ab["seeds"] or spec.confirm_seeds)
+    return search_total + confirm + ablation
 
 
 def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> dict:
@@ -474,18 +605,30 @@ def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> 
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
-    """Search + confirmation; returns the exit code (0 ok, 1 every trial failed, 130 interrupted)."""
+ACTIVE: dict = {}  # "abort": the running sweep's clean stop (a suite's SIGTERM handler calls it)
+
+
+@dataclass
+class SuiteRun:
+    """What run_sweep needs to know when it runs as one workload of a suite."""
+    name: str                # the suite's name (tag `suite` on every workload's parent run)
+    command: str             # the command line (tag `suite_command`)
+    workload: str
+
+
+def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: SweepSpec | None = None,
+              meter: Meter | None = None, suite: SuiteRun | None = None) -> int:
+    """Search + confirmation (+ ablation); returns the exit code (0 ok, 1 every trial failed, 130 interrupted).
+    A suite passes the workload's `spec`, its shared `meter` and `suite`; Ray is then already running."""
     from profit_bench import tracking
     check_options(opts)
     uri = tracking.absolute_tracking_uri(opts.tracking_uri)
-    if not opts.dry_run:  # first: a dead server fails in seconds, on one line, before torch or Ray load
+    if not opts.dry_run and suite is None:  # first: a dead server fails in seconds, on one line, before torch/Ray
         tracking.check_reachable(uri)
-    spec = resolve_spec(name, opts)
+    spec = resolve_spec(name, opts) if spec is None else spec
     experiment = opts.experiment or spec.name
     storage = Path(opts.storage_path).resolve()
-    remote_cache = opts.cache_dir is not None and "://" in opts.cache_dir  # a pyarrow.fs URI (pretrain.local_cache)
-    cache_dir = opts.cache_dir if remote_cache else str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
+    cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
     points = grid_points(spec) if spec.search == "grid" else None
     total = len(points) if points is not None else spec.num_samples * len(spec.arms)
@@ -507,13 +650,18 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
         if state["sweep"] is not None and state["sweep"].parent_id is not None:
             state["sweep"].kill_running(state["wall_before"] + time.perf_counter() - state["t0"])
         interrupted(argv, name)
-    init_ray(opts.address)
-    install_sigterm(abort)  # after ray.init, which installs a C++ handler that aborts the process on SIGTERM
+    ACTIVE["abort"] = abort
+    if suite is None:
+        init_ray(opts.address)
+        install_sigterm(abort)  # after ray.init, which installs a C++ handler that aborts the process on SIGTERM
     import ray
     cpus, gpus, concurrent = plan_resources(opts, spec, ray.cluster_resources())
     device = "cuda" if gpus > 0 else "cpu"
-    metric_name, higher_is_better = task_direction(spec, data_dir)
+    metric_name, higher_is_better, sizes = task_facts(spec, data_dir)
     modes = objective_modes(spec, higher_is_better)
+    workload = suite.workload if suite else spec.name
+    meter = meter or Meter(concurrent=concurrent)
+    meter.planned[workload] = planned_trials(spec, total)
 
     if previous is not None:
         exp_dir = Path(previous.data.tags["sweep_dir"])
@@ -522,11 +670,12 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
         wall_before = previous.data.metrics.get("wall_time_s", 0.0)
     else:
         exp_dir = storage / f"{experiment}_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+        tags = {"suite": suite.name, "suite_command": suite.command, "suite_workload": suite.workload} if suite else {}
         sweep.create(exp_dir, spec, yaml.safe_dump(spec.resolved(), sort_keys=False),
                      {**{f"cli.{k}": v for k, v in asdict(opts).items() if k not in ("dry_run", "verbose")},
                       "cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent,
                       "objectives": ",".join(spec.objectives), "modes": ",".join(modes), "num_trials": total,
-                      "trials_per_arm": total // len(spec.arms)}, device)
+                      "trials_per_arm": total // len(spec.arms), "data_sizes": json.dumps(sizes)}, device, tags)
         wall_before = 0.0
 
     t_start = time.perf_counter()
@@ -537,25 +686,31 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
                        fail_arm=os.environ.get(FAIL_ENV))
     status, df = "KILLED", None
     t_pretrain = 0.0
+    args = (spec, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
     try:
         print(f"sweep {spec.name}: {total} search trials ({total // len(spec.arms)} per arm), {concurrent} at once, "
               f"{cpus:g} CPU + {gpus:g} GPU each → {exp_dir}", flush=True)
-        t_pretrain += pretrain_on_cluster(pretrain_keys(stage_dicts(spec, points), data_dir, device), cache_dir,
-                                          cpus, gpus, opts.quiet)
-        search = Stage("search", exp_dir, points, total)
-        trials = run_stage(search, spec, ctx, logger, opts, modes, cpus, gpus, concurrent)
+        # Every seed's checkpoint up front (the confirmation's fresh seeds are known now): one parallel batch.
+        seconds, metas = pretrain_on_cluster(pretrain_keys(stage_dicts(spec, points, sweep_seeds(spec)), data_dir,
+                                                           device), cache_dir, cpus, gpus, opts.quiet, meter)
+        t_pretrain += seconds
+        sweep.log_pretraining(metas)
+        trials = run_stage(Stage("search", exp_dir, points, total), *args)
         if not _all_done(trials, total):
             return interrupted(argv, name)
         df = stage_frame(trials, higher_is_better)
         for _, row in df[df["diverged"]].iterrows() if not df.empty else []:
             logger.tag_diverged(row["trial_id"], row["diverged_reason"])
-        confirm = confirm_points(df, spec, higher_is_better)
-        if confirm:
-            t_pretrain += pretrain_on_cluster(pretrain_keys(stage_dicts(spec, confirm), data_dir, device), cache_dir,
-                                              cpus, gpus, opts.quiet)
-            trials = run_stage(Stage("confirm", exp_dir / "confirm", confirm, len(confirm)), spec, ctx, logger,
-                               opts, modes, cpus, gpus, concurrent)
-            if not _all_done(trials, len(confirm)):
+        later = [("confirm", confirm_points(df, spec, higher_is_better)),
+                 ("ablation", ablation_points(df, spec, higher_is_better))]
+        meter.planned[workload] = total + sum(len(p) for _, p in later)
+        for stage_name, stage_points in later:
+            if not stage_points:
+                continue
+            t_pretrain += pretrain_on_cluster(pretrain_keys(stage_dicts(spec, stage_points), data_dir, device),
+                                              cache_dir, cpus, gpus, opts.quiet, meter)[0]
+            trials = run_stage(Stage(stage_name, exp_dir / stage_name, stage_points, len(stage_points)), *args)
+            if not _all_done(trials, len(stage_points)):
                 return interrupted(argv, name)
         if spec.search == "optuna":
             close_orphan_optuna_trials(f"sqlite:///{exp_dir / 'optuna.db'}")
@@ -571,6 +726,96 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None) -> int:
         metrics = summary_metrics(children, df if df is not None else _empty(), higher_is_better)
         sweep.finish(status, {**metrics, "wall_time_s": wall, "pretrain_s": t_pretrain})
     return report(children, metrics, exp_dir, experiment, uri, wall)
+
+
+def resolve_cache_dir(opts: Options, storage: Path) -> str:
+    if opts.cache_dir is not None and "://" in opts.cache_dir:  # a pyarrow.fs URI (pretrain.local_cache)
+        return opts.cache_dir
+    return str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
+
+
+def run_suite(name: str, opts: Options, argv: list[str]) -> int:
+    """Every workload of a suite, one after the other, in one Ray session: all checkpoints pretrained up front as
+    one parallel batch, then each workload's sweep (experiment SUITE_WORKLOAD). Prints the wall time and the
+    harness overhead: the share of the slots' time (wall × concurrent trials) not spent inside a trial or a
+    pretraining task (Ray and actor start-up, MLflow, stage barriers, idle slots)."""
+    from profit_bench import tracking
+    from profit_bench.spec import load_suite
+    check_options(opts)
+    if opts.experiment:
+        raise UserError("--experiment names one sweep; a suite's workloads are the experiments SUITE_WORKLOAD")
+    uri = tracking.absolute_tracking_uri(opts.tracking_uri)
+    suite = load_suite(name, list(opts.overrides), data_dir=opts.data_dir, only=opts.workloads)
+    specs = {w: apply_options(spec, opts) for w, spec in suite.workloads.items()}
+    command = "python -m profit_bench.sweep " + shlex.join(argv)
+    if opts.dry_run:
+        for w, spec in specs.items():
+            print(f"--- workload {w} (experiment {suite.name}_{w})")
+            dry_run(spec, opts, grid_points(spec) if spec.search == "grid" else None,
+                    search_total(spec), f"{suite.name}_{w}", uri)
+        return 0
+    tracking.check_reachable(uri)
+    storage = Path(opts.storage_path).resolve()
+    cache_dir = resolve_cache_dir(opts, storage)
+    data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    resume = {w: bool(opts.resume) and tracking.Sweep(uri, f"{suite.name}_{w}").find(None) is not None
+              for w in specs}
+    if opts.resume and not any(resume.values()):
+        raise UserError(f"nothing to resume: no sweep of suite {suite.name} in {uri}; drop --resume")
+    init_ray(opts.address)
+    install_sigterm(lambda: ACTIVE.get("abort", lambda: interrupted(argv, name))())
+    import ray
+    plans = {w: plan_resources(opts, spec, ray.cluster_resources()) for w, spec in specs.items()}
+    meter = Meter(concurrent=max(p[2] for p in plans.values()))
+    meter.planned = {w: planned_trials(spec, search_total(spec)) for w, spec in specs.items()}
+    print(f"suite {suite.name}: {len(specs)} workloads ({', '.join(specs)}), ~{sum(meter.planned.values())} trials "
+          f"at most, {meter.concurrent} at once", flush=True)
+    try:
+        keys = {}
+        for w, spec in specs.items():
+            device = "cuda" if plans[w][1] > 0 else "cpu"
+            keys.update(pretrain_keys(stage_dicts(spec, grid_points(spec) if spec.search == "grid" else None,
+                                                  sweep_seeds(spec)), data_dir, device))
+        cpus, gpus, _ = next(iter(plans.values()))
+        t_pre, _ = pretrain_on_cluster(keys, cache_dir, cpus, gpus, opts.quiet, meter)
+        print(f"suite {suite.name}: {len(keys)} pretrained checkpoints ready in {_dur(t_pre)}", flush=True)
+        codes, walls = {}, {}
+        for w, spec in specs.items():
+            t = time.perf_counter()
+            print(f"\n=== suite {suite.name}: workload {w} ({list(specs).index(w) + 1}/{len(specs)}) | "
+                  f"{meter.line()}", flush=True)
+            code = run_sweep(name, replace(opts, experiment=f"{suite.name}_{w}", resume=resume[w]), argv,
+                             spec=spec, meter=meter, suite=SuiteRun(suite.name, command, w))
+            meter.planned[w] = meter.done.get(w, 0)
+            codes[w], walls[w] = code, time.perf_counter() - t
+            if code == 130:
+                return 130
+    except KeyboardInterrupt:
+        return interrupted(argv, name)
+    return suite_summary(suite.name, command, meter, walls, codes, storage, uri)
+
+
+def search_total(spec: SweepSpec) -> int:
+    return len(grid_points(spec)) if spec.search == "grid" else spec.num_samples * len(spec.arms)
+
+
+def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:
+    wall = time.perf_counter() - meter.t0
+    capacity = wall * meter.concurrent
+    share = max(0.0, 1 - meter.busy_s / capacity) if capacity > 0 else 0.0
+    out = {"suite": name, "command": command, "wall_s": wall, "concurrent": meter.concurrent,
+           "busy_s": meter.busy_s, "harness_share": share, "workload_wall_s": walls,
+           "trials": dict(meter.done), "exit_codes": codes}
+    storage.mkdir(parents=True, exist_ok=True)
+    path = storage / f"{name}_summary_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nsuite {name}: {sum(meter.done.values())} trials in {_dur(wall)} wall "
+          f"({', '.join(f'{w} {_dur(s)}' for w, s in walls.items())})")
+    print(f"harness overhead: {100 * share:.1f}% of {meter.concurrent} slots × {_dur(wall)} (busy in trials and "
+          f"pretraining: {_dur(meter.busy_s)} slot-time; the rest is Ray/actor start-up, MLflow, stage barriers "
+          f"and idle slots) → {path}")
+    print(f"report: python -m analysis.report --suite {name} --tracking-uri {uri}")
+    return max(codes.values(), default=0)
 
 
 def _empty():
@@ -663,6 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder (CIFAR / Fashion-MNIST), present on every node")
     p.add_argument("--cache-dir", help="pretrained-model cache (default: STORAGE_PATH/pretrain_cache); a folder "
                                        "every node reads, or a pyarrow.fs URI (s3://, gs://, ...)")
+    p.add_argument("--workloads", type=lambda v: [w for w in v.split(",") if w],
+                   help="a suite only: run these workloads (comma-separated labels), in the suite's order")
     p.add_argument("--seed", type=int, help="search with this seed only (replaces the spec's seeds) and seed "
                                             "the samplers with it")
     p.add_argument("--confirm-seeds", type=int, help="fresh seeds per confirmed configuration (default: spec, 5)")
@@ -685,6 +932,11 @@ def main(argv=None) -> int:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        from profit_bench.spec import is_suite
+        if is_suite(args.name):
+            return run_suite(args.name, opts, argv)
+        if opts.workloads:
+            raise UserError(f"--workloads is for suites; {args.name} is one sweep")
         return run_sweep(args.name, opts, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -164,10 +164,10 @@ class Sweep:
                 return r
         return None
 
-    def create(self, sweep_dir: Path, spec, resolved_yaml: str, params: dict, device: str):
+    def create(self, sweep_dir: Path, spec, resolved_yaml: str, params: dict, device: str, tags: dict | None = None):
         tags = {"profit_bench.role": "sweep", "sweep": spec.name, "sweep_dir": str(sweep_dir),
                 "table": spec.table, "git_commit": self.commit, "mlflow.source.git.commit": self.commit,
-                "device_name": device_name(device), "mlflow.runName": sweep_dir.name}
+                "device_name": device_name(device), "mlflow.runName": sweep_dir.name, **(tags or {})}
         self.parent_id = self.client.create_run(self.exp_id, tags=tags, run_name=sweep_dir.name).info.run_id
         params = {"sweep.yaml": resolved_yaml, **params, **{f"version.{k}": v for k, v in self.versions.items()}}
         from mlflow.entities import Param
@@ -176,6 +176,19 @@ class Sweep:
             self.client.log_text(self.parent_id, resolved_yaml, "sweep.yaml")
         except Exception as e:  # noqa: BLE001 - an artifact store we cannot write should not stop the sweep
             print(f"warning: could not store sweep.yaml as an artifact ({e})")
+
+    def log_pretraining(self, metas: dict):
+        """Each checkpoint's old-task validation curve as `pretrain.<model>.seed<S>.old_val` (step = evaluation,
+        from 1) on the parent run: the evidence that the backbones reached a plateau before fine-tuning."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = []
+        for meta in metas.values():
+            for i, v in enumerate(meta.get("old_val_curve") or [], start=1):
+                if v is not None and math.isfinite(v):
+                    batch.append(Metric(f"pretrain.{meta['model']}.seed{meta['seed']}.old_val", float(v), now, i))
+        for i in range(0, len(batch), 900):  # MLflow takes at most 1000 metrics per batch
+            _retry(self.client.log_batch, self.parent_id, metrics=batch[i:i + 900])
 
     def attach(self, run):
         self.parent_id = run.info.run_id
@@ -275,6 +288,8 @@ class MlflowLogger(Callback):
                 "mlflow.runName": run_name(point, cfg)}
         if point.get("choice"):
             tags["choice"] = point["choice"]
+        if point.get("ablation_knob"):
+            tags["ablation_knob"] = point["ablation_knob"]
         self.stage[trial.trial_id] = tags["stage"]
         if trial.trial_id in self.finished:
             return

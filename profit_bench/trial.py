@@ -35,8 +35,8 @@ from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
 from profit_bench.models import MODELS, uses_channels_last
 from profit_bench.optim import MEMORY_MODES, PROFIT, REF_OPTIMIZERS
-from profit_bench.pretrain import (cache_key, cache_path, default_cache_dir, fisher_for, fisher_samples_for,
-                                   load_or_pretrain, local_cache, pretrain_config_for)
+from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, fisher_for,
+                                   fisher_samples_for, load_or_pretrain, local_cache, pretrain_config_for)
 from profit_bench.tasks import TASKS, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
@@ -73,6 +73,8 @@ class TrialConfig:
     method_args: dict = field(default_factory=dict)  # the method's knobs, e.g. {"lora_r": 8}; see Method.args
     pretrain_steps: int | None = None   # override the task's pretraining budget (changes the cache key)
     pretrain_epochs: int | None = None
+    pretrain_lr: float | None = None    # override the task's pretraining lr (changes the cache key)
+    pretrain_scheduler: str | None = None  # override the task's pretraining schedule: none | step | cosine
     pretrain_if_missing: bool = True    # False: a missing checkpoint is an error (the sweep pretrains up front)
     device: str = "auto"                # cpu | cuda | auto
     dtype: str = "fp32"                 # fp32 | bf16 (autocast)
@@ -88,9 +90,11 @@ RANGES = {
     "gamma": (0, None, False), "steps": (1, None, True), "epochs": (1, None, True), "batch_size": (1, None, True),
     "eval_every": (1, None, True), "ratio": (0, None, False), "n_ref": (1, None, True),
     "warmup_epochs": (0, None, True), "lookahead_alpha": (0, 1, False), "lookahead_k": (1, None, True),
-    "pretrain_steps": (1, None, True), "pretrain_epochs": (1, None, True), "limit": (1, None, True),
+    "pretrain_steps": (1, None, True), "pretrain_epochs": (1, None, True), "pretrain_lr": (0, None, False),
+    "limit": (1, None, True),
 }
-CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "dtype": DTYPES, "profit_memory": MEMORY_MODES,
+CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,
+           "profit_memory": MEMORY_MODES,
            "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
 
 
@@ -240,7 +244,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         if method.needs_fisher:  # from the cache, or rebuilt from the checkpoint (old-train data only)
             ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, local)
             fisher = fisher_for(model, task, ckpt, fisher_samples_for(cfg), cfg.seed)
-    before = {f"{s}_before": evaluate(model, task, s)[0] for s in ("old_val", "new_val", "old_test", "new_test")}
+        before = before_metrics(model, task, cache_path(task.name, cfg.model, cfg.seed, pcfg, local))
 
     # Reseed: fine-tuning must not depend on whether pretraining ran in this process or came from the cache.
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,245 @@
+"""The CPU evidence suite (sweeps/suite_cpu.yaml): its spec machinery without Ray, then the real command end to
+end at smoke budgets (every workload, one trial per arm, one confirmation seed, a two-point ablation)."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from profit_bench import UserError
+from profit_bench.protocol import fresh_seeds
+from profit_bench.spec import load_spec, load_suite, resolved_config, trial_dict
+from profit_bench.sweep import Meter, ablation_points, main, planned_trials, search_total
+
+SUITE_WORKLOADS = ["toy", "digits", "fmnist_mlp", "fmnist_resnet", "fmnist_vit"]
+
+
+# ---------------------------------------------------------------------------------------------- spec
+def test_suite_file_lists_every_workload_and_method_family():
+    suite = load_suite("suite_cpu")
+    assert list(suite.workloads) == SUITE_WORKLOADS
+    arms = {w: {a.label for a in s.arms} for w, s in suite.workloads.items()}
+    table2 = {"sgd", "adam", "lookahead", "adan", "head", "profit", "l2sp", "ewc", "lwf"}
+    for w in SUITE_WORKLOADS:
+        assert table2 | {"lora", "lora_profit"} <= arms[w], w
+    assert {"convadapter", "convadapter_profit"} <= arms["fmnist_resnet"]
+    assert {"vpt", "vpt_profit"} <= arms["fmnist_vit"]
+    models = {w: {m for a in s.arms for m in a.models} for w, s in suite.workloads.items()}
+    assert models["fmnist_resnet"] == {"resnet_small"} and models["fmnist_vit"] == {"vit_micro"}
+    for w, s in suite.workloads.items():
+        assert s.confirm_seeds == 5 and s.ablate["arm"] == "profit", w
+        assert len({a.label: None for a in s.arms}) == len(s.arms)
+        # equal budgets: one study per arm of num_samples trials
+        assert search_total(s) == s.num_samples * len(s.arms)
+    # warm-up epochs are a searched PROFIT dimension wherever the budget is in epochs
+    for w in SUITE_WORKLOADS[1:]:
+        profit = next(a for a in suite.workloads[w].arms if a.label == "profit")
+        assert "warmup_epochs" in profit.space, w
+
+
+def test_suite_overrides_reach_one_or_every_workload():
+    suite = load_suite("suite_cpu", ["workloads.toy.num_samples=3", "trial.limit=64"])
+    assert suite.workloads["toy"].num_samples == 3 and suite.workloads["digits"].num_samples == 8
+    assert all(s.trial["limit"] == 64 for s in suite.workloads.values())
+    # a --set on the trial block keeps the workload's other trial settings
+    assert suite.workloads["fmnist_vit"].trial["pretrain_epochs"] == 30
+    only = load_suite("suite_cpu", only=["fmnist_vit", "toy"])
+    assert list(only.workloads) == ["toy", "fmnist_vit"]  # the suite's order
+
+
+@pytest.mark.parametrize("text, message", [
+    ("suite: s\nworkloads: {a: {task: toy, budget: {steps: 5}, methods: {full: {}}}}\nbogus: 1\n",
+     "unknown suite keys"),
+    ("suite: s\nworkloads: []\n", "non-empty mapping"),
+    ("suite: s\nworkloads: {a: {task: toy, budget: {steps: 5}, methods: {full: {}},"
+     " ablate: {arm: full}}}\n", "does not train through PROFIT"),
+    ("suite: s\nworkloads: {a: {task: toy, budget: {steps: 5}, methods: {profit: {}}, confirm_choices: [best-new],"
+     " ablate: {arm: profit}}}\n", "knee"),
+    ("suite: s\nworkloads: {a: {task: toy, budget: {steps: 5}, methods: {profit: {}}, ablate: {arm: nope}}}\n",
+     "not one of the methods"),
+])
+def test_bad_suite_files_fail_on_one_line(tmp_path, text, message):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_suite(str(p))
+
+
+def test_a_suite_is_not_a_sweep_and_unknown_workloads_are_named():
+    with pytest.raises(UserError, match="is a suite"):
+        load_spec("suite_cpu")
+    with pytest.raises(UserError, match="unknown workload.*nope"):
+        load_suite("suite_cpu", only=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------- ablation points
+def _search_frame(spec, rows):
+    from profit_bench.spec import make_point
+    out = []
+    for arm, params, old, new in rows:
+        p = make_point(arm, "mlp", 0, params)
+        out.append({"arm": arm, "model": "mlp", "seed": 0, "config_key": p["config_key"], "params": params,
+                    "old_val": old, "new_val": new, "old_val_before": 1.0, "new_val_before": 0.2, "diverged": False})
+    return pd.DataFrame(out)
+
+
+def test_ablation_varies_one_knob_around_the_knee_on_the_first_confirmation_seeds():
+    spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
+    knee = {"lr": 1e-3, "ratio": 100.0, "n_ref": 2, "warmup_epochs": 1}
+    df = _search_frame(spec, [("profit", knee, 0.9, 0.9),
+                              ("profit", {**knee, "lr": 1e-2}, 0.5, 0.95),  # best-new, not the knee
+                              ("adam", {"lr": 1e-3}, 0.8, 0.9)])
+    pts = ablation_points(df, spec, higher_is_better=True)
+    seeds = fresh_seeds(spec.seeds, spec.confirm_seeds)[:3]
+    by_knob = {}
+    for p in pts:
+        assert p["stage"] == "ablation" and p["arm"] == "profit" and p["seed"] in seeds
+        changed = {k for k in set(knee) | set(p["params"]) if p["params"].get(k) != knee.get(k)}
+        assert changed == {p["ablation_knob"]}  # exactly one knob moved, everything else is the knee's
+        by_knob.setdefault(p["ablation_knob"], set()).add(p["params"][p["ablation_knob"]])
+    # the knee's own n_ref (2) and ratio (100) are its confirmation runs, not re-run
+    assert by_knob == {"n_ref": {1, 5}, "ratio": {10.0, 1000.0, 10000.0}}
+    assert len(pts) == 5 * 3
+    assert planned_trials(spec, search_total(spec)) >= search_total(spec) + len(spec.arms) * 5 + len(pts)
+
+
+def test_ablation_reads_the_knobs_the_arm_fixes():
+    spec = load_suite("suite_cpu", ["workloads.toy.methods.profit={method: profit, optimizer: adam, n_ref: 5, "
+                                    "ratio: 1000, lr: {loguniform: [1.0e-4, 1.0e-2]}}"], only=["toy"]).workloads["toy"]
+    df = _search_frame(spec, [("profit", {"lr": 1e-3}, 0.1, 0.1)])
+    pts = ablation_points(df, spec, higher_is_better=False)
+    assert {p["params"]["n_ref"] for p in pts if p["ablation_knob"] == "n_ref"} == {1, 2}
+    assert {p["params"]["ratio"] for p in pts if p["ablation_knob"] == "ratio"} == {10.0, 100.0, 10000.0}
+    for p in pts:  # the knee's fixed value of the other knob stays
+        cfg = resolved_config(trial_dict(spec, p))
+        assert (cfg.n_ref, cfg.ratio) == ((p["params"]["n_ref"], 1000.0) if p["ablation_knob"] == "n_ref"
+                                          else (5, p["params"]["ratio"]))
+
+
+def test_no_ablation_when_every_trial_diverged():
+    spec = load_suite("suite_cpu", only=["toy"]).workloads["toy"]
+    df = _search_frame(spec, [("profit", {"lr": 1e-3}, 0.1, 0.1)]).assign(diverged=True)
+    assert ablation_points(df, spec, higher_is_better=False) == []
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def test_eta_weights_each_workload_by_its_own_trial_time():
+    m = Meter(concurrent=2)
+    m.planned = {"a": 4, "b": 10}
+    m.finished("a", 10.0)
+    m.finished("a", 30.0)
+    # a: 2 left × 20 s; b (not started): 10 × the mean of everything so far (20 s); two slots
+    assert m.eta() == pytest.approx((2 * 20 + 10 * 20) / 2)
+    m.finished("b", 2.0)
+    assert m.eta() == pytest.approx((2 * 20 + 9 * 2) / 2)
+    m.finished("b", None)  # a failed or replayed trial counts as done, adds no busy time
+    assert m.busy_s == pytest.approx(42.0) and m.done == {"a": 2, "b": 2}
+    assert "4/~14 trials" in m.line() and "ETA ~" in m.line()
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+def test_pretraining_records_one_old_val_point_per_epoch_and_before_metrics_are_cached(tmp_path):
+    from profit_bench.pretrain import before_metrics, cache_path, default_pretrain_config, ensure_pretrained
+    from profit_bench.tasks import evaluate, get_task
+    pcfg = default_pretrain_config("digits", epochs=3)
+    path = Path(ensure_pretrained("digits", "mlp", 0, pcfg, tmp_path, progress=False))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert len(meta["old_val_curve"]) == 3 and meta["old_val_curve"][-1] == pytest.approx(meta["old_val"])
+    task = get_task("digits", seed=0)
+    from profit_bench.pretrain import load_or_pretrain
+    model = load_or_pretrain(task, "mlp", 0, pcfg, tmp_path, progress=False, build=False)
+    direct = {f"{s}_before": evaluate(model, task, s)[0] for s in ("old_val", "new_val", "old_test", "new_test")}
+    assert before_metrics(model, task, path) == direct
+    sidecar = path.with_name(path.stem + ".before-cpu.json")
+    assert sidecar.is_file()
+    # a rebuilt checkpoint makes the saved numbers stale: recomputed from the model, not read
+    saved = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**saved, "old_val_before": -1.0}))
+    assert before_metrics(model, task, path)["old_val_before"] == -1.0  # same checkpoint: read
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert before_metrics(model, task, path) == direct
+    assert cache_path("digits", "mlp", 0, pcfg, tmp_path) == path
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+SMOKE = ["--set", "trial.limit=64", "--set", "budget.epochs=2", "--set", "trial.pretrain_epochs=1",
+         "--set", "trial.eval_every=1", "--set", "ablate.n_ref=[2]", "--set", "ablate.ratio=[10]",
+         "--num-samples", "1", "--confirm-seeds", "1", "--verbose", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    import ray
+    tmp = tmp_path_factory.mktemp("suite")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 ** 2)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = ["suite_cpu", *SMOKE, "--storage-path", str(tmp / "ray"), "--tracking-uri", uri]
+    yield tmp, uri, args
+    ray.shutdown()
+
+
+def test_suite_smoke_runs_every_workload_with_confirmation_ablation_and_accounting(smoke, capsys):
+    from mlflow.tracking import MlflowClient
+    tmp, uri, args = smoke
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"harness overhead: \d+\.\d% of 2 slots", out)
+    assert re.search(r"\[\d+/\d+\] search .* \| \d+/~\d+ trials, \d+m\d\ds elapsed, ETA", out)
+    summary = json.loads(next((tmp / "ray").glob("suite_cpu_summary_*.json")).read_text())
+    assert 0 <= summary["harness_share"] <= 1 and summary["busy_s"] > 0
+    assert set(summary["trials"]) == set(SUITE_WORKLOADS)
+
+    client = MlflowClient(uri)
+    for w in SUITE_WORKLOADS:
+        exp = client.get_experiment_by_name(f"suite_cpu_{w}")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        parent = next(r for r in runs if r.data.tags.get("profit_bench.role") == "sweep")
+        trials = [r for r in runs if r.data.tags.get("profit_bench.role") == "trial"]
+        assert parent.data.tags["suite"] == "suite_cpu" and "suite_cpu" in parent.data.tags["suite_command"]
+        sizes = json.loads(parent.data.params["data_sizes"])
+        assert set(sizes) >= {"old_train", "new_test"} and max(sizes.values()) <= 64
+        curves = [k for k in parent.data.metrics if re.fullmatch(r"pretrain\.\w+\.seed\d+\.old_val", k)]
+        assert {c.split(".")[2] for c in curves} == {"seed0", "seed1000"}  # search and confirmation seeds
+        stages = {}
+        for r in trials:
+            stages.setdefault(r.data.tags["stage"], []).append(r)
+        assert len(stages["search"]) == trials_per_arm(parent) * n_arms(parent)
+        assert all("knee" in r.data.tags["choice"] for r in stages.get("confirm", []))
+        for r in stages.get("ablation", []):
+            assert r.data.tags["arm"] == "profit" and r.data.tags["ablation_knob"] in ("n_ref", "ratio")
+            assert r.data.params["seed"] == "1000"
+            assert r.data.params[r.data.tags["ablation_knob"]] in ("2", "10.0")
+
+
+def trials_per_arm(parent) -> int:
+    return int(parent.data.params["trials_per_arm"])
+
+
+def n_arms(parent) -> int:
+    return int(parent.data.params["num_trials"]) // trials_per_arm(parent)
+
+
+def test_suite_resume_after_it_finished_reruns_nothing(smoke, capsys):
+    from mlflow.tracking import MlflowClient
+    tmp, uri, args = smoke
+    client = MlflowClient(uri)
+    count = sum(len(client.search_runs([e.experiment_id], max_results=1000)) for e in client.search_experiments())
+    if count == 0:
+        pytest.skip("needs the smoke run")
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().out.count("finished already") == len(SUITE_WORKLOADS)
+    assert sum(len(client.search_runs([e.experiment_id], max_results=1000))
+               for e in client.search_experiments()) == count
+
+
+def test_suite_cli_errors_are_one_line(capsys, tmp_path):
+    assert main(["suite_cpu", "--workloads", "nope", "--dry-run"]) == 2
+    assert "unknown workload(s) nope" in capsys.readouterr().err
+    assert main(["toy", "--workloads", "toy", "--dry-run"]) == 2
+    assert "--workloads is for suites" in capsys.readouterr().err
+    assert main(["suite_cpu", "--experiment", "x", "--dry-run"]) == 2
+    assert main(["suite_cpu", "--dry-run", "--workloads", "toy"]) == 0
+    assert "workload toy" in capsys.readouterr().out
