@@ -15,7 +15,8 @@ import seaborn as sns  # noqa: E402
 from profit_bench.protocol import pareto_mask, to_maximize  # noqa: E402
 
 DPI = 100
-FIGSIZE = {"pareto": (12.8, 4.8), "wide": (12.8, 4.8)}  # inches; PNG pixels = inches × DPI (no tight bbox)
+# inches; PNG pixels = inches × DPI (no tight bbox)
+FIGSIZE = {"pareto": (12.8, 4.8), "wide": (12.8, 4.8), "small": (6.4, 4.0)}
 PAPER_COLOUR = "dimgray"
 
 
@@ -124,6 +125,58 @@ def plot_ablation(points: pd.DataFrame, param: str, palette: dict, title: str, p
     n = points.groupby(["arm", param]).size()
     fig.suptitle(f"{title} (mean ± s.e. over {n.min()}–{n.max()} seeds per point)" if n.max() > 1 else
                  f"{title} (one seed per point: no error bars)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ablation_test(ablations: list[dict], palette: dict, title: str, path: Path) -> str:
+    """The ablation table's numbers: old and new test metric against the knob, one line per PROFIT arm, mean ±
+    s.e. over confirmation seeds (no bar for n = 1), the confirmed knee ringed. `ablations`: stats.ablation_cells
+    entries of one group and knob."""
+    knob = ablations[0]["knob"]
+    metric, hib = str(ablations[0]["metric_name"]), bool(ablations[0]["higher_is_better"])
+    scale = 100.0 if metric == "accuracy" else 1.0
+    values = [p["value"] for ab in ablations for p in ab["points"]]
+    numeric = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values)
+    slot = {v: i for i, v in enumerate(dict.fromkeys(values))}  # a non-numeric knob: one slot per value
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["wide"])
+    for ax, col, name in zip(axes, ["old_test", "new_test"], ["old-task", "new-task"]):
+        for ab in ablations:
+            pts = [p for p in ab["points"] if p[col].n > 0]
+            x = np.array([float(p["value"]) if numeric else slot[p["value"]] for p in pts], dtype=float)
+            y = np.array([p[col].mean for p in pts]) * scale
+            err = np.array([p[col].se if p[col].n > 1 else 0.0 for p in pts]) * scale
+            ax.errorbar(x, y, yerr=err, fmt="-o", color=palette[ab["arm"]], label=ab["arm"], capsize=3)
+            knee = [i for i, p in enumerate(pts) if p["knee"]]
+            ax.scatter(x[knee], y[knee], s=160, facecolors="none", edgecolors="black", zorder=5,
+                       label="confirmed knee" if ab is ablations[0] else None)
+        if knob == "ratio" and numeric:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(list(slot.values()), [str(v) for v in slot])
+        ax.set_xlabel("ratio = λ_main / λ_ref" if knob == "ratio" else knob)
+        unit = " (%)" if metric == "accuracy" else ""
+        ax.set_ylabel(axis_label(name, metric + unit, hib, "test"))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} (mean ± s.e. over confirmation seeds)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_pretrain(summaries: dict, metric: str, hib: bool, title: str, path: Path) -> str:
+    """Pretraining: each backbone's mean old-task validation curve over its checkpoint seeds, ± s.e. shaded.
+    `summaries`: model → stats.pretrain_summary."""
+    scale = 100.0 if metric == "accuracy" else 1.0
+    fig, ax = plt.subplots(figsize=FIGSIZE["small"])
+    colours = dict(zip(sorted(summaries), sns.color_palette("tab10", max(len(summaries), 1))))
+    for model, s in sorted(summaries.items()):
+        x, y = s["curve"].index.to_numpy(float), s["curve"].to_numpy(float) * scale
+        se = s["curve_se"].fillna(0.0).to_numpy(float) * scale
+        ax.plot(x, y, marker="o", ms=3, color=colours[model], label=f"{model} (n={s['n']})")
+        ax.fill_between(x, y - se, y + se, color=colours[model], alpha=0.25)
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel(axis_label("old-task", metric + (" (%)" if metric == "accuracy" else ""), hib, "validation"))
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()  # the canvas stays FIGSIZE × DPI: only the axes move
     return _save(fig, path)
 
 

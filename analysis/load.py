@@ -1,12 +1,17 @@
 """MLflow store → one tidy DataFrame, one row per trial run (CONTRACT §3 layout). Nothing here computes statistics.
 
-Read from each trial run: tags `mlflow.parentRunId`, `stage`, `arm`, `config_key`, `choice`, `status`,
-`diverged_reason`, `metric_name`, `higher_is_better`; its params (TrialConfig fields that apply, `seed`, `profit`);
-the last value of its metrics (FINAL_METRICS, every `profit_*`). From the parent (`profit_bench.role=sweep`) run:
-the tag `table`, the paper table the sweep feeds.
+Read from each trial run: tags `mlflow.parentRunId`, `stage` (search | confirm | ablation), `arm`, `config_key`,
+`choice`, `status`, `diverged_reason`, `metric_name`, `higher_is_better`, `ablation_knob` (ablation runs: "n_ref" or
+"ratio"); its params (TrialConfig fields that apply, `seed`, `profit`); the last value of its metrics
+(FINAL_METRICS, every `profit_*`). From the parent (`profit_bench.role=sweep`) run: the tag `table`, the paper table
+the sweep feeds; for the report's header and its pretraining section (`sweep_parents`, `pretrain_curves`) the tags
+`suite`, `suite_command`, `git_commit`, `device_name`, the params `sweep.yaml`, `data_sizes`, `trials_per_arm`,
+the metric `wall_time_s` and the metric histories `pretrain.<model>.seed<S>.old_val`.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,10 @@ from profit_bench import UserError, protocol
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the same default as profit_bench.sweep
 TRIAL_FILTER = "tags.`profit_bench.role` = 'trial'"
 SWEEP_FILTER = "tags.`profit_bench.role` = 'sweep'"
-TAGS = ["stage", "arm", "config_key", "choice", "status", "diverged_reason", "metric_name", "higher_is_better"]
+TAGS = ["stage", "arm", "config_key", "choice", "status", "diverged_reason", "metric_name", "higher_is_better",
+        "ablation_knob"]
+STAGES = ("search", "confirm", "ablation")  # ablation: one knob of a PROFIT arm's confirmed knee varied at a time
+PRETRAIN_KEY = re.compile(r"^pretrain\.(?P<model>.+)\.seed(?P<seed>-?\d+)\.old_val$")
 FINAL_METRICS = [
     "old_val", "new_val", "old_val_loss", "new_val_loss", "old_test", "new_test", "old_test_loss", "new_test_loss",
     "old_val_before", "new_val_before", "old_test_before", "new_test_before", "forgetting_val", "forgetting_test",
@@ -63,8 +71,9 @@ def open_client(uri: str):
     return MlflowClient(uri)
 
 
-def load_runs(experiments: list[str] | None, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Every trial run of `experiments` (default: all), tidied and with protocol divergence applied."""
+def load_runs(experiments: list[str] | None, tracking_uri: str | None = None, skip_empty: bool = False) -> pd.DataFrame:
+    """Every trial run of `experiments` (default: all), tidied and with protocol divergence applied. A named
+    experiment without trial runs is an error unless `skip_empty` (a suite whose later sweeps have not run yet)."""
     import mlflow
     uri = tracking_uri or DEFAULT_TRACKING_URI
     client = open_client(uri)
@@ -81,7 +90,7 @@ def load_runs(experiments: list[str] | None, tracking_uri: str | None = None) ->
     for name in experiments:
         eid = live[name].experiment_id
         raw = mlflow.search_runs(experiment_ids=[eid], output_format="pandas", filter_string=TRIAL_FILTER)
-        if raw.empty and named:
+        if raw.empty and named and not skip_empty:
             raise UserError(f"experiment {name!r} in {uri} has no trial runs; run `python -m profit_bench.sweep "
                             f"{name}` (or let it finish) first")
         if not raw.empty:
@@ -160,12 +169,20 @@ def mark_divergence(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def hyper_columns(df: pd.DataFrame) -> list[str]:
-    """Params that vary within some arm of these runs: they tell two configurations of one arm apart. Sorted by
-    name: MLflow's column order depends on which run was read first, and the report must not."""
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """Every column that can hold a hyperparameter (not bookkeeping, a tag, a metric or a derived column)."""
     known = set(BOOKKEEPING) | set(TAGS) | set(FINAL_METRICS) | {
         "experiment", "run_id", "parent_id", "table", "label", "is_profit", "diverged"}
-    cand = [c for c in df.columns if c not in known and not c.startswith("profit_")]
+    return sorted(c for c in df.columns if c not in known and not c.startswith("profit_"))
+
+
+def hyper_columns(df: pd.DataFrame) -> list[str]:
+    """Params that vary within some arm of these runs' search and confirm stages: they tell two configurations of
+    one arm apart (an ablation run varies a knob of a confirmed configuration, shown in its own section, and does
+    not make the knob part of every other configuration's text). Sorted by name: MLflow's column order depends on
+    which run was read first, and the report must not."""
+    df = df[df["stage"] != "ablation"] if "stage" in df else df
+    cand = param_columns(df)
     return sorted(c for c in cand if (df.groupby("arm")[c].agg(lambda s: s.astype(str).nunique()) > 1).any())
 
 
@@ -191,3 +208,98 @@ def profit_metric_keys(df: pd.DataFrame) -> list[str]:
 
 def finite(v) -> bool:
     return v is not None and isinstance(v, (int, float, np.number)) and np.isfinite(v)
+
+
+# ---------------------------------------------------------------------------------------------- sweep parents
+def sweep_parents(experiments: list[str], tracking_uri: str | None = None) -> pd.DataFrame:
+    """The sweep parent runs of `experiments` as MLflow's frame (columns tags.*, params.*, metrics.*) plus
+    `experiment`, newest first within each experiment (an experiment can hold several sweeps)."""
+    import mlflow
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    client = open_client(uri)
+    mlflow.set_tracking_uri(uri)
+    live = {e.name: e.experiment_id for e in client.search_experiments()}
+    frames = [mlflow.search_runs(experiment_ids=[live[n]], output_format="pandas", filter_string=SWEEP_FILTER)
+              .assign(experiment=n) for n in experiments if n in live]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["experiment", "run_id", "start_time"])
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["experiment", "start_time"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def latest_parents(parents: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment: its newest sweep parent."""
+    return parents.drop_duplicates("experiment").set_index("experiment") if len(parents) else \
+        pd.DataFrame(columns=parents.columns).set_index("experiment")
+
+
+def suite_experiments(suite: str, tracking_uri: str | None = None) -> list[str]:
+    """Every experiment whose latest sweep parent carries the tag `suite=<suite>`, sorted."""
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    client = open_client(uri)
+    names = [e.name for e in client.search_experiments() if e.name != "Default"]
+    latest = latest_parents(sweep_parents(names, uri))
+    tag = latest["tags.suite"] if "tags.suite" in latest else pd.Series(dtype=object)
+    found = sorted(tag[tag == suite].index)
+    if not found:
+        known = sorted(set(tag.dropna().astype(str)))
+        raise UserError(f"no experiment in {uri} whose latest sweep carries the tag suite={suite} (suites found: "
+                        f"{', '.join(known) or 'none'}); run the suite first or pass the right --tracking-uri")
+    return found
+
+
+def parent_value(parent, column: str):
+    """A parent row's tag/param/metric (`tags.X`, `params.X`, `metrics.X`), None when absent or empty."""
+    if parent is None or column not in parent.index:
+        return None
+    v = parent[column]
+    if v is None or (isinstance(v, float) and not np.isfinite(v)) or (isinstance(v, str) and not v.strip()):
+        return None
+    return v
+
+
+def sweep_yaml(parent) -> dict:
+    """The resolved spec the sweep ran (param `sweep.yaml`), {} when absent or unreadable."""
+    import yaml
+    text = parent_value(parent, "params.sweep.yaml")
+    try:
+        out = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def data_sizes(parent) -> dict:
+    """The parent's `data_sizes` param: split → number of examples, {} when absent or unreadable."""
+    text = parent_value(parent, "params.data_sizes")
+    try:
+        out = json.loads(text) if text else {}
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def pretrain_curves(parents: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Old-task validation curves of the pretrained checkpoints, from the parents' metric histories
+    `pretrain.<model>.seed<S>.old_val` (step = evaluation index): columns experiment, model, seed, step, value.
+    A (model, seed) logged by several sweeps of one experiment is read from the newest."""
+    cols = ["experiment", "model", "seed", "step", "value"]
+    keys = [c[len("metrics."):] for c in parents.columns
+            if c.startswith("metrics.") and PRETRAIN_KEY.match(c[len("metrics."):])] if len(parents) else []
+    if not keys:
+        return pd.DataFrame(columns=cols)
+    parts = []
+    for exp, g in parents.groupby("experiment", sort=True):
+        seen = set()
+        for _, p in g.iterrows():  # newest first
+            mine = [k for k in keys if k not in seen and finite(p.get(f"metrics.{k}"))]
+            seen |= set(mine)
+            if not mine:
+                continue
+            h = metric_histories({exp: p["run_id"]}, tracking_uri, mine)
+            m = h["key"].str.extract(PRETRAIN_KEY)
+            parts.append(pd.DataFrame({"experiment": exp, "model": m["model"], "seed": m["seed"].astype(int),
+                                       "step": h["step"], "value": h["value"]}))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)

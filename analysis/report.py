@@ -1,7 +1,12 @@
 """MLflow runs → report.md + PNG figures: selection on validation, confirmed results on test with statistics,
-paired PROFIT − baseline differences, fronts and hypervolumes, the paper's tables side by side.
+paired PROFIT − baseline differences (and a wins / ties / losses summary of them), fronts and hypervolumes, the
+ablations around a PROFIT arm's confirmed knee (stage=ablation), the pretrained backbones' validation curves (sweep
+parent metrics), the paper's tables side by side; with several experiments (a suite) a table of what each ran.
 
-    python -m analysis.report [--experiment NAME ...] [--tracking-uri URI] [--out reports/NAME] [--runs ID ...]
+    python -m analysis.report [--experiment NAME ... | --suite NAME] [--tracking-uri URI] [--out reports/NAME]
+                              [--runs ID ...]
+
+`--suite NAME` reports every experiment whose latest sweep parent run carries the tag `suite=NAME`.
 
 Input: the MLflow layout of CONTRACT §3 (analysis/load.py lists what is read). Nothing here trains or chooses
 anything on test: every choice is profit_bench.protocol's, on validation metrics.
@@ -9,6 +14,7 @@ anything on test: every choice is profit_bench.protocol's, on validation metrics
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +39,8 @@ def _groups(df: pd.DataFrame):
 
 
 # ---------------------------------------------------------------------------------------------- header
-def header(runs: pd.DataFrame, tracking_uri: str) -> list[str]:
+def header(runs: pd.DataFrame, tracking_uri: str, parents: pd.DataFrame | None = None, suite: str | None = None,
+           without_runs=()) -> list[str]:
     exps = [f"{e} (paper table {t})" if t else e
             for e, t in runs.groupby("experiment")["table"].first().items()]
     counts = runs.groupby(["stage", "status"]).size()
@@ -47,22 +54,158 @@ def header(runs: pd.DataFrame, tracking_uri: str) -> list[str]:
     seeds = "; ".join(f"{e}: " + (", ".join(map(str, sorted(conf.loc[conf["experiment"] == e, "seed"].astype(int)
                                                             .unique()))) or NO_CONFIRM)
                       for e in sorted(runs["experiment"].unique()))
-    lines = [f"# PROFIT report — {', '.join(exps)}", "",
-             f"{len(runs)} trial runs ({count_text}). Tracking URI: `{tracking_uri}`. Per-run data: `runs.csv`; "
-             f"the report's selection: `selection.csv`.", "",
-             f"**Selection rule.** {protocol.SELECTION_RULE}", "",
-             f"**Divergence.** {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
-             f"front, selection and hypervolume reference point; failed/killed runs are counted only.", "",
-             f"**Budget per arm** (search trials): {budget_text or 'no search runs'}.", "",
-             f"**Confirmation seeds**: {seeds}.", ""]
+    title = f"suite {suite}: {', '.join(exps)}" if suite else ", ".join(exps)
+    lines = [f"# PROFIT report — {title}", ""]
+    if suite or runs["experiment"].nunique() > 1:
+        lines += experiments_table(runs, parents, suite, without_runs)
+    lines += [f"{len(runs)} trial runs ({count_text}). Tracking URI: `{tracking_uri}`. Per-run data: `runs.csv`; "
+              f"the report's selection: `selection.csv`.", "",
+              f"**Selection rule.** {protocol.SELECTION_RULE}", "",
+              f"**Divergence.** {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
+              f"front, selection and hypervolume reference point; failed/killed runs are counted only.", "",
+              f"**Budget per arm** (search trials): {budget_text or 'no search runs'}.", "",
+              f"**Confirmation seeds**: {seeds}.", ""]
     bad = runs[runs["status"] != "ok"]
     if len(bad):
         rows = [[r["experiment"], r["stage"], r["arm"], r["status"], r.get("seed"),
                  str(r["diverged_reason"]) if isinstance(r["diverged_reason"], str) else "—"]
                 for _, r in bad.iterrows()]
-        lines += [f"Runs left out ({len(bad)}):", "",
+        lines += [f"Runs left out ({len(bad)}, every stage):", "",
                   md_table(["experiment", "stage", "arm", "status", "seed", "reason"], rows), ""]
     return lines
+
+
+def duration(seconds) -> str:
+    if not load.finite(seconds):
+        return "—"
+    s = int(round(float(seconds)))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _budget_text(spec: dict, g: pd.DataFrame) -> str:
+    budget = spec.get("budget") if isinstance(spec.get("budget"), dict) else {}
+    if not budget:  # the trials' own params
+        budget = {k: g[k].dropna().iloc[0] for k in ("epochs", "steps") if k in g and g[k].notna().any()}
+    return ", ".join(f"{tables.fmt_param(v)} {k}" for k, v in budget.items()) or "—"
+
+
+def _trials_text(parent, spec: dict, g: pd.DataFrame) -> str:
+    per_arm = load.parent_value(parent, "params.trials_per_arm")
+    if per_arm is None and spec.get("search") == "optuna":
+        per_arm = spec.get("num_samples")
+    if per_arm is not None:
+        return tables.fmt_param(pd.to_numeric(per_arm, errors="coerce"))
+    n = g[g["stage"] == "search"].groupby("arm").size()
+    return "—" if n.empty else str(n.iloc[0]) if n.nunique() == 1 else f"{n.min()}–{n.max()}"
+
+
+def experiments_table(runs: pd.DataFrame, parents: pd.DataFrame | None, suite: str | None, without_runs) -> list[str]:
+    """What each experiment of a multi-experiment report (a suite) ran, from its latest sweep parent: the tags
+    git_commit, device_name, suite_command, the params data_sizes, sweep.yaml (budget, num_samples,
+    confirm_seeds), trials_per_arm, the metric wall_time_s."""
+    latest = load.latest_parents(parents) if parents is not None else load.latest_parents(pd.DataFrame(
+        columns=["experiment"]))
+    rows = []
+    for exp in sorted(set(runs["experiment"]) | set(without_runs)):
+        g = runs[runs["experiment"] == exp]
+        parent = latest.loc[exp] if exp in latest.index else None
+        spec = load.sweep_yaml(parent)
+        sizes = load.data_sizes(parent)
+        conf_seeds = spec.get("confirm_seeds")
+        if conf_seeds is None:
+            conf_seeds = g.loc[g["stage"] == "confirm", "seed"].nunique() if len(g) else "—"
+        commit = load.parent_value(parent, "tags.git_commit")
+        command = load.parent_value(parent, "tags.suite_command")
+        rows.append([exp, ", ".join(sorted(g["task"].astype(str).unique())) or spec.get("task", "—"),
+                     ", ".join(sorted(g["model"].astype(str).unique())) or "—",
+                     ", ".join(f"{k} {v}" for k, v in sizes.items()) or "—", _budget_text(spec, g),
+                     _trials_text(parent, spec, g), conf_seeds,
+                     duration(load.parent_value(parent, "metrics.wall_time_s")),
+                     str(commit)[:10] if commit else "—", load.parent_value(parent, "tags.device_name") or "—",
+                     f"`{command}`" if command else "—"])
+    intro = (f"Suite **{suite}**: every experiment whose latest sweep carries the tag suite={suite}." if suite else
+             "Experiments in this report (their latest sweep).")
+    note = [f"No trial runs yet in: {', '.join(sorted(without_runs))}.", ""] if without_runs else []
+    return [intro, "", md_table(["experiment", "task", "model(s)", "data sizes", "budget", "search trials per arm",
+                                 "confirmation seeds", "wall time", "git commit", "machine", "command"], rows),
+            ""] + note
+
+
+def wins_section(paired: list[dict]) -> str:
+    """The paired section's verdicts (stats.verdict of stats.paired_rows) at a glance, with counts per experiment."""
+    if not paired:
+        return ""
+    lines = ["## Where PROFIT wins, ties or loses (paired, test)", "",
+             "From the paired differences below (PROFIT − baseline per confirmation seed, same role): "
+             f"'{stats.BETTER}' when the 95 % t-interval excludes 0 on PROFIT's side (the metric's own direction), "
+             f"'{stats.WORSE}' when it excludes 0 on the other side, '{stats.TIE}' when it contains 0; "
+             "'— (n<2)' has no interval.", ""]
+    rows, counts = [], {}
+    for p in paired:
+        row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"]]
+        c = counts.setdefault(p["experiment"], {stats.BETTER: 0, stats.TIE: 0, stats.WORSE: 0, None: 0})
+        for m in ("old_test", "new_test"):
+            v = stats.verdict(p[m], p["higher_is_better"])
+            c[v] += 1
+            row.append(v or "— (n<2)")
+        rows.append(row)
+    lines += [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "old test", "new test"], rows), ""]
+    for exp, c in sorted(counts.items()):
+        extra = f", {c[None]} without an interval" if c[None] else ""
+        lines.append(f"- **{exp}**: wins {c[stats.BETTER]}, ties {c[stats.TIE]}, losses {c[stats.WORSE]} of "
+                     f"{sum(c.values())} comparisons (old and new test per baseline × choice){extra}.")
+    return "\n".join(lines + [""])
+
+
+def pretrain_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, figs: list) -> str:
+    """The pretrained checkpoints' old-task validation curves (sweep parent metrics pretrain.<model>.seed<S>.old_val):
+    did pretraining reach a plateau before fine-tuning started?"""
+    if curves.empty:
+        return ""
+    lines = ["## Pretrained backbones (old-task validation, before fine-tuning)", "",
+             f"Per backbone, over its pretrained checkpoints (one per seed): the final old-task validation metric "
+             f"(mean ± s.e.), the best value of the mean curve over seeds (at which evaluation), the mean curve's "
+             f"last 4 evaluations, and its gain over the last {stats.PLATEAU_SPAN} evaluations (final − the value "
+             f"{stats.PLATEAU_SPAN} evaluations earlier, positive = better; accuracy in percentage points). "
+             f"plateau = yes when that gain is below {stats.PLATEAU_POINTS} points (accuracy) or "
+             f"{stats.PLATEAU_RELATIVE:.0%} of the earlier value (MSE).", ""]
+    body: list[str] = []
+    for exp, ce in curves.groupby("experiment", sort=True):
+        g = runs[runs["experiment"] == exp]
+        if g.empty:  # no trial run says which metric (and direction) the curves hold
+            continue
+        rows, summaries = [], {}
+        for model, cm in ce.groupby("model", sort=True):
+            gm = g[g["model"] == model] if (g["model"] == model).any() else g
+            metric, hib = gm["metric_name"].iloc[0], bool(gm["higher_is_better"].iloc[0])
+            s = stats.pretrain_summary(cm, metric, hib)
+            if s is None:
+                rows.append([tables.model_name(model), "—", "no finite value", "—", "—", "—", "—"])
+                continue
+            summaries[model] = s
+            last = " → ".join(stats.fmt_num(v, metric) for v in s["curve"].iloc[-4:])
+            if math.isnan(s["gain"]):
+                gain, plateau = f"— ({len(s['curve'])} evaluations)", "— (fewer than 4 evaluations)"
+            elif metric == "accuracy":
+                gain = f"{s['gain']:+.2f} points"
+                plateau = "yes" if s["plateau"] else "no (still improving)"
+            else:
+                gain = f"{s['gain']:+.4g} ({100 * s['gain_rel']:+.1f} %)" if load.finite(s["gain_rel"]) else \
+                    f"{s['gain']:+.4g}"
+                plateau = "yes" if s["plateau"] else "no (still improving)"
+            rows.append([tables.model_name(model), s["n"], stats.fmt_stat(s["final"], metric, ci=False),
+                         f"{stats.fmt_num(s['best'], metric)} (evaluation {s['best_step']})", last, gain, plateau])
+        unit = "acc (%)" if metric == "accuracy" else metric
+        title = f"pretraining, old-task validation — {exp}"
+        body += [f"### {exp}: {tables.task_title(g['task'].iloc[0])}", "",
+                 md_table(["backbone", "seeds", f"final old val {unit}", "best (mean curve)",
+                           "mean curve, last 4 evaluations", f"gain over the last {stats.PLATEAU_SPAN} evaluations",
+                           "plateau"], rows), ""]
+        if summaries:
+            name = figures.plot_pretrain(summaries, metric, hib, title, out / f"pretrain_{exp}.png")
+            figs.append(name)
+            body += [f"![{title}]({name})", ""]
+    return "\n".join(lines + body) if body else ""
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -146,23 +289,19 @@ def _hv_table(g, c, ref, metric) -> list[str]:
             md_table(["arm", "hypervolume (test)", "bootstrap 95 % CI"], rows), ""]
 
 
-def paired_section(runs, cells) -> str:
+def paired_section(runs, cells, paired: list[dict] | None = None) -> str:
     lines = ["## PROFIT vs each baseline, paired by confirmation seed", "",
              "Difference = PROFIT − baseline per seed (same pretrained backbone, same data order), between the "
              "configurations each method chose for the same role (knee vs knee, ...); mean [95 % t-interval] (n "
              "seeds). '≈ 0' marks a difference whose interval contains zero: not separated from no difference.", ""]
     rows = []
-    for p in stats.paired_rows(runs, cells):
+    for p in stats.paired_rows(runs, cells) if paired is None else paired:
         metric, hib = p["metric_name"], p["higher_is_better"]
         row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"]]
         for m in ("old_test", "new_test"):
-            s = p[m]
-            text = stats.fmt_stat(s, metric)
-            if s.n >= 2:
-                better = (s.mean > 0) == hib
-                text += " — PROFIT better" if stats.excludes_zero(s) and better else \
-                    " — PROFIT worse" if stats.excludes_zero(s) else " ≈ 0"
-            row.append(text)
+            v = stats.verdict(p[m], hib)
+            mark = "" if v is None else " ≈ 0" if v == stats.TIE else f" — {v}"
+            row.append(stats.fmt_stat(p[m], metric) + mark)
         rows.append(row)
     if not rows:
         return "\n".join(lines + ["No PROFIT and baseline arms confirmed on shared seeds.", ""])
@@ -194,6 +333,68 @@ def grid_section(runs, hyper, paper) -> str:
     if not lines:
         return ""
     return "\n".join(["## Search grid (validation, every configuration with ≥ 2 seeds)", ""] + lines)
+
+
+def knee_ablation_section(runs, cells, paper, palette, out: Path, figs: list) -> str:
+    """stage=ablation runs: one knob (n_ref, ratio) of a PROFIT arm's confirmed knee varied at a time on the
+    confirmation seeds; the knee's own confirm runs are the centre row. Beside ours, the paper's Table 8 / 9 row
+    of the same backbone family (CIFAR)."""
+    abl = stats.ablation_cells(runs, cells, load.param_columns(runs))
+    if not abl:
+        return ""
+    lines = ["## Ablations around the confirmed PROFIT configuration (test, confirmation seeds)", "",
+             "One knob of a PROFIT arm's confirmed knee configuration varied at a time, every other setting as the "
+             "knee's, run on the confirmation seeds (stage=ablation); the knee's row is its own confirmation runs on "
+             "the same seeds. Test metrics, mean ± s.e. [95 % t-interval] (n seeds); n=1 has no interval. The "
+             "paper's columns are its Table 8 (n_ref) / Table 9 (ratio) row for the same backbone family, measured "
+             "on CIFAR-10 → CIFAR-100: compare the trend over the knob, not the values.", ""]
+    diag = stats.DIAG_FRAC if stats.DIAG_FRAC in runs and runs[stats.DIAG_FRAC].notna().any() else None
+    by_plot: dict = {}
+    for ab in abl:
+        key = (ab["experiment"], ab["task"], ab["model"], ab["knob"])
+        by_plot.setdefault(key, []).append(ab)
+    for (exp, task, model, knob), group in by_plot.items():
+        metric = group[0]["metric_name"]
+        unit = "acc (%)" if metric == "accuracy" else metric
+        num = tables.ABLATION_TABLES[knob] if knob in tables.ABLATION_TABLES else None
+        family = tables.PAPER_FAMILY.get(model)
+        has_paper = bool(num and paper.get(f"table{num}") and family)
+        head = ["arm", knob, "n seeds", "diverged/failed", f"old test {unit}", f"new test {unit}"]
+        head += [f"{diag} (mean ± s.e.)"] if diag else []
+        if has_paper:
+            head += [f"paper Table {num} {tables.model_name(family)} old (CIFAR-10, %)",
+                     f"paper Table {num} {tables.model_name(family)} new (CIFAR-100, %)"]
+        rows, notes = [], []
+        for ab in group:
+            for p in ab["points"]:
+                row = [ab["arm"], tables.fmt_param(p["value"]) + (" (confirmed knee)" if p["knee"] else ""), p["n"],
+                       p["n_bad"], stats.fmt_stat(p["old_test"], metric), stats.fmt_stat(p["new_test"], metric)]
+                row += [stats.fmt_stat(p[diag], "mse", ci=False)] if diag else []
+                if has_paper:
+                    pr = tables.paper_ablation_row(paper, knob, model, p["value"]) or {}
+                    row += [tables.fmt_pct(pr.get("old")), tables.fmt_pct(pr.get("new"))]
+                rows.append(row)
+            if not ab["knee_found"]:
+                notes.append(f"{ab['arm']}: no confirmation runs of its knee configuration, so no centre row.")
+            elif set(ab["knee_seeds"]) - set(ab["ablation_seeds"]):
+                notes.append(f"{ab['arm']}: the knee row uses its confirmation runs on the ablation's seeds "
+                             f"({', '.join(map(str, ab['ablation_seeds']))}) of its "
+                             f"{len(ab['knee_seeds'])} confirmation seeds.")
+            if ab["differ"]:
+                notes.append(f"{ab['arm']}: WARNING, the ablation runs differ from the knee in more than {knob}: "
+                             f"{'; '.join(ab['differ'])}.")
+        if num and paper.get(f"table{num}"):
+            notes.append(f"Paper: {paper[f'table{num}']['title']} — " + (
+                f"{tables.model_name(family)} row, the family of our {tables.model_name(model)}; CIFAR numbers."
+                if family else f"no backbone of the {tables.model_name(model)}'s family (the paper ablates "
+                               f"ResNet-18, ViT-Tiny, ViT-Small), so no paper column."))
+        title = f"ablation over {knob} around the confirmed knee — {exp}: {group_title(task, model)}"
+        name = figures.plot_ablation_test(group, palette, title, out / f"knee_ablation_{knob}_{exp}_{task}_{model}.png")
+        figs.append(name)
+        lines += [f"### {exp}: {group_title(task, model)} — {knob}", "", md_table(head, rows), ""]
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        lines += [f"![{title}]({name})", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -248,7 +449,7 @@ def curve_runs(g: pd.DataFrame, cells: pd.DataFrame, wanted: set) -> dict[str, s
     for arm, a in g[g["status"] == "ok"].groupby("arm"):
         knee = cells[(cells["arm"] == arm) & cells["choice"].str.contains("knee")] if len(cells) else cells
         pool = a[(a["stage"] == "confirm") & a["config_key"].isin(knee["config_key"])] if len(knee) else a.iloc[:0]
-        pool = pool if len(pool) else a
+        pool = pool if len(pool) else a[a["stage"] == "search"] if (a["stage"] == "search").any() else a
         chosen[f"{arm} {pool['run_id'].iloc[0][:6]}"] = pool["run_id"].iloc[0]
     return chosen
 
@@ -303,22 +504,30 @@ def tables_section(runs, cells, hyper, paper, palette, out: Path, figs: list) ->
 
 # ---------------------------------------------------------------------------------------------- assembly
 def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs=(),
-                 paper: dict | None = None) -> Path:
+                 paper: dict | None = None, suite: str | None = None, without_runs=()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     paper = paper or load_paper()
     hyper = load.hyper_columns(runs)
     chosen = stats.selection(runs)
     cells = stats.confirmed_cells(runs, hyper, chosen, load.profit_metric_keys(runs))
+    paired = stats.paired_rows(runs, cells)
+    parents = load.sweep_parents(sorted(set(runs["experiment"]) | set(without_runs)), tracking_uri)
+    if suite:  # a suite is each experiment's latest sweep: an earlier sweep's pretraining curves stay out
+        parents = load.latest_parents(parents).reset_index()
     palette = figures.method_palette(runs["arm"])
     figs: list[str] = []
-    body = [selection_section(runs, chosen, hyper),
+    body = [wins_section(paired),
+            pretrain_section(runs, load.pretrain_curves(parents, tracking_uri), out, figs),
+            selection_section(runs, chosen, hyper),
             confirmed_section(runs, cells, chosen, hyper, paper, palette, out, figs),
-            paired_section(runs, cells),
+            paired_section(runs, cells, paired),
+            knee_ablation_section(runs, cells, paper, palette, out, figs),
             grid_section(runs, hyper, paper),
             "\n".join(["## Figures", ""] + ablation_section(runs, hyper, palette, out, figs)
                       + curves_section(runs, cells, palette, tracking_uri, set(curve_runs), out, figs)),
             tables_section(runs, cells, hyper, paper, palette, out, figs)]
-    (out / "report.md").write_text("\n".join(header(runs, tracking_uri) + body))
+    body = [b for b in body if b]
+    (out / "report.md").write_text("\n".join(header(runs, tracking_uri, parents, suite, without_runs) + body))
     runs.to_csv(out / "runs.csv", index=False)
     chosen.to_csv(out / "selection.csv", index=False)
     return out / "report.md"
@@ -326,10 +535,14 @@ def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
-    p.add_argument("--experiment", nargs="+", default=None, help="MLflow experiment name(s); default: all")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--experiment", nargs="+", default=None, help="MLflow experiment name(s); default: all")
+    which.add_argument("--suite", default=None, help="every experiment whose latest sweep parent run carries the tag "
+                       "suite=SUITE (instead of --experiment)")
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI (default: "
                    f"{DEFAULT_TRACKING_URI}, as profit_bench.sweep)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment names>)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment names>, or "
+                   "reports/<suite> with --suite)")
     p.add_argument("--runs", nargs="*", default=(), help="run ids whose per-evaluation curves to plot "
                    "(default: per method one confirmation run of its knee configuration)")
     return p
@@ -341,9 +554,20 @@ def main(argv=None) -> int:
         if (args.tracking_uri or "").startswith(("http://", "https://")):
             from profit_bench.tracking import check_reachable
             check_reachable(args.tracking_uri)  # seconds, one line; MLflow's own client retries for minutes
-        runs = load_runs(args.experiment, args.tracking_uri)
-        out = Path(args.out or Path("reports") / "+".join(sorted(runs["experiment"].unique())))
-        path = write_report(runs, out, tracking_uri=args.tracking_uri, curve_runs=args.runs)
+        if args.suite:
+            experiments = load.suite_experiments(args.suite, args.tracking_uri)
+            runs = load_runs(experiments, args.tracking_uri, skip_empty=True)
+            # Only the runs of each experiment's latest sweep: a workload re-run (`--workloads W`) replaces the
+            # earlier sweep of that experiment instead of pooling with it.
+            latest = load.latest_parents(load.sweep_parents(experiments, args.tracking_uri))
+            runs = runs[runs["parent_id"].isin(latest["run_id"])]
+            without = sorted(set(experiments) - set(runs["experiment"]))
+            out = Path(args.out or Path("reports") / args.suite)
+        else:
+            runs, without = load_runs(args.experiment, args.tracking_uri), []
+            out = Path(args.out or Path("reports") / "+".join(sorted(runs["experiment"].unique())))
+        path = write_report(runs, out, tracking_uri=args.tracking_uri, curve_runs=args.runs, suite=args.suite,
+                            without_runs=without)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

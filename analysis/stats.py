@@ -1,8 +1,11 @@
 """Statistics of the report: selection on validation (via profit_bench.protocol), confirmed cells (mean ± s.e.,
-95 % t-interval, n), paired PROFIT − baseline differences per seed, hypervolume with a bootstrap CI over seeds.
+95 % t-interval, n), paired PROFIT − baseline differences per seed, hypervolume with a bootstrap CI over seeds,
+the ablations around a PROFIT arm's confirmed knee, and the pretrained backbones' validation curves.
 
 A *cell* is one confirmed configuration: the stage=confirm runs of one experiment × task × backbone × arm ×
 config_key, over the confirmation seeds. Only settled, non-diverged runs enter a cell; the rest are counted.
+Stages: `search` feeds selection only, `confirm` the cells, the paired differences and the hypervolumes, and
+`ablation` (one knob of the knee varied on confirmation seeds) only `ablation_cells`.
 """
 from __future__ import annotations
 
@@ -55,6 +58,19 @@ def paired_difference(a, b, level: float = LEVEL) -> Stat:
 
 def excludes_zero(s: Stat) -> bool:
     return s.n >= 2 and (s.lo > 0 or s.hi < 0)
+
+
+BETTER, TIE, WORSE = "PROFIT better", "≈", "PROFIT worse"
+
+
+def verdict(s: Stat, higher_is_better: bool) -> str | None:
+    """A PROFIT − baseline difference read in the metric's direction: BETTER / WORSE when its interval excludes 0
+    on that side, TIE when it contains 0, None without an interval (n < 2)."""
+    if s.n < 2:
+        return None
+    if not excludes_zero(s):
+        return TIE
+    return BETTER if (s.mean > 0) == bool(higher_is_better) else WORSE
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -154,12 +170,16 @@ def choice_order(choice: str) -> int:
 def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
     """PROFIT arm vs each baseline arm of the same experiment × task × backbone, matched by selection choice
     (PROFIT's knee vs the baseline's knee, ...) and by confirmation seed (same backbone, same data order).
-    Differences are PROFIT − baseline in the metric's own units, for old_test and new_test."""
+    Differences are PROFIT − baseline in the metric's own units, for old_test and new_test.
+    An adapter trained through PROFIT (LoRA, VPT, ConvAdapter + PROFIT: Table 7) is compared with the same adapter
+    only; PROFIT on the whole model with every baseline."""
     conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
     out = []
     for key, c in cells.groupby(GROUP, sort=True) if len(cells) else ():
         for _, p in c[c["is_profit"]].iterrows():
             for _, b in c[~c["is_profit"]].iterrows():
+                if "method" in c and p["method"] not in ("full", "profit") and p["method"] != b["method"]:
+                    continue
                 shared = set(str(p["choice"]).split(",")) & set(str(b["choice"]).split(","))
                 if not shared:
                     continue
@@ -230,4 +250,123 @@ def hypervolume_ci(runs: pd.DataFrame, cells: pd.DataFrame, ref, rng_seed: int =
         reps = [protocol.hypervolume(means[:, r], ref, dirs) for r in range(N_BOOT)]
         lo, hi = np.percentile(reps, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])
         out[arm] = (hv, float(lo), float(hi), len(seeds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+ABLATION_STAGE = "ablation"
+ABLATION_KNOBS = ("n_ref", "ratio")
+DIAG_FRAC = "profit_projected_frac"
+
+
+def knee_runs(runs: pd.DataFrame, cells: pd.DataFrame, key, arm: str) -> pd.DataFrame:
+    """Every confirm run (any status) of `arm`'s knee configuration in group `key`: the cell whose choice names
+    the knee (the confirm runs' `choice` tag, else the report's own selection)."""
+    if not len(cells):
+        return runs.iloc[:0]
+    mine = (cells[GROUP].astype(str).values == np.array(key, dtype=str)).all(axis=1) & (cells["arm"] == arm).values
+    knee = cells[mine & cells["choice"].astype(str).str.split(",").map(lambda c: "knee" in c).values]
+    conf = runs[(runs["stage"] == "confirm") & (runs["arm"] == arm)
+                & (runs[GROUP].astype(str).values == np.array(key, dtype=str)).all(axis=1)]
+    return conf[conf["config_key"].isin(set(knee["config_key"]))]
+
+
+def _ablation_point(g: pd.DataFrame, value, is_knee: bool, metrics: list[str]) -> dict:
+    """One knob value: per confirmation seed the mean of its ok runs (a seed run twice counts once), then
+    mean_ci over seeds for each metric; runs not ok are counted in n_bad."""
+    ok = g[g["status"] == "ok"]
+    per = ok.groupby("seed")[metrics].mean() if len(ok) else pd.DataFrame(columns=metrics)
+    row = dict(value=value, knee=is_knee, n=len(per), n_bad=int(len(g) - len(ok)),
+               seeds=sorted(int(x) for x in per.index))
+    for m in metrics:
+        row[m] = mean_ci(per[m]) if m in per else mean_ci([])
+    return row
+
+
+def ablation_cells(runs: pd.DataFrame, cells: pd.DataFrame, params: list[str]) -> list[dict]:
+    """Per experiment × task × backbone × PROFIT arm × knob (the `ablation_knob` tag): one point per knob value
+    of the stage=ablation runs, plus the confirmed knee (its confirm runs, not re-run in the ablation stage) on
+    the ablation's seeds, sorted by value. Test metrics, mean ± s.e. [95 % t-CI] over confirmation seeds.
+    `differ` lists the other `params` (load.param_columns) in which the ablation runs differ from the knee
+    (none, by the sweep's contract)."""
+    abl = runs[runs["stage"] == ABLATION_STAGE]
+    metrics = ["old_test", "new_test"] + ([DIAG_FRAC] if DIAG_FRAC in runs and runs[DIAG_FRAC].notna().any() else [])
+    out = []
+    if abl.empty or "ablation_knob" not in abl:
+        return out
+    for (*key, arm, knob), a in abl.groupby(GROUP + ["arm", "ablation_knob"], sort=True):
+        if knob not in a:
+            continue
+        knee = knee_runs(runs, cells, tuple(key), arm)
+        seeds = set(a["seed"].dropna().astype(int))
+        knee_on = knee[knee["seed"].astype(int).isin(seeds)]
+        points = [_ablation_point(v, value, False, metrics) for value, v in a.groupby(knob, sort=True)]
+        knee_value = knee[knob].dropna().iloc[0] if knob in knee and knee[knob].notna().any() else None
+        if len(knee_on) and knee_value is not None:
+            points.append(_ablation_point(knee_on, knee_value, True, metrics))
+        points.sort(key=lambda p: (*knob_order(p["value"]), not p["knee"]))
+        differ = []
+        if len(knee):
+            ref = knee.iloc[0]
+            for h in params:
+                if h == knob or h not in a:
+                    continue
+                mine = {_text(v) for v in a[h]}
+                if mine != {_text(ref[h])}:
+                    differ.append(f"{h} ({', '.join(sorted(mine))} vs the knee's {_text(ref[h])})")
+        out.append(dict(zip(GROUP, key), arm=arm, knob=knob, points=points, metric_name=a["metric_name"].iloc[0],
+                        higher_is_better=bool(a["higher_is_better"].iloc[0]), knee_found=len(knee) > 0,
+                        knee_seeds=sorted(int(x) for x in knee.loc[knee["status"] == "ok", "seed"].unique()),
+                        ablation_seeds=sorted(seeds), differ=differ))
+    return out
+
+
+def knob_order(v) -> tuple:
+    """Sort key of a knob value: numbers by value, then anything else by its text."""
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def _text(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+PLATEAU_POINTS = 0.5     # accuracy: a gain below this many percentage points over the last 3 evaluations
+PLATEAU_RELATIVE = 0.02  # other metrics (MSE): a gain below 2 % of the value 3 evaluations earlier
+PLATEAU_SPAN = 3
+
+
+def pretrain_summary(curves: pd.DataFrame, metric: str, higher_is_better: bool) -> dict | None:
+    """One backbone's pretraining curves (columns seed, step, value; one curve per checkpoint seed): the final
+    value per seed (mean_ci), the mean curve over seeds (mean, s.e. per evaluation), its best value, and the gain
+    over its last PLATEAU_SPAN evaluations (final − the value PLATEAU_SPAN evaluations earlier, signed so positive
+    = better; accuracy in percentage points, else in the metric's units with `gain_rel` relative to the earlier
+    value). plateau: True when that gain is below the threshold, None with fewer than PLATEAU_SPAN + 1 points.
+    None when no value is finite."""
+    sign = 1.0 if higher_is_better else -1.0
+    v = pd.to_numeric(curves["value"], errors="coerce")
+    finite_rows = curves[np.isfinite(v.to_numpy(float))]
+    if finite_rows.empty:
+        return None
+    table = finite_rows.pivot_table(index="step", columns="seed", values="value", aggfunc="first").sort_index()
+    final = [float(c.dropna().iloc[-1]) for _, c in table.items() if c.notna().any()]
+    per_step = [mean_ci(table.loc[s]) for s in table.index]
+    mean = pd.Series([p.mean for p in per_step], index=table.index)
+    se = pd.Series([p.se if p.n > 1 else math.nan for p in per_step], index=table.index)
+    best_step = (mean * sign).idxmax()
+    out = dict(n=table.shape[1], final=mean_ci(final), curve=mean, curve_se=se, best=float(mean[best_step]),
+               best_step=int(best_step), gain=math.nan, gain_rel=math.nan, plateau=None)
+    if len(mean) > PLATEAU_SPAN:
+        now, before = float(mean.iloc[-1]), float(mean.iloc[-1 - PLATEAU_SPAN])
+        gain = sign * (now - before)
+        if metric == "accuracy":
+            out.update(gain=100.0 * gain, plateau=bool(100.0 * gain < PLATEAU_POINTS))
+        else:
+            rel = gain / abs(before) if before != 0 else math.inf * np.sign(gain) if gain else 0.0
+            out.update(gain=gain, gain_rel=rel, plateau=bool(rel < PLATEAU_RELATIVE))
     return out

@@ -2,7 +2,8 @@
 
 A run feeds Table N when its sweep's parent run carries the tag `table=N` (the YAML `table:` key). Our numbers
 are confirmed cells only (stage=confirm runs, test metrics, mean ± s.e. [95 % CI] (n)); Table 11's time and
-memory come from every finished run, since cost is not a selected quantity.
+memory come from every finished search and confirm run, since cost is not a selected quantity. Tables 8 / 9 rows
+also sit beside the ablation stage's rows (report.knee_ablation_section, via `paper_ablation_row`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ TASK_TITLES = {"toy": "2-D toy regression sin(10|x|)", "cifar": "CIFAR-10 → CI
                "fmnist": "Fashion-MNIST 0–4 → 5–9", "digits": "sklearn digits 0–4 → 5–9"}
 MODEL_NAMES = {"mlp": "MLP", "resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small"}
 PAPER_SHORT = {"table1": "toy", "table12": "DriveLM"}  # the rest: CIFAR
+# Our backbone → the paper's backbone of the same family (Tables 8/9 rows); the MLP has none.
+PAPER_FAMILY = {"resnet_small": "resnet18", "resnet18": "resnet18", "vit_micro": "vit_tiny", "vit_tiny": "vit_tiny",
+                "vit_small": "vit_small"}
+ABLATION_TABLES = {"n_ref": 8, "ratio": 9}  # knob → the paper's ablation table over it
 
 
 def load_paper(path: Path = PAPER_TABLES) -> dict:
@@ -73,6 +78,20 @@ def paper_lookup(table: dict, **key):
     return None
 
 
+def paper_ablation_row(paper: dict, knob: str, model: str, value):
+    """The paper's Table 8 (n_ref) / Table 9 (ratio) row for `model`'s backbone family at knob = `value`, or None
+    (no such table, an MLP, a value the paper did not run)."""
+    t = paper.get(f"table{ABLATION_TABLES.get(knob)}")
+    family = PAPER_FAMILY.get(model)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not t or family is None or not np.isfinite(v) or v != int(v):
+        return None
+    return paper_lookup(t, model=family, **{knob: int(v)})
+
+
 def paper_method_key(row) -> str:
     """Which paper row a cell corresponds to: "profit" for the full model through PROFIT, else the method."""
     return "profit" if row["is_profit"] and row["method"] in ("full", "profit") else str(row["method"])
@@ -108,8 +127,12 @@ def _sorted(cells: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return cells.assign(_o=cells["choice"].map(choice_order)).sort_values(by + ["_o"]).drop(columns="_o")
 
 
-def _pct(v) -> str:
+def fmt_pct(v) -> str:
+    """A paper percentage as printed (two decimals), "—" for none."""
     return "—" if v is None else f"{v:.2f}"
+
+
+_pct = fmt_pct
 
 
 def _cells_for(cells: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -249,8 +272,9 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task × backbone × main optimizer: each PROFIT arm and the full-model arm with the same main optimizer.
     Step time over every finished run of the arm; memory as tensor accounting (fp32 parameters and gradients of
     the trainable tensors, PROFIT / method state), never process RSS. Table 11 and its figure print these rows."""
+    # Not the ablation stage: its n_ref grid changes PROFIT's cost per step away from the configurations compared.
     ok = runs[runs["status"].isin(["ok", "diverged"]) & runs["step_time_median_s"].notna()
-              & runs["method"].isin(["full", "profit"])]
+              & runs["method"].isin(["full", "profit"]) & (runs["stage"] != "ablation")]
     rows = []
     for (task, model, opt), g in ok.groupby(["task", "model", "optimizer"], sort=True):
         if g["is_profit"].nunique() < 2:

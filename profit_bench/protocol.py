@@ -30,7 +30,11 @@ DIVERGENCE_RULE = (
     f"more than {MSE_BLOWUP:g}× the pretrained model's value and more than {MSE_BLOWUP:g}× the median of the "
     f"sweep's finite values (the median, not the best: plain fine-tuning legitimately forgets 10–30× the "
     f"pretrained old-task MSE, while an explosion is orders of magnitude above every ordinary trial); for "
-    f"accuracy when it is below chance (1 / number of classes).")
+    f"accuracy, in the search stage, when either accuracy is below chance (1 / number of classes): a "
+    f"configuration that loses a task entirely is kept out of the choice. A confirmation or ablation run is an "
+    f"outcome being measured, so its accuracy rule is stricter: it has diverged only when both accuracies are "
+    f"below chance (a model that no longer works at all); forgetting the old task down to chance is a result, "
+    f"kept in every mean.")
 
 
 def _finite(v) -> bool:
@@ -38,9 +42,19 @@ def _finite(v) -> bool:
 
 
 def divergence_reason(row, *, higher_is_better: bool, typical_old: float, typical_new: float,
-                      chance_old: float | None = None, chance_new: float | None = None) -> str | None:
+                      chance_old: float | None = None, chance_new: float | None = None,
+                      outcome: bool = False) -> str | None:
     """Why the trial in `row` (old_val, new_val, old_val_before, new_val_before) counts as diverged, or None.
-    `typical_*`: the sweep's median finite value of that metric (see DIVERGENCE_RULE)."""
+    `typical_*`: the sweep's median finite value of that metric (see DIVERGENCE_RULE). `outcome`: a confirmation
+    or ablation run (accuracy: diverged only when both tasks are below chance)."""
+    if higher_is_better and outcome:
+        vals = [row.get("old_val"), row.get("new_val")]
+        for side, v in zip(("old", "new"), vals):
+            if not _finite(v):
+                return f"{side}_val is not finite"
+        if _finite(chance_old) and _finite(chance_new) and vals[0] < chance_old and vals[1] < chance_new:
+            return f"old_val {vals[0]:.4g} and new_val {vals[1]:.4g} both below chance"
+        return None
     for side, typical, chance in (("old", typical_old, chance_old), ("new", typical_new, chance_new)):
         v = row.get(f"{side}_val")
         if not _finite(v):
@@ -69,7 +83,7 @@ def mark_diverged(df: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
     """A copy of `df` with `diverged` (bool) and `diverged_reason` columns. The sweep's median is taken over every
     row of `df` (one sweep, one task × backbone); chance comes from `chance_old`/`chance_new` columns when
     present. Rows whose `status` is not ok/diverged (failed, killed) are marked diverged=False:
-    they are counted separately."""
+    they are counted separately. Rows with a `stage` of confirm or ablation get the outcome rule."""
     out = df.copy()
     typical_old, typical_new = _median(out.get("old_val", [])), _median(out.get("new_val", []))
     reasons = []
@@ -80,7 +94,8 @@ def mark_diverged(df: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
             continue
         reasons.append(divergence_reason(row, higher_is_better=higher_is_better, typical_old=typical_old,
                                          typical_new=typical_new, chance_old=row.get("chance_old"),
-                                         chance_new=row.get("chance_new")))
+                                         chance_new=row.get("chance_new"),
+                                         outcome=row.get("stage") in ("confirm", "ablation")))
     out["diverged_reason"] = reasons
     out["diverged"] = [r is not None for r in reasons]
     return out

@@ -276,7 +276,20 @@ def pretrain_keys(dicts, data_dir, device) -> dict:
         d = {**{k: v for k, v in d.items() if not k.startswith("_")}, "data_dir": data_dir, "device": device}
         cfg = resolved_config(d)
         keys.setdefault((cfg.task, cfg.model, cfg.seed, pretrain_config_for(cfg), fisher_samples_for(cfg)), d)
-    return keys
+    # One task per checkpoint: the one that also builds a Fisher (EWC) covers the plain key, so two tasks never
+    # race to pretrain the same checkpoint.
+    with_fisher = {k[:4] for k in keys if k[4] is not None}
+    return {k: d for k, d in keys.items() if k[4] is not None or k[:4] not in with_fisher}
+
+
+def trial_prior_s(spec: SweepSpec, metas) -> float | None:
+    """A trial's expected seconds before one has run: its checkpoint's pretraining seconds per epoch (per step) ×
+    the fine-tuning budget. A trial trains on about as much data per epoch as pretraining did; evaluations make
+    it an underestimate, which the measured mean replaces after the first trial."""
+    kind = "epochs" if "epochs" in spec.budget else "steps"
+    per = sorted(m["wall_time_s"] / m["config"][kind] * spec.budget[kind] for m in metas
+                 if m and m.get("wall_time_s") and (m.get("config") or {}).get(kind))
+    return per[len(per) // 2] if per else None
 
 
 def sweep_seeds(spec: SweepSpec) -> list[int]:
@@ -304,13 +317,18 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
     import ray
     t0 = time.perf_counter()
     known = meter.pretrained if meter is not None else {}
-    todo = {k: d for k, d in keys.items() if k not in known}
+    # A checkpoint built with its Fisher also serves the plain key (no Fisher).
+    built = {k[:4]: meta for k, meta in known.items()}
+    out = {k: known.get(k, built.get(k[:4])) for k in keys if k in known or (k[4] is None and k[:4] in built)}
+    todo = {k: d for k, d in keys.items() if k not in out}
     rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
     todo = dict(sorted(todo.items(), key=lambda kv: rank.get(kv[0][1], len(rank))))
     task = ray.remote(_pretrain_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     refs = {task.remote(d, cache_dir, not quiet): k for k, d in todo.items()}
-    out = {k: known[k] for k in keys if k in known}
-    for ref, k in refs.items():
+    pending = list(refs)
+    while pending:  # in the order they finish: progress shows while the long ones still run
+        (ref,), pending = ray.wait(pending, num_returns=1)
+        k = refs[ref]
         path, node, seconds, meta = ray.get(ref)
         out[k] = meta
         if meter is not None:
@@ -318,8 +336,10 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
             meter.busy_s += seconds
         if not quiet:
             d = todo[k]
-            print(f"pretrained {d['task']}/{d['model'] or 'default'} seed {d['seed']} on node {node[:12]} in "
-                  f"{seconds:.0f}s (old val {meta.get('old_val', float('nan')):.4g}) → {path}", flush=True)
+            old_val = meta.get("old_val", float("nan"))
+            print(f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {d['task']}/{d['model'] or 'default'} seed "
+                  f"{d['seed']} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
+                  f"{_dur(time.perf_counter() - t0)} elapsed) → {path}", flush=True)
     return time.perf_counter() - t0, out
 
 
@@ -394,6 +414,7 @@ class Meter:
     trial_s: dict = field(default_factory=dict)   # workload → [seconds of each trial that ran here]
     busy_s: float = 0.0                           # trial + pretraining seconds run in this process's session
     pretrained: dict = field(default_factory=dict)  # pretrain key → checkpoint metadata (built or found)
+    prior_s: dict = field(default_factory=dict)   # workload → expected trial seconds before any has run
 
     def finished(self, workload: str, seconds: float | None):
         self.done[workload] = self.done.get(workload, 0) + 1
@@ -402,15 +423,16 @@ class Meter:
             self.trial_s.setdefault(workload, []).append(seconds)
 
     def eta(self) -> float | None:
-        """Remaining trials × their workload's mean trial time (the mean over all workloads for one not started)
-        / concurrent trials."""
+        """Remaining trials × their workload's mean trial time / concurrent trials. A workload not started yet
+        counts its prior (trial_prior_s), else the mean over every trial so far."""
         every = [x for v in self.trial_s.values() for x in v]
-        if not every:
-            return None
         left = 0.0
         for w, n in self.planned.items():
-            ts = self.trial_s.get(w) or every
-            left += max(0, n - self.done.get(w, 0)) * sum(ts) / len(ts)
+            ts = self.trial_s.get(w)
+            per = sum(ts) / len(ts) if ts else self.prior_s.get(w, sum(every) / len(every) if every else None)
+            if per is None:
+                return None
+            left += max(0, n - self.done.get(w, 0)) * per
         return left / max(1, self.concurrent)
 
     def line(self) -> str:
@@ -694,6 +716,7 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         seconds, metas = pretrain_on_cluster(pretrain_keys(stage_dicts(spec, points, sweep_seeds(spec)), data_dir,
                                                            device), cache_dir, cpus, gpus, opts.quiet, meter)
         t_pretrain += seconds
+        meter.prior_s.setdefault(workload, trial_prior_s(spec, metas.values()))
         sweep.log_pretraining(metas)
         trials = run_stage(Stage("search", exp_dir, points, total), *args)
         if not _all_done(trials, total):
@@ -771,13 +794,14 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     print(f"suite {suite.name}: {len(specs)} workloads ({', '.join(specs)}), ~{sum(meter.planned.values())} trials "
           f"at most, {meter.concurrent} at once", flush=True)
     try:
-        keys = {}
-        for w, spec in specs.items():
-            device = "cuda" if plans[w][1] > 0 else "cpu"
-            keys.update(pretrain_keys(stage_dicts(spec, grid_points(spec) if spec.search == "grid" else None,
-                                                  sweep_seeds(spec)), data_dir, device))
+        wkeys = {w: pretrain_keys(stage_dicts(spec, grid_points(spec) if spec.search == "grid" else None,
+                                              sweep_seeds(spec)), data_dir, "cuda" if plans[w][1] > 0 else "cpu")
+                 for w, spec in specs.items()}
         cpus, gpus, _ = next(iter(plans.values()))
-        t_pre, _ = pretrain_on_cluster(keys, cache_dir, cpus, gpus, opts.quiet, meter)
+        t_pre, metas = pretrain_on_cluster({k: d for ks in wkeys.values() for k, d in ks.items()}, cache_dir, cpus,
+                                           gpus, opts.quiet, meter)
+        meter.prior_s = {w: p for w, spec in specs.items()
+                         if (p := trial_prior_s(spec, [metas.get(k) for k in wkeys[w]])) is not None}
         print(f"suite {suite.name}: {len(keys)} pretrained checkpoints ready in {_dur(t_pre)}", flush=True)
         codes, walls = {}, {}
         for w, spec in specs.items():

@@ -2,8 +2,11 @@
 layout (search runs, protocol-chosen confirmation runs), built in a tmp sqlite file in seconds.
 
 The synthetic sweep: per arm a grid of hyperparameter points; validation metrics trade old against new along the
-grid, test = validation + independent noise. Confirmation runs are the protocol's choices on validation."""
+grid, test = validation + independent noise. Confirmation runs are the protocol's choices on validation. Optional:
+an ablation stage around a PROFIT arm's knee (n_ref, then ratio, on confirmation seeds), pretraining curves and
+suite tags on the sweep's parent run."""
 import itertools
+import json
 import struct
 import subprocess
 import sys
@@ -23,6 +26,8 @@ from profit_bench import protocol
 ROOT = Path(__file__).resolve().parents[1]
 CONFIRM_SEEDS = [1000, 1001, 1002]
 SEARCH_TEST_SENTINEL = 7.777  # search runs' test metrics: never in a table or a test front
+SUITE = "suite_cpu"
+SUITE_COMMAND = "python -m profit_bench.sweep suite_cpu --set budget.steps=20"
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -83,6 +88,23 @@ OPTUNA = dict(task="digits", model="mlp", metric="accuracy", before=(0.97, 0.2, 
     "profit": (dict(method="profit", optimizer="adam", profit=True, n_ref=1),
                [dict(lr=v, ratio=r) for v, r in ((3e-4, 20.0), (1e-3, 300.0), (3e-3, 4000.0))])})
 
+VIT = dict(task="fmnist", model="vit_micro", metric="accuracy", before=(0.93, 0.2, 0.92, 0.2), table="", arms={
+    "adam": (dict(method="full", optimizer="adam"), [dict(lr=1e-4)]),
+    "profit": (dict(method="profit", optimizer="adam", profit=True, n_ref=1, ratio=1000.0),
+               [dict(lr=v) for v in (1e-4, 1e-3)])})
+
+
+def still_improving(seed):  # MSE falling by ~half over the last 3 of 10 evaluations
+    return [0.05 * 0.8 ** i + 0.001 * np.sin(seed + i) for i in range(10)]
+
+
+def flat_accuracy(seed):  # risen fast, then flat: far below 0.5 points over the last 3 evaluations
+    return [0.9 - 0.3 * 0.3 ** i + 0.0005 * np.cos(seed * 3 + i) for i in range(8)]
+
+
+def rising_accuracy(seed):  # +2 points per evaluation to the end
+    return [0.5 + 0.02 * i + 0.001 * np.sin(seed + 2 * i) for i in range(6)]
+
 
 def _outcome(rng, spec, arm, i, n_points):
     """Validation (old, new) along a trade-off: later grid points learn more and forget more; PROFIT forgets
@@ -98,7 +120,7 @@ def _outcome(rng, spec, arm, i, n_points):
 
 
 def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, config_key, choice=None,
-             status="ok"):
+             status="ok", knob=None):
     from mlflow.entities import Metric, Param
     old_v, new_v, old_t, new_t = values
     hib = spec["metric"] != "mse"
@@ -108,6 +130,8 @@ def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, 
             "higher_is_better": str(hib), "ray_trial_id": f"{arm}-{config_key}-{seed}"}
     if choice:
         tags["choice"] = choice
+    if knob:
+        tags["ablation_knob"] = knob
     rid = client.create_run(exp_id, tags=tags).info.run_id
     is_profit = bool(params.get("profit"))
     sign = 1.0 if hib else -1.0
@@ -133,10 +157,17 @@ def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, 
     return rid
 
 
-def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False):
-    """A search stage (2 seeds per grid point), then confirmation runs of protocol.confirm_choices."""
+def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False, ablate=None, pretrain=None,
+              parent_tags=None, parent_params=None, parent_metrics=None):
+    """A search stage (2 seeds per grid point), then confirmation runs of protocol.confirm_choices; with `ablate`
+    ({arm, seeds, failed}) the ablation stage around that arm's knee: n_ref over {1, 2, 5}, ratio over {10, …,
+    10000}, on the first `seeds` confirmation seeds, the knee's own value not re-run (and one failed run when
+    `failed`). `pretrain`: model → f(seed) → curve, logged on the parent as pretrain.<model>.seed<S>.old_val.
+    Returns {"confirm": [...], "ablation": [...]}, the logged records."""
+    from mlflow.entities import Metric, Param
     exp_id = client.create_experiment(name)
-    parent = client.create_run(exp_id, tags={"profit_bench.role": "sweep", "sweep": name, "table": spec["table"]})
+    parent = client.create_run(exp_id, tags={"profit_bench.role": "sweep", "sweep": name, "table": spec["table"],
+                                             **(parent_tags or {})})
     parent = parent.info.run_id
     rng = np.random.default_rng(seed)
     hib = spec["metric"] != "mse"
@@ -163,6 +194,23 @@ def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False):
             vals = (x[0] + shift[0], x[1] + shift[1], x[2] + shift[0], x[3] + shift[1])
             confirm.append(dict(arm=c["arm"], seed=s, params=c["params"], config_key=c["config_key"],
                                 choice=c["choice"], values=vals))
+    ablation = []
+    if ablate:
+        knee = chosen[(chosen["arm"] == ablate["arm"]) & chosen["choice"].str.contains("knee")].iloc[0]
+        for knob, grid in (("n_ref", (1, 2, 5)), ("ratio", (10.0, 100.0, 1000.0, 10000.0))):
+            for v in grid:
+                if float(v) == float(knee["params"][knob]):
+                    continue  # the knee itself: its confirmation runs
+                step = np.log10(v) if knob == "ratio" else v
+                params = {**knee["params"], knob: v}
+                for s in CONFIRM_SEEDS[:ablate["seeds"]]:
+                    noise = rng.normal(0, 0.01, size=2)
+                    vals = (knee["old_val"], knee["new_val"], knee["old_val"] - 0.01 * step + noise[0],
+                            knee["new_val"] + 0.005 * step + noise[1])
+                    ablation.append(dict(arm=ablate["arm"], seed=s, params=params, knob=knob, value=v,
+                                         config_key=f"{knee['config_key']}-{knob}={v}", values=vals, status="ok"))
+        if ablate.get("failed"):  # the last value's last seed failed: that row has n = 1
+            ablation[-1]["status"] = "failed"
     if shuffle_test:  # permute test metrics across confirmation runs, scramble the search runs': validation stays
         other = np.random.default_rng(99)
         perm = other.permutation(len(confirm))
@@ -177,7 +225,31 @@ def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False):
     for r in confirm:
         _log_run(client, exp_id, parent, spec, stage="confirm", arm=r["arm"], seed=r["seed"], params=r["params"],
                  values=r["values"], config_key=r["config_key"], choice=r["choice"])
-    return confirm
+    for r in ablation:
+        _log_run(client, exp_id, parent, spec, stage="ablation", arm=r["arm"], seed=r["seed"], params=r["params"],
+                 values=r["values"], config_key=r["config_key"], choice="ablation", knob=r["knob"],
+                 status=r["status"])
+    metrics = [Metric(k, float(v), 0, 0) for k, v in (parent_metrics or {}).items()]
+    for model, curve in (pretrain or {}).items():
+        for s in [0, 1] + CONFIRM_SEEDS:
+            metrics += [Metric(f"pretrain.{model}.seed{s}.old_val", float(v), 0, i + 1)
+                        for i, v in enumerate(curve(s))]
+    client.log_batch(parent, metrics=metrics,
+                     params=[Param(k, str(v)) for k, v in (parent_params or {}).items()])
+    client.set_terminated(parent)
+    return dict(confirm=confirm, ablation=ablation)
+
+
+def suite_parent(name, spec, suite=SUITE, wall=3725.0):
+    """The tags, params and metrics a suite's sweep parent carries."""
+    import yaml
+    resolved = dict(name=name, task=spec["task"], search="grid", num_samples=1, confirm_seeds=len(CONFIRM_SEEDS),
+                    budget={"steps": spec.get("steps", 20)}, seeds=[0, 1])
+    return dict(parent_tags={"suite": suite, "suite_command": SUITE_COMMAND, "git_commit": "0123456789abcdef",
+                             "device_name": "Synthetic CPU"},
+                parent_params={"sweep.yaml": yaml.safe_dump(resolved, sort_keys=False), "trials_per_arm": 6,
+                               "data_sizes": json.dumps({"old_train": 512, "old_val": 64, "new_train": 256})},
+                parent_metrics={"wall_time_s": wall})
 
 
 def _store(tmp_path_factory, name):
@@ -198,13 +270,22 @@ def base(tmp_path_factory):
     sweep, and two copies of the toy sweep (same seed, no table): one with a PROFIT trial that exploded to finite
     values, one with its confirmation runs' test metrics shuffled."""
     uri, client, d = _store(tmp_path_factory, "base")
-    confirm = {"table1": add_sweep(client, "table1", TOY), "table9": add_sweep(client, "table9", GRID9),
-               "optuna": add_sweep(client, "optuna", OPTUNA)}
+    logged = {"table1": add_sweep(client, "table1", TOY, ablate=dict(arm="profit", seeds=3),
+                                  pretrain={"mlp": still_improving}, **suite_parent("table1", TOY)),
+              "table9": add_sweep(client, "table9", GRID9, parent_tags={"suite": "other"}),
+              "optuna": add_sweep(client, "optuna", OPTUNA),
+              "vit_ablation": add_sweep(client, "vit_ablation", VIT, ablate=dict(arm="profit", seeds=2, failed=True),
+                                        pretrain={"vit_micro": flat_accuracy, "resnet_small": rising_accuracy},
+                                        **suite_parent("vit_ablation", VIT, wall=95.0))}
+    # an older sweep of `optuna` belonged to the suite; its latest does not, so --suite leaves it out
+    optuna_id = client.get_experiment_by_name("optuna").experiment_id
+    client.create_run(optuna_id, start_time=1, tags={"profit_bench.role": "sweep", "suite": SUITE})
     add_sweep(client, "boom", {**TOY, "table": ""}, explode=True)
     add_sweep(client, "shuffled", {**TOY, "table": ""}, shuffle_test=True)
     client.create_experiment("empty")
-    md = _report(uri, d / "report", "table1", "table9", "optuna", "boom", "shuffled")
-    return dict(uri=uri, dir=d, md=md, out=d / "report", confirm=confirm)
+    md = _report(uri, d / "report", "table1", "table9", "optuna", "boom", "shuffled", "vit_ablation")
+    return dict(uri=uri, dir=d, md=md, out=d / "report", confirm={k: v["confirm"] for k, v in logged.items()},
+                ablation={k: v["ablation"] for k, v in logged.items()})
 
 
 def section(md: str, start: str, end: str = "\n## ") -> str:
@@ -349,7 +430,7 @@ def test_cli_keeps_its_flags():
     r = subprocess.run([sys.executable, "-m", "analysis.report", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    for flag in ("--experiment", "--tracking-uri", "--out", "--runs"):
+    for flag in ("--experiment", "--suite", "--tracking-uri", "--out", "--runs"):
         assert flag in r.stdout
 
 
@@ -360,3 +441,163 @@ def test_unreachable_tracking_server_fails_fast_on_one_line():
                         "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and time.monotonic() - t0 < 15
     assert r.stderr.strip().count("\n") == 0 and "http://127.0.0.1:9" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- ablation stage
+def _t_text(values, scale: float, spec: str) -> str:
+    """mean ± s.e. [95 % t-interval] (n=k) of `values`, computed with numpy/scipy, in the report's format."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return f"{format(v[0] * scale, spec)} (n=1)"
+    m, se = v.mean(), scipy.stats.sem(v)
+    lo, hi = scipy.stats.t.interval(0.95, len(v) - 1, loc=m, scale=se)
+    f = lambda x: format(x * scale, spec)  # noqa: E731
+    return f"{f(m)} ± {f(se)} [{f(lo)}, {f(hi)}] (n={len(v)})"
+
+
+def _row(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_ablation_section_matches_scipy_and_marks_the_knee(base):
+    md = base["md"]
+    abl = section(md, "## Ablations around the confirmed PROFIT configuration (test, confirmation seeds)")
+    assert "nan" not in abl.lower()
+    # toy MSE, ratio: every value's row against numpy/scipy over its confirmation seeds
+    t1 = section(abl, "### table1: 2-D toy regression sin(10|x|) — MLP — ratio", "\n### ")
+    for v in (10.0, 1000.0, 10000.0):
+        recs = [r for r in base["ablation"]["table1"] if r["knob"] == "ratio" and r["value"] == v]
+        row = _row(t1, f"| profit | {v:g} |")
+        assert row[2:6] == ["3", "0", _t_text([r["values"][2] for r in recs], 1, ".4g"),
+                            _t_text([r["values"][3] for r in recs], 1, ".4g")], v
+    knee = [r for r in base["confirm"]["table1"] if r["arm"] == "profit" and "knee" in r["choice"]]
+    row = _row(t1, "| profit | 100 (confirmed knee) |")  # the knee's ratio, from its confirm runs
+    assert row[4] == _t_text([r["values"][2] for r in knee], 1, ".4g")
+    assert "no backbone of the MLP's family" in t1 and "paper Table" not in t1.split("\n- ")[0]
+    # accuracy on vit_micro, n_ref over 2 of the 3 confirmation seeds: the knee row on those seeds only,
+    # beside the paper's ViT-Tiny rows (CIFAR); a failed run leaves n = 1 and is counted
+    v_nref = section(abl, "### vit_ablation: Fashion-MNIST 0–4 → 5–9 — vit_micro — n_ref", "\n### ")
+    assert "paper Table 8 ViT-Tiny old (CIFAR-10, %)" in v_nref and "CIFAR numbers" in v_nref
+    knee = [r for r in base["confirm"]["vit_ablation"] if r["arm"] == "profit" and "knee" in r["choice"]
+            and r["seed"] in CONFIRM_SEEDS[:2]]
+    row = _row(v_nref, "| profit | 1 (confirmed knee) |")
+    assert row[2:6] == ["2", "0", _t_text([r["values"][2] for r in knee], 100, ".2f"),
+                        _t_text([r["values"][3] for r in knee], 100, ".2f")]
+    assert row[-2:] == ["56.75", "62.35"]
+    assert _row(v_nref, "| profit | 2 |")[-2:] == ["53.10", "61.67"]
+    v_ratio = section(abl, "### vit_ablation: Fashion-MNIST 0–4 → 5–9 — vit_micro — ratio", "\n### ")
+    ok = [r for r in base["ablation"]["vit_ablation"] if r["value"] == 10000.0 and r["status"] == "ok"]
+    row = _row(v_ratio, "| profit | 10000 |")
+    assert row[2:5] == ["1", "1", _t_text([ok[0]["values"][2]], 100, ".2f")] and row[4].endswith("(n=1)")
+    assert _row(v_ratio, "| profit | 1000 (confirmed knee) |")[-2:] == ["58.53", "62.20"]
+    assert "the knee row uses its confirmation runs on the ablation's seeds (1000, 1001)" in v_ratio
+    # the failed ablation run is listed with the runs left out; ablation runs never reach selection or cells
+    assert "| vit_ablation | ablation | profit | failed | 1001 | — |" in md
+    n_abl = sum(len(v) for v in base["ablation"].values())
+    assert f"ablation: 1 failed, {n_abl - 1} ok" in md
+    sel = pd.read_csv(base["out"] / "selection.csv")
+    assert not sel["config_key"].str.contains("=").any()
+    for name in ("knee_ablation_ratio_table1_toy_mlp.png", "knee_ablation_n_ref_vit_ablation_fmnist_vit_micro.png"):
+        head = (base["out"] / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in abl
+        assert struct.unpack(">II", head[16:24]) == tuple(round(x * DPI) for x in FIGSIZE["wide"])
+    assert "### Ablations (search stage, validation)" in md  # the search-stage figures stay
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+def test_pretrain_section_flags_a_curve_still_improving(base):
+    pre = section(base["md"], "## Pretrained backbones (old-task validation, before fine-tuning)")
+    assert "nan" not in pre.lower()
+    seeds = [0, 1] + CONFIRM_SEEDS
+    for exp, model, name, curve, metric in (("table1", "mlp", "MLP", still_improving, "mse"),
+                                            ("vit_ablation", "vit_micro", "vit_micro", flat_accuracy, "accuracy"),
+                                            ("vit_ablation", "resnet_small", "resnet_small", rising_accuracy,
+                                             "accuracy")):
+        c = np.array([curve(s) for s in seeds])
+        final, mean = c[:, -1], c.mean(axis=0)
+        scale, spec = (100, ".2f") if metric == "accuracy" else (1, ".4g")
+        f = lambda x: format(x * scale, spec)  # noqa: E731
+        sign = 1 if metric == "accuracy" else -1
+        gain = sign * (mean[-1] - mean[-4])
+        best = np.argmax(sign * mean)
+        row = _row(section(pre, f"### {exp}: ", "\n### ") if exp == "table1" else pre.split("### vit_ablation")[1],
+                   f"| {name} |")
+        assert row[1:5] == [str(len(seeds)), f"{f(final.mean())} ± {f(scipy.stats.sem(final))} (n={len(seeds)})",
+                            f"{f(mean[best])} (evaluation {best + 1})", " → ".join(f(v) for v in mean[-4:])], name
+        if metric == "accuracy":
+            assert row[5] == f"{100 * gain:+.2f} points"
+            want = "yes" if 100 * gain < 0.5 else "no (still improving)"
+        else:
+            assert row[5] == f"{gain:+.4g} ({100 * gain / abs(mean[-4]):+.1f} %)"
+            want = "yes" if gain / abs(mean[-4]) < 0.02 else "no (still improving)"
+        assert row[6] == want and want == ("yes" if curve is flat_accuracy else "no (still improving)"), name
+    for exp in ("table1", "vit_ablation"):
+        head = (base["out"] / f"pretrain_{exp}.png").read_bytes()[:24]
+        assert struct.unpack(">II", head[16:24]) == tuple(round(x * DPI) for x in FIGSIZE["small"])
+    assert "### optuna" not in pre  # no pretrain.* metrics: no subsection
+
+
+# ---------------------------------------------------------------------------------------------- suites and summary
+def test_wins_section_reads_the_paired_intervals(base):
+    md, runs = base["md"], pd.read_csv(base["out"] / "runs.csv")
+    wins = section(md, "## Where PROFIT wins, ties or loses (paired, test)")
+    conf = runs[(runs["experiment"] == "table1") & (runs["stage"] == "confirm")]
+    for choice in ("best-old,knee", "best-new"):
+        got = _row(wins, f"| table1 | 2-D toy regression sin(10\\|x\\|) — MLP | profit | full | {choice} |")
+        for col, m in ((5, "old_test"), (6, "new_test")):
+            c = conf[conf["choice"] == choice]
+            d = (c[c["arm"] == "profit"].set_index("seed")[m] - c[c["arm"] == "full"].set_index("seed")[m]).to_numpy()
+            lo, hi = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
+            want = "≈" if lo <= 0 <= hi else "PROFIT better" if hi < 0 else "PROFIT worse"  # MSE: lower is better
+            assert got[col] == want, (choice, m)
+    for exp in ("table1", "vit_ablation", "boom"):
+        cells = [c for line in wins.splitlines() if line.startswith(f"| {exp} |") for c in line.split(" | ")[-2:]]
+        counts = [sum(c.strip(" |") == v for c in cells) for v in ("PROFIT better", "≈", "PROFIT worse")]
+        assert (f"- **{exp}**: wins {counts[0]}, ties {counts[1]}, losses {counts[2]} of {len(cells)} comparisons"
+                in wins), exp
+
+
+def test_suite_reports_exactly_the_experiments_whose_latest_sweep_has_the_tag(base, tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert main(["--suite", SUITE, "--tracking-uri", base["uri"], "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert set(pd.read_csv(out / "runs.csv")["experiment"]) == {"table1", "vit_ablation"}  # not optuna's old sweep
+    assert md.startswith(f"# PROFIT report — suite {SUITE}: table1 (paper table 1), vit_ablation\n")
+    assert "nan" not in md.lower()
+    row = _row(md, "| table1 |")
+    assert row == ["table1", "toy", "mlp", "old_train 512, old_val 64, new_train 256", "20 steps", "6", "3", "1h02m",
+                   "0123456789", "Synthetic CPU", f"`{SUITE_COMMAND}`"]
+    assert _row(md, "| vit_ablation |")[1:3] == ["fmnist", "vit_micro"] and "| 1m35s |" in md
+    assert "## Where PROFIT wins, ties or loses (paired, test)" in md and "## Pretrained backbones" in md
+    assert main(["--suite", "nope", "--tracking-uri", base["uri"], "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "suite=nope" in err[0] and SUITE in err[0] and "other" in err[0]
+    with pytest.raises(SystemExit):
+        main(["--suite", SUITE, "--experiment", "table1"])
+
+
+def test_suite_report_keeps_only_each_experiments_latest_sweep(tmp_path_factory, tmp_path):
+    """A workload re-run (`sweep suite --workloads W`) adds a newer sweep to experiment W: the suite report reads
+    that sweep's runs and pretraining curves only, never pooled with the earlier sweep's."""
+    import time as _time
+
+    from mlflow.entities import Metric
+    uri, client, _ = _store(tmp_path_factory, "rerun")
+    add_sweep(client, "w", TOY, pretrain={"mlp": still_improving}, **suite_parent("w", TOY))
+    exp_id = client.get_experiment_by_name("w").experiment_id
+    tags = suite_parent("w", TOY)["parent_tags"]
+    newer = client.create_run(exp_id, start_time=int(_time.time() * 1000) + 60_000,
+                              tags={"profit_bench.role": "sweep", "sweep": "w", "table": "", **tags}).info.run_id
+    client.log_batch(newer, metrics=[Metric(f"pretrain.mlp.seed{s}.old_val", v, 0, i + 1)
+                                     for s in (0, 1000) for i, v in enumerate(flat_accuracy(s))])
+    ids = [_log_run(client, exp_id, newer, TOY, arm=arm, stage="search", seed=0, params={"lr": lr},
+                    values=(0.1, 0.5, 0.1, 0.5), config_key=f"{arm}{lr}")
+           for arm, lr in (("full", 1e-3), ("head", 1e-2))]
+    client.set_terminated(newer)
+    out = tmp_path / "rep"
+    assert main(["--suite", SUITE, "--tracking-uri", uri, "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["run_id"]) == sorted(ids)
+    pre = section((out / "report.md").read_text(), "## Pretrained backbones")
+    assert "| 2 |" in pre and "yes" in pre and "still improving" not in pre  # the newer sweep's 2 flat curves

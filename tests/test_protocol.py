@@ -61,6 +61,20 @@ def test_non_finite_and_below_chance_diverge():
     assert out["diverged"].tolist() == [False, True, True]
 
 
+def test_a_confirmation_run_that_forgets_to_chance_is_an_outcome_not_a_divergence():
+    """Search: a configuration below chance on either task is kept out of the choice. Confirmation / ablation:
+    the old task forgotten to chance is the measured result (dropping it would raise the mean of exactly the
+    methods that forget most); only both tasks below chance, or a non-finite value, is a diverged run."""
+    rows = dict(old_val=[0.19, 0.19, 0.9, 0.15, float("nan")], new_val=[0.85, 0.85, 0.18, 0.1, 0.8],
+                chance_old=[0.2] * 5, chance_new=[0.2] * 5, status=["ok"] * 5,
+                stage=["search", "confirm", "ablation", "confirm", "confirm"])
+    out = P.mark_diverged(pd.DataFrame(rows), higher_is_better=True)
+    assert out["diverged"].tolist() == [True, False, False, True, True]
+    assert "both below chance" in out.loc[3, "diverged_reason"]
+    assert P.divergence_reason(dict(old_val=0.19, new_val=0.85), higher_is_better=True, typical_old=0.5,
+                               typical_new=0.5, chance_old=0.2, chance_new=0.2) is not None  # no stage: search
+
+
 def test_reference_point_ignores_diverged_runs():
     df = P.mark_diverged(_sweep(), higher_is_better=False)
     ref = P.reference_point(df, higher_is_better=False)

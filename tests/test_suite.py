@@ -44,7 +44,7 @@ def test_suite_overrides_reach_one_or_every_workload():
     assert suite.workloads["toy"].num_samples == 3 and suite.workloads["digits"].num_samples == 8
     assert all(s.trial["limit"] == 64 for s in suite.workloads.values())
     # a --set on the trial block keeps the workload's other trial settings
-    assert suite.workloads["fmnist_vit"].trial["pretrain_epochs"] == 30
+    assert suite.workloads["fmnist_vit"].trial["pretrain_epochs"] == 40
     only = load_suite("suite_cpu", only=["fmnist_vit", "toy"])
     assert list(only.workloads) == ["toy", "fmnist_vit"]  # the suite's order
 
@@ -124,6 +124,20 @@ def test_no_ablation_when_every_trial_diverged():
     assert ablation_points(df, spec, higher_is_better=False) == []
 
 
+def test_one_pretraining_task_per_checkpoint_even_when_ewc_needs_its_fisher():
+    from profit_bench.sweep import pretrain_keys, stage_dicts, sweep_seeds
+    spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
+    assert sweep_seeds(spec) == [0, 1000, 1001, 1002, 1003, 1004]
+    keys = pretrain_keys(stage_dicts(spec, None, sweep_seeds(spec)), None, "cpu")
+    checkpoints = [k[:4] for k in keys]
+    assert len(checkpoints) == len(set(checkpoints)) == 6  # two tasks on one checkpoint would both pretrain it
+    assert all(k[4] is not None for k in keys)  # the EWC arm's Fisher is built by that one task
+    no_ewc = load_suite("suite_cpu", ["workloads.digits.methods={adam: {method: full, lr: 1.0e-3}}",
+                                      "workloads.digits.ablate=null"],
+                        only=["digits"]).workloads["digits"]
+    assert all(k[4] is None for k in pretrain_keys(stage_dicts(no_ewc, None, sweep_seeds(no_ewc)), None, "cpu"))
+
+
 # ---------------------------------------------------------------------------------------------- progress
 def test_eta_weights_each_workload_by_its_own_trial_time():
     m = Meter(concurrent=2)
@@ -137,6 +151,20 @@ def test_eta_weights_each_workload_by_its_own_trial_time():
     m.finished("b", None)  # a failed or replayed trial counts as done, adds no busy time
     assert m.busy_s == pytest.approx(42.0) and m.done == {"a": 2, "b": 2}
     assert "4/~14 trials" in m.line() and "ETA ~" in m.line()
+    fresh = Meter(concurrent=1, planned={"a": 3, "b": 2}, prior_s={"a": 5.0, "b": 40.0})
+    assert fresh.eta() == pytest.approx(3 * 5 + 2 * 40)  # before any trial: each workload's own prior
+    assert Meter(planned={"a": 1}).eta() is None
+
+
+def test_trial_prior_scales_the_pretraining_time_to_the_fine_tuning_budget():
+    from profit_bench.sweep import trial_prior_s
+    spec = load_suite("suite_cpu", only=["fmnist_vit"]).workloads["fmnist_vit"]  # 4 epochs
+    metas = [{"wall_time_s": 200.0, "config": {"epochs": 40}}, {"wall_time_s": 220.0, "config": {"epochs": 40}},
+             {"wall_time_s": 210.0, "config": {"epochs": 40}}, None]
+    assert trial_prior_s(spec, metas) == pytest.approx(21.0)  # the median checkpoint: 210 s / 40 × 4
+    toy = load_suite("suite_cpu", only=["toy"]).workloads["toy"]  # 1500 steps
+    assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"steps": 10000, "epochs": None}}]) == 3.0
+    assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"epochs": 3}}]) is None
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -164,8 +192,9 @@ def test_pretraining_records_one_old_val_point_per_epoch_and_before_metrics_are_
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-SMOKE = ["--set", "trial.limit=64", "--set", "budget.epochs=2", "--set", "trial.pretrain_epochs=1",
-         "--set", "trial.eval_every=1", "--set", "ablate.n_ref=[2]", "--set", "ablate.ratio=[10]",
+SMOKE = ["--set", "trial.limit=64", "--set", "budget.epochs=2", "--set", "trial.eval_every=1",
+         "--set", "ablate.n_ref=[2]", "--set", "ablate.ratio=[10]", "--set", "workloads.toy.trial.pretrain_steps=20",
+         *[x for w in SUITE_WORKLOADS[1:] for x in ("--set", f"workloads.{w}.trial.pretrain_epochs=1")],
          "--num-samples", "1", "--confirm-seeds", "1", "--verbose", "0", "--quiet"]
 
 
