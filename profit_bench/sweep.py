@@ -802,7 +802,7 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
                                            gpus, opts.quiet, meter)
         meter.prior_s = {w: p for w, spec in specs.items()
                          if (p := trial_prior_s(spec, [metas.get(k) for k in wkeys[w]])) is not None}
-        print(f"suite {suite.name}: {len(keys)} pretrained checkpoints ready in {_dur(t_pre)}", flush=True)
+        print(f"suite {suite.name}: {len(metas)} pretrained checkpoints ready in {_dur(t_pre)}", flush=True)
         codes, walls = {}, {}
         for w, spec in specs.items():
             t = time.perf_counter()
