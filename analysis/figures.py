@@ -58,7 +58,7 @@ def _front(ax, pts_new_old: np.ndarray, hib: bool, colour) -> None:
 
 
 def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame, refs: dict, paper: list,
-                palette: dict, title: str, path: Path) -> str:
+                palette: dict, title: str, path: Path, confirm: pd.DataFrame | None = None) -> str:
     """Left: search trials on validation (chosen configurations ringed). Right: confirmed cells on test, mean ±
     s.e. over confirmation seeds, each method's front, the pretrained model, the paper's points where given."""
     metric, hib = str(search["metric_name"].iloc[0]), bool(search["higher_is_better"].iloc[0])
@@ -85,7 +85,8 @@ def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame,
                        textcoords="offset points")
     if paper:
         right.scatter([], [], marker="X", color=PAPER_COLOUR, label=paper[0][0].split(":")[0])
-    _pretrained(right, search, "test")
+    # the pretrained models of the confirmation seeds (the test panel's points), not of the search seed
+    _pretrained(right, confirm if confirm is not None and len(confirm) else search, "test")
     _reference(right, refs.get("test"))
     right.set_title("confirmed configurations, test (mean ± s.e. over confirmation seeds)", fontsize=9)
     for ax, split in ((left, "validation"), (right, "test")):

@@ -260,7 +260,8 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
         refs = dict(val=stats.val_reference(g), test=ref)
         name = figures.plot_pareto(g[g["stage"] == "search"], ch, c, refs,
                                    tables.paper_points(paper, table, key[2]) if table else [], palette, title,
-                                   out / f"pareto_{key[0]}_{key[1]}_{key[2]}.png")
+                                   out / f"pareto_{key[0]}_{key[1]}_{key[2]}.png",
+                                   confirm=g[g["stage"] == "confirm"].drop_duplicates("seed"))
         figs.append(name)
         lines += [f"![{title}]({name})", ""]
     return "\n".join(lines)

@@ -231,15 +231,16 @@ def _find_fmnist(data_dir) -> dict[str, Path]:
 
 
 @functools.lru_cache(maxsize=2)
-def _fmnist_arrays(paths: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
-    # Seconds of gunzip per call: a reused Ray actor runs many trials, each building the task again.
-    return {k: read_idx(v) for k, v in paths}
+def _fmnist_arrays(files: tuple[tuple[str, Path, int, int], ...]) -> dict[str, np.ndarray]:
+    # Seconds of gunzip per call: a reused Ray actor runs many trials, each building the task again. Keyed by
+    # (path, size, mtime) so a file replaced on disk is read again.
+    return {k: read_idx(v) for k, v, _, _ in files}
 
 
 def make_fmnist(*, data_dir=None, seed=0) -> TaskData:
     """Fashion-MNIST: old = classes 0–4, new = 5–9 (re-indexed 0–4); the official test split, val from train."""
     p = _find_fmnist(data_dir)
-    arr = _fmnist_arrays(tuple(sorted(p.items())))
+    arr = _fmnist_arrays(tuple((k, v, v.stat().st_size, v.stat().st_mtime_ns) for k, v in sorted(p.items())))
     for part in ("train", "test"):
         if len(arr[f"{part}_x"]) != len(arr[f"{part}_y"]):
             raise UserError(f"{p[part + '_x']} and {p[part + '_y']} disagree on the number of examples; re-download")

@@ -485,7 +485,8 @@ def test_shuffled_test_labels_change_no_choice(tmp_path, monkeypatch):
 
 def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, monkeypatch):
     """A file:// cache URI stands for a bucket: ensure_pretrained uploads the checkpoint (+ Fisher) there, and a
-    trial on a "fresh node" (an empty local staging folder) finds it there instead of pretraining."""
+    trial on a "fresh node" (an empty local staging folder) finds it there instead of pretraining. The pretrained
+    model's val/test metrics (`.before-cpu.json`) travel with it."""
     import shutil
     from dataclasses import replace
     monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "node_a"))
@@ -496,7 +497,8 @@ def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, 
     where = ensure_pretrained("toy", "mlp", 0, pcfg, uri, limit=256, fisher_samples=64)
     key = pretrain.cache_key("toy", "mlp", 0, pcfg)
     assert where == f"{uri}/{key}.pt"
-    assert sorted(p.name for p in bucket.iterdir()) == sorted([f"{key}.json", f"{key}.pt", f"{key}.fisher-n64.pt"])
+    assert sorted(p.name for p in bucket.iterdir()) == sorted([f"{key}.json", f"{key}.pt", f"{key}.fisher-n64.pt",
+                                                               f"{key}.before-cpu.json"])
     shutil.rmtree(tmp_path / "node_a")
     monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "node_b"))
     r = run_trial(replace(cfg, pretrain_if_missing=False, method_args={"ewc_fisher_samples": 64}))
