@@ -505,16 +505,18 @@ def tables_section(runs, cells, hyper, paper, palette, out: Path, figs: list) ->
 
 # ---------------------------------------------------------------------------------------------- assembly
 def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs=(),
-                 paper: dict | None = None, suite: str | None = None, without_runs=()) -> Path:
+                 paper: dict | None = None, suite: str | None = None, without_runs=(),
+                 parents: pd.DataFrame | None = None) -> Path:
+    """`parents`: the sweep parent runs to read (a suite passes each experiment's latest); default: every sweep
+    parent of the runs' experiments."""
     out.mkdir(parents=True, exist_ok=True)
     paper = paper or load_paper()
     hyper = load.hyper_columns(runs)
     chosen = stats.selection(runs)
     cells = stats.confirmed_cells(runs, hyper, chosen, load.profit_metric_keys(runs))
     paired = stats.paired_rows(runs, cells)
-    parents = load.sweep_parents(sorted(set(runs["experiment"]) | set(without_runs)), tracking_uri)
-    if suite:  # a suite is each experiment's latest sweep: an earlier sweep's pretraining curves stay out
-        parents = load.latest_parents(parents).reset_index()
+    if parents is None:
+        parents = load.sweep_parents(sorted(set(runs["experiment"]) | set(without_runs)), tracking_uri)
     palette = figures.method_palette(runs["arm"])
     figs: list[str] = []
     body = [wins_section(paired),
@@ -558,17 +560,17 @@ def main(argv=None) -> int:
         if args.suite:
             experiments = load.suite_experiments(args.suite, args.tracking_uri)
             runs = load_runs(experiments, args.tracking_uri, skip_empty=True)
-            # Only the runs of each experiment's latest sweep: a workload re-run (`--workloads W`) replaces the
-            # earlier sweep of that experiment instead of pooling with it.
-            latest = load.latest_parents(load.sweep_parents(experiments, args.tracking_uri))
-            runs = runs[runs["parent_id"].isin(latest["run_id"])]
+            # Only the runs (and pretraining curves) of each experiment's latest sweep: a workload re-run
+            # (`--workloads W`) replaces the earlier sweep of that experiment instead of pooling with it.
+            parents = load.latest_parents(load.sweep_parents(experiments, args.tracking_uri)).reset_index()
+            runs = runs[runs["parent_id"].isin(parents["run_id"])]
             without = sorted(set(experiments) - set(runs["experiment"]))
             out = Path(args.out or Path("reports") / args.suite)
         else:
-            runs, without = load_runs(args.experiment, args.tracking_uri), []
+            runs, without, parents = load_runs(args.experiment, args.tracking_uri), [], None
             out = Path(args.out or Path("reports") / "+".join(sorted(runs["experiment"].unique())))
         path = write_report(runs, out, tracking_uri=args.tracking_uri, curve_runs=args.runs, suite=args.suite,
-                            without_runs=without)
+                            without_runs=without, parents=parents)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,14 +47,7 @@ def divergence_reason(row, *, higher_is_better: bool, typical_old: float, typica
     """Why the trial in `row` (old_val, new_val, old_val_before, new_val_before) counts as diverged, or None.
     `typical_*`: the sweep's median finite value of that metric (see DIVERGENCE_RULE). `outcome`: a confirmation
     or ablation run (accuracy: diverged only when both tasks are below chance)."""
-    if higher_is_better and outcome:
-        vals = [row.get("old_val"), row.get("new_val")]
-        for side, v in zip(("old", "new"), vals):
-            if not _finite(v):
-                return f"{side}_val is not finite"
-        if _finite(chance_old) and _finite(chance_new) and vals[0] < chance_old and vals[1] < chance_new:
-            return f"old_val {vals[0]:.4g} and new_val {vals[1]:.4g} both below chance"
-        return None
+    below = []  # the sides below chance (accuracy)
     for side, typical, chance in (("old", typical_old, chance_old), ("new", typical_new, chance_new)):
         v = row.get(f"{side}_val")
         if not _finite(v):
@@ -62,7 +55,9 @@ def divergence_reason(row, *, higher_is_better: bool, typical_old: float, typica
         v = float(v)
         if higher_is_better:
             if _finite(chance) and v < chance:
-                return f"{side}_val {v:.4g} below chance {chance:.4g}"
+                below.append(f"{side}_val {v:.4g}")
+                if not outcome:
+                    return f"{side}_val {v:.4g} below chance {chance:.4g}"
         else:
             before = row.get(f"{side}_val_before")
             anchors = [a for a in (before, typical) if _finite(a)]
@@ -70,7 +65,7 @@ def divergence_reason(row, *, higher_is_better: bool, typical_old: float, typica
                 return (f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× pretrained ({float(before):.4g}) and "
                         f"the sweep's median ({float(typical):.4g})" if _finite(before) and _finite(typical)
                         else f"{side}_val {v:.4g} > {MSE_BLOWUP:g}× its anchor")
-    return None
+    return " and ".join(below) + " both below chance" if len(below) == 2 else None
 
 
 def _median(values) -> float:

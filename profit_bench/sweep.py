@@ -250,8 +250,6 @@ def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
 def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
     """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it); a Ray task.
     Returns the checkpoint's path, the id of the node that built it, the seconds it took and its metadata."""
-    import json
-
     import ray
     import torch
 
@@ -597,7 +595,7 @@ def ablation_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
     return points
 
 
-def planned_trials(spec: SweepSpec, search_total: int) -> int:
+def planned_trials(spec: SweepSpec, n_search: int) -> int:
     """An upper bound of a sweep's trials before its search has run (choices may coincide; a knee may sit on a
     grid value of the ablation)."""
     n_models = sum(len(a.models) for a in spec.arms)
@@ -607,7 +605,7 @@ def planned_trials(spec: SweepSpec, search_total: int) -> int:
     if ab and spec.confirm_seeds:
         arm = next(a for a in spec.arms if a.label == ab["arm"])
         ablation = len(arm.models) * (len(ab["n_ref"]) + len(ab["ratio"])) * (ab["seeds"] or spec.confirm_seeds)
-    return search_total + confirm + ablation
+    return n_search + confirm + ablation
 
 
 def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> dict:
@@ -652,8 +650,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
-    points = grid_points(spec) if spec.search == "grid" else None
-    total = len(points) if points is not None else spec.num_samples * len(spec.arms)
+    points = search_points(spec)
+    total = search_total(spec, points)
     if opts.dry_run:
         return dry_run(spec, opts, points, total, experiment, uri)
 
@@ -774,8 +772,8 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     if opts.dry_run:
         for w, spec in specs.items():
             print(f"--- workload {w} (experiment {suite.name}_{w})")
-            dry_run(spec, opts, grid_points(spec) if spec.search == "grid" else None,
-                    search_total(spec), f"{suite.name}_{w}", uri)
+            points = search_points(spec)
+            dry_run(spec, opts, points, search_total(spec, points), f"{suite.name}_{w}", uri)
         return 0
     tracking.check_reachable(uri)
     storage = Path(opts.storage_path).resolve()
@@ -790,13 +788,12 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     import ray
     plans = {w: plan_resources(opts, spec, ray.cluster_resources()) for w, spec in specs.items()}
     meter = Meter(concurrent=max(p[2] for p in plans.values()))
-    meter.planned = {w: planned_trials(spec, search_total(spec)) for w, spec in specs.items()}
+    meter.planned = {w: planned_trials(spec, search_total(spec, search_points(spec))) for w, spec in specs.items()}
     print(f"suite {suite.name}: {len(specs)} workloads ({', '.join(specs)}), ~{sum(meter.planned.values())} trials "
           f"at most, {meter.concurrent} at once", flush=True)
     try:
-        wkeys = {w: pretrain_keys(stage_dicts(spec, grid_points(spec) if spec.search == "grid" else None,
-                                              sweep_seeds(spec)), data_dir, "cuda" if plans[w][1] > 0 else "cpu")
-                 for w, spec in specs.items()}
+        wkeys = {w: pretrain_keys(stage_dicts(spec, search_points(spec), sweep_seeds(spec)), data_dir,
+                                  "cuda" if plans[w][1] > 0 else "cpu") for w, spec in specs.items()}
         cpus, gpus, _ = next(iter(plans.values()))
         t_pre, metas = pretrain_on_cluster({k: d for ks in wkeys.values() for k, d in ks.items()}, cache_dir, cpus,
                                            gpus, opts.quiet, meter)
@@ -819,8 +816,14 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     return suite_summary(suite.name, command, meter, walls, codes, storage, uri)
 
 
-def search_total(spec: SweepSpec) -> int:
-    return len(grid_points(spec)) if spec.search == "grid" else spec.num_samples * len(spec.arms)
+def search_points(spec: SweepSpec) -> list[dict] | None:
+    """A grid sweep's search points; None for Optuna (its points come from the studies)."""
+    return grid_points(spec) if spec.search == "grid" else None
+
+
+def search_total(spec: SweepSpec, points: list[dict] | None) -> int:
+    """Search trials: the grid's points, or num_samples per arm."""
+    return len(points) if points is not None else spec.num_samples * len(spec.arms)
 
 
 def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:

@@ -11,7 +11,7 @@ import pytest
 from profit_bench import UserError
 from profit_bench.protocol import fresh_seeds
 from profit_bench.spec import load_spec, load_suite, resolved_config, trial_dict
-from profit_bench.sweep import Meter, ablation_points, main, planned_trials, search_total
+from profit_bench.sweep import Meter, ablation_points, main, planned_trials, search_points, search_total
 
 SUITE_WORKLOADS = ["toy", "digits", "fmnist_mlp", "fmnist_resnet", "fmnist_vit"]
 
@@ -32,7 +32,7 @@ def test_suite_file_lists_every_workload_and_method_family():
         assert s.confirm_seeds == 5 and s.ablate["arm"] == "profit", w
         assert len({a.label: None for a in s.arms}) == len(s.arms)
         # equal budgets: one study per arm of num_samples trials
-        assert search_total(s) == s.num_samples * len(s.arms)
+        assert search_points(s) is None and search_total(s, None) == s.num_samples * len(s.arms)
     # warm-up epochs are a searched PROFIT dimension wherever the budget is in epochs
     for w in SUITE_WORKLOADS[1:]:
         profit = next(a for a in suite.workloads[w].arms if a.label == "profit")
@@ -102,7 +102,8 @@ def test_ablation_varies_one_knob_around_the_knee_on_the_first_confirmation_seed
     # the knee's own n_ref (2) and ratio (100) are its confirmation runs, not re-run
     assert by_knob == {"n_ref": {1, 5}, "ratio": {10.0, 1000.0, 10000.0}}
     assert len(pts) == 5 * 3
-    assert planned_trials(spec, search_total(spec)) >= search_total(spec) + len(spec.arms) * 5 + len(pts)
+    n_search = search_total(spec, None)
+    assert planned_trials(spec, n_search) >= n_search + len(spec.arms) * 5 + len(pts)
 
 
 def test_ablation_reads_the_knobs_the_arm_fixes():
