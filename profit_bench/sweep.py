@@ -157,6 +157,38 @@ def _define(trial, arm, seeds):
     suggest(trial, arm, seeds)
 
 
+class _PicklableLock:
+    """A thread lock that pickles (as a new, unlocked lock). Optuna >= 5.1's NSGA-II sampler holds a plain
+    lock, which Tune cannot pickle into tuner.pkl or the searcher's checkpoint."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def acquire(self, *a, **kw):
+        return self._lock.acquire(*a, **kw)
+
+    def release(self):
+        self._lock.release()
+
+
+def _picklable(sampler):
+    if hasattr(sampler, "_thread_lock"):
+        sampler._thread_lock = _PicklableLock()
+    return sampler
+
+
 class ArmSearch(_searcher_base()):
     """One Optuna study per arm behind one Tune searcher: every arm gets exactly `num_samples` trials
     (suggestions go to the arm with the fewest so far), each study sees only its own arm's results."""
@@ -173,8 +205,8 @@ class ArmSearch(_searcher_base()):
         population = max(4, min(50, spec.num_samples // 2))
         self.subs = {}
         for a in spec.arms:
-            sampler = (optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-                       if spec.sampler == "nsga2" else optuna.samplers.TPESampler(seed=seed))
+            sampler = _picklable(optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+                                 if spec.sampler == "nsga2" else optuna.samplers.TPESampler(seed=seed))
             self.subs[a.label] = OptunaSearch(
                 space=functools.partial(_define, arm=a, seeds=spec.seeds), metric=metric, mode=mode,
                 sampler=sampler, storage=optuna.storages.RDBStorage(storage_url),
