@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from profit_bench import UserError
 
-__all__ = ["PROFIT", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
+__all__ = ["PROFIT", "MainStepScheduler", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
            "CompactRef", "LowMemRef"]
 
 MEMORY_MODES = ("full", "compact", "low")
@@ -120,7 +120,7 @@ class PROFIT(Optimizer):
             raise RuntimeError("PROFIT.anchored() is already active; it does not nest")
         self._in_anchored = True
         try:
-            with self.theta_ref.at_reference() if self.mid_cycle else contextlib.nullcontext():
+            with self.theta_ref.at_reference() if self.mid_cycle and not self._eval_mode else contextlib.nullcontext():
                 yield
         finally:
             self._in_anchored = False
@@ -128,6 +128,7 @@ class PROFIT(Optimizer):
     @torch.no_grad()
     def finish(self) -> None:
         """End training at θ_ref: abandon a cycle in progress (its reference steps are undone)."""
+        self._close_eval_swap()  # in eval mode θ_ref is in already; the set-aside training weights are dropped
         if self.mid_cycle:
             self.theta_ref.restore()
         self.phase = 0
@@ -157,11 +158,64 @@ class PROFIT(Optimizer):
         self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
         self._diag_raw = []
 
+    # ------------------------------------------------------------------ framework hooks
+    # The schedule-free optimizers' convention, which Hugging Face Trainer (and accelerate's wrapped optimizer) call
+    # when an optimizer has them: eval() before evaluating or saving, train() before training again.
+    _eval_mode = False
+    _eval_swap: contextlib.ExitStack | None = None  # open while θ_ref is swapped in and the training weights out
+
+    @property
+    def evaluating(self) -> bool:
+        """True between eval() and train()."""
+        return self._eval_mode
+
+    def eval(self) -> None:
+        """Weights ← θ_ref for evaluation or saving. Mid-cycle the displaced training weights are set aside (the θ_ref
+        strategy's ``at_reference()``, as in ``anchored()``) until ``train()``. Idempotent; ``step()`` raises in
+        eval mode."""
+        if self._eval_mode:
+            return
+        if self._in_anchored:
+            raise RuntimeError("PROFIT.eval() inside anchored(): the weights are θ_ref already")
+        if self.mid_cycle:
+            swap = contextlib.ExitStack()
+            swap.enter_context(self.theta_ref.at_reference())
+            self._eval_swap = swap
+        self._eval_mode = True
+
+    def train(self) -> None:
+        """Back to the training weights after ``eval()`` (the cycle goes on where it was). Idempotent."""
+        if not self._eval_mode:
+            return
+        if self._in_anchored:
+            raise RuntimeError("PROFIT.train() inside anchored(): leave anchored() first")
+        self._close_eval_swap()
+        self._eval_mode = False
+
+    def _close_eval_swap(self) -> None:
+        swap, self._eval_swap = self._eval_swap, None
+        if swap is not None:
+            swap.close()  # at_reference() swaps the training weights back
+
+    def _eval_state_dict(self) -> dict:
+        """state_dict() in eval mode mid-cycle. Checkpoints taken now (Trainer saves right after evaluating) hold
+        the model at θ_ref, so the optimizer's part records the cycle as abandoned, as ``finish()`` would: resuming
+        starts a fresh cycle at θ_ref (up to n_ref reference steps are redone). The live optimizer keeps its cycle."""
+        phase, swap = self.phase, self._eval_swap
+        self.phase, self._eval_swap = 0, None
+        try:
+            return self.state_dict()
+        finally:
+            self.phase, self._eval_swap = phase, swap
+
     # ------------------------------------------------------------------ Algorithm 1
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         if self._in_anchored:
             raise RuntimeError("PROFIT.step() inside anchored(): the weights are θ_ref, not the training weights")
+        if self._eval_mode:
+            raise RuntimeError("PROFIT.step() in eval mode: the weights are θ_ref; call optimizer.train() before "
+                               "training again")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -266,6 +320,8 @@ class PROFIT(Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """The main optimizer's state, O_ref's, and PROFIT's cycle position and θ_ref (by parameter index)."""
+        if self._eval_swap is not None:
+            return self._eval_state_dict()
         index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
         profit = {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "ref": self.ref_name,
                   "phase": self.phase, "main_steps": self.main_steps, "in_cycle": [], "refs": {},
@@ -278,6 +334,11 @@ class PROFIT(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load into the memory mode this optimizer was built with (the exact modes convert into each other)."""
+        _check_is_profit_checkpoint(state_dict, self.main)
+        if self._eval_mode:  # load in train mode, then swap the loaded cycle's θ_ref in
+            self.train()
+            self.load_state_dict(state_dict)
+            return self.eval()
         saved = state_dict["profit"]
         saved_memory, saved_ref = saved.get("memory", "full"), saved.get("ref", "sgd")
         if (saved_memory == "low") != (self.memory == "low"):
@@ -306,6 +367,55 @@ class PROFIT(Optimizer):
         mem = "" if self.memory == "full" else f", memory={self.memory!r}"
         ref = "" if self.ref_opt is None else f", ref={self.ref_name!r}"
         return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{ref}{mem}, main={self.main!r})"
+
+
+class MainStepScheduler:
+    """Step an LR scheduler once per PROFIT main step, however often ``step()`` is called.
+
+    PROFIT calls ``step()`` n_ref + 1 times per main step, so a scheduler stepped per batch (Hugging Face Trainer,
+    Lightning's ``interval="step"``) advances n_ref + 1 times per main step: StepLR(step_size=1) would halve the lr
+    n_ref + 1 times. Wrapped, it is stepped as many times as ``optimizer.main_steps`` advanced since the last call
+    (every call for an optimizer without ``main_steps``), so a schedule written in main steps stays one. Call
+    ``step()`` after every optimizer step; ``get_last_lr``, ``state_dict`` and ``load_state_dict`` are the
+    scheduler's. (The same without a wrapper: ``LambdaLR(opt, lambda _: f(opt.main_steps))``.)
+    """
+
+    def __init__(self, scheduler, optimizer: Optimizer):
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.seen = getattr(optimizer, "main_steps", 0)
+
+    def step(self) -> None:
+        done = getattr(self.optimizer, "main_steps", None)
+        if done is None:
+            self.scheduler.step()
+            return
+        while self.seen < done:
+            self.scheduler.step()
+            self.seen += 1
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "seen": self.seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self.seen = int(state_dict["seen"])
+
+
+def _check_is_profit_checkpoint(state_dict, main: Optimizer) -> None:
+    """A plain optimizer's checkpoint (e.g. AdamW: keys 'state' and 'param_groups') would fail with a bare
+    KeyError: say what it is and how to load it."""
+    if isinstance(state_dict, dict) and "profit" in state_dict and "main" in state_dict:
+        return
+    keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
+    plain = isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)
+    what = "a plain optimizer's state_dict" if plain else "not a PROFIT state_dict"
+    raise ProfitConfigError(
+        f"PROFIT.load_state_dict got {what} (keys {keys}; PROFIT saves 'main' and 'profit'). To start PROFIT from "
+        f"a plain optimizer checkpoint, load it into the main optimizer before wrapping: "
+        f"main = {type(main).__name__}(params, ...); main.load_state_dict(sd); opt = PROFIT(main, ...)")
 
 
 def _build_ref(ref, kwargs: dict, groups: list[dict], ratio: float) -> tuple[str, Optimizer | None]:

@@ -2,13 +2,16 @@
 
 Run it in the environment whose test run passed (`python tools/lock.py`); `.ci/run` and the README install with
 `-c requirements/lock.txt`, so a fresh machine gets what CI tested. Walks the installed metadata from
-profit-bench's own requirements (all extras), so unrelated packages in the environment stay out of the lock.
+the requirements in pyproject.toml (the core and every extra: bench, dev), so unrelated packages in the
+environment stay out of the lock. pyproject.toml is read directly, not the installed profit-bench's metadata, which
+an editable install leaves stale until it is reinstalled.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -21,10 +24,16 @@ def _canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str = "profit-bench") -> dict[str, str]:
-    dist = metadata.distribution(root)
-    extras = set(dist.metadata.get_all("Provides-Extra") or [])
-    todo = [(Requirement(r), extras) for r in dist.requires or []]
+def project_requirements(pyproject: Path = ROOT / "pyproject.toml") -> tuple[str, list[str]]:
+    """The project's name and its requirements: the core dependencies and those of every extra."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    return project["name"], project.get("dependencies", []) + [r for reqs in extras.values() for r in reqs]
+
+
+def closure() -> dict[str, str]:
+    root, requirements = project_requirements()
+    todo = [(Requirement(r), set()) for r in requirements]
     pinned: dict[str, str] = {}
     while todo:
         req, want_extras = todo.pop()
