@@ -686,6 +686,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     total = search_total(spec, points)
     if opts.dry_run:
         return dry_run(spec, opts, points, total, experiment, uri)
+    from profit_bench.tasks import ensure_task_data
+    ensure_task_data(spec.task, data_dir)  # CIFAR on demand: on the driver, before Ray or any MLflow run starts
 
     sweep = tracking.Sweep(uri, experiment)
     previous = sweep.find(None) if opts.resume else None
@@ -811,6 +813,9 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    from profit_bench.tasks import ensure_task_data
+    for task in dict.fromkeys(spec.task for spec in specs.values()):
+        ensure_task_data(task, data_dir)  # before the suite pretrains every workload's models
     resume = {w: bool(opts.resume) and tracking.Sweep(uri, f"{suite.name}_{w}").find(None) is not None
               for w in specs}
     if opts.resume and not any(resume.values()):
@@ -928,6 +933,9 @@ def dry_run(spec, opts, points, total, experiment, uri) -> int:
     print(f"resources: {cpus:g} CPU + {gpus:g} GPU per trial, at most {concurrent} at once; "
           f"device {'cuda' if gpus > 0 else 'cpu'}")
     print(f"ray: {opts.storage_path}/{experiment}_<timestamp>; mlflow: {uri} experiment {experiment}")
+    from profit_bench.tasks import describe_task_data
+    for line in describe_task_data(spec.task, opts.data_dir):
+        print(line)
     if points is not None:
         print(f"{len(points)} search trials (grid, every arm its whole grid):")
         for p in points:

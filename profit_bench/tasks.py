@@ -10,9 +10,15 @@ batches instead of a per-sample DataLoader, which is what lets a CIFAR epoch tak
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import os
 import pickle
+import shutil
+import socket
+import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -32,6 +38,30 @@ FMNIST_FILES = {
 CIFAR_DOWNLOAD = ('python -c "import torchvision; torchvision.datasets.CIFAR10(\'DIR\', download=True); '
                   'torchvision.datasets.CIFAR100(\'DIR\', download=True)"')
 CROP_PAD = 4
+CIFAR_URL_ENV = "PROFIT_BENCH_CIFAR_URL"  # a mirror (base URL) holding the two archives under their own names
+
+
+@dataclass(frozen=True)
+class CifarArchive:
+    """One of torchvision's CIFAR archives (url, filename, tgz_md5 and base_folder of torchvision.datasets.CIFAR10 /
+    CIFAR100; tests/test_frameworks.py checks they agree) and the files make_cifar reads from it."""
+    name: str
+    folder: str
+    filename: str
+    url: str
+    md5: str
+    size: int  # bytes of the archive, for --dry-run
+    files: tuple[str, ...]
+
+
+CIFAR_ARCHIVES = (
+    CifarArchive("CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                 170498071, tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)),
+    CifarArchive("CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 169001437, ("train", "test")),
+)
 
 
 SPLITS = ("old_train", "old_val", "old_test", "new_train", "new_val", "new_test")
@@ -269,20 +299,94 @@ def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
+def default_data_dir() -> Path:
+    """Where datasets go without --data-dir: data/ under the pretrained-model cache ($PROFIT_BENCH_CACHE or
+    ~/.cache/profit_bench)."""
+    from profit_bench.pretrain import default_cache_dir
+    return default_cache_dir() / "data"
+
+
+def cifar_url(archive: CifarArchive) -> str:
+    base = os.environ.get(CIFAR_URL_ENV)
+    return f"{base.rstrip('/')}/{archive.filename}" if base else archive.url
+
+
+def cifar_missing(root: Path) -> list[CifarArchive]:
+    return [a for a in CIFAR_ARCHIVES if not all((root / a.folder / f).is_file() for f in a.files)]
+
+
+def describe_task_data(task: str, data_dir=None) -> list[str]:
+    """--dry-run: what of the task's data is present and what a run would download (nothing is touched)."""
+    if task != "cifar":
+        return []
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    missing = cifar_missing(root)
+    lines = [f"data {root}: {a.name} " + (f"missing, would download {cifar_url(a)} ({a.size / 2 ** 20:.0f} MiB, "
+                                          f"md5 {a.md5})" if a in missing else f"present ({a.folder}/)")
+             for a in CIFAR_ARCHIVES]
+    return lines
+
+
+def ensure_task_data(task: str, data_dir=None) -> None:
+    """Download what the task needs and is missing (CIFAR-10/100 through torchvision); the other tasks' data is
+    generated or comes from Debian. The CLIs call this once before training, on the driver."""
+    if task != "cifar":
+        return
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    for archive in cifar_missing(root):
+        _download_cifar(archive, root)
+
+
+def _download_cifar(a: CifarArchive, root: Path) -> None:
+    """torchvision's download_and_extract_archive (progress bar, md5 check) into a temporary folder inside `root`,
+    then one rename: the data folder appears complete or not at all, and a failure leaves nothing behind."""
+    from torchvision.datasets.utils import download_and_extract_archive
+    if (root / a.folder).exists():
+        absent = [f for f in a.files if not (root / a.folder / f).is_file()]
+        raise UserError(f"{root / a.folder} is incomplete (no {', '.join(absent)}); remove it to download "
+                        f"{a.name} again")
+    url = cifar_url(a)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{a.folder}.", dir=root))
+    except OSError as e:
+        raise UserError(f"cannot write the CIFAR data folder {root}: {e.strerror or e}; pass a writable --data-dir")
+    print(f"downloading {a.name} ({a.size / 2 ** 20:.0f} MiB) from {url} into {root}", file=sys.stderr, flush=True)
+    timeout = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(60)  # torchvision's urlopen has none: a dead link must not hang the sweep
+        with contextlib.redirect_stdout(sys.stderr):  # its "Downloading ..." lines, off a CLI's JSON stdout
+            download_and_extract_archive(url, str(tmp), filename=a.filename, md5=a.md5, remove_finished=True)
+        absent = [f for f in a.files if not (tmp / a.folder / f).is_file()]
+        if absent:
+            raise RuntimeError(f"the archive holds no {a.folder}/{absent[0]}")
+        if not (root / a.folder).exists():  # another process may have finished the same download meanwhile
+            os.replace(tmp / a.folder, root / a.folder)
+    except Exception as e:  # noqa: BLE001 — network, HTTP, checksum, tar and disk errors all end the same way
+        reason = "checksum (md5) mismatch" if "corrupted" in str(e) else (str(e).strip() or type(e).__name__)
+        raise UserError(f"could not download {a.name} from {url} ({reason}); nothing was written. Set "
+                        f"{CIFAR_URL_ENV} to a mirror, or download it where there is internet: "
+                        f"{CIFAR_DOWNLOAD.replace('DIR', str(root))}") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def make_cifar(*, data_dir=None, seed=0) -> TaskData:
     """Paper §4.2: old = CIFAR-10, new = CIFAR-100 (fine labels 0–99).
 
     Reads the python-pickle layout torchvision downloads. We unpickle it ourselves (the same way torchvision
     does) because torchvision's loader insists on the md5 of the official files, which generated test data fails.
     """
-    root = Path(data_dir if data_dir is not None else "data")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
     c10, c100 = root / "cifar-10-batches-py", root / "cifar-100-python"
     need = [c10 / f"data_batch_{i}" for i in range(1, 6)] + [c10 / "test_batch", c100 / "train", c100 / "test"]
     missing = [str(p.relative_to(root)) for p in need if not p.is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise UserError(f"CIFAR data missing under {root}/ (no {shown}); expected folders cifar-10-batches-py/ and "
-                        f"cifar-100-python/ there. Download them on a machine with internet: "
+                        f"cifar-100-python/ there. `python -m profit_bench.sweep cifar` and `python -m "
+                        f"profit_bench.trial --task cifar` download them; or on a machine with internet: "
                         f"{CIFAR_DOWNLOAD.replace('DIR', str(root))} and pass --data-dir {root}")
     otr = _cifar_arrays(need[:5], b"labels")
     ote = _cifar_arrays([c10 / "test_batch"], b"labels")

@@ -37,7 +37,7 @@ from profit_bench.models import MODELS, uses_channels_last
 from profit_bench.optim import MEMORY_MODES, PROFIT, REF_OPTIMIZERS
 from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, fisher_for,
                                    fisher_samples_for, load_or_pretrain, local_cache, pretrain_config_for)
-from profit_bench.tasks import TASKS, evaluate, get_task, task_spec
+from profit_bench.tasks import TASKS, ensure_task_data, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
 SCHEDULERS = ("none", "step", "cosine")
@@ -428,6 +428,7 @@ def main(argv=None) -> int:
               f"new_val {rec['new_val']:.4g} train_loss {rec['train_loss']:.4g}", file=sys.stderr, flush=True)
 
     try:
+        ensure_task_data(cfg.task, cfg.data_dir)  # CIFAR on demand
         result = run_trial(cfg, report=None if args.quiet else show, progress=not args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
