@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -346,15 +347,19 @@ def _download_cifar(a: CifarArchive, root: Path) -> None:
         raise UserError(f"{root / a.folder} is incomplete (no {', '.join(absent)}); remove it to download "
                         f"{a.name} again")
     url = cifar_url(a)
+    created = next((d for d in reversed([root, *root.parents]) if not d.exists()), None)  # removed on failure
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{a.folder}.", dir=root))
     except OSError as e:
         raise UserError(f"cannot write the CIFAR data folder {root}: {e.strerror or e}; pass a writable --data-dir")
-    print(f"downloading {a.name} ({a.size / 2 ** 20:.0f} MiB) from {url} into {root}", file=sys.stderr, flush=True)
     timeout = socket.getdefaulttimeout()
     try:
         socket.setdefaulttimeout(60)  # torchvision's urlopen has none: a dead link must not hang the sweep
+        # Reach the server first, so that without network the error is the only line printed.
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD")).close()
+        print(f"downloading {a.name} ({a.size / 2 ** 20:.0f} MiB) from {url} into {root}", file=sys.stderr,
+              flush=True)
         with contextlib.redirect_stdout(sys.stderr):  # its "Downloading ..." lines, off a CLI's JSON stdout
             download_and_extract_archive(url, str(tmp), filename=a.filename, md5=a.md5, remove_finished=True)
         absent = [f for f in a.files if not (tmp / a.folder / f).is_file()]
@@ -364,7 +369,10 @@ def _download_cifar(a: CifarArchive, root: Path) -> None:
             os.replace(tmp / a.folder, root / a.folder)
     except Exception as e:  # noqa: BLE001 — network, HTTP, checksum, tar and disk errors all end the same way
         reason = "checksum (md5) mismatch" if "corrupted" in str(e) else (str(e).strip() or type(e).__name__)
-        raise UserError(f"could not download {a.name} from {url} ({reason}); nothing was written. Set "
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise UserError(f"CIFAR data missing under {root} and could not download {a.name} from {url} ({reason}); "
+                        f"nothing was written. Set "
                         f"{CIFAR_URL_ENV} to a mirror, or download it where there is internet: "
                         f"{CIFAR_DOWNLOAD.replace('DIR', str(root))}") from None
     finally:

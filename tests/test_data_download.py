@@ -106,7 +106,7 @@ def test_download_puts_torchvisions_archives_in_place_and_the_task_reads_them(tm
             assert (root / a.folder / f).read_bytes() == (src / a.folder / f).read_bytes()
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-100-python"]  # no archive, no tmp
     err = capsys.readouterr().err
-    assert "downloading CIFAR-10 (163 MiB) from http://127.0.0.1" in err
+    assert "downloading CIFAR-10 (163 MiB) from http://127.0.0.1" in err and "100%" in err  # and tqdm's bar
     task = tasks.get_task("cifar", data_dir=root)
     assert len(task.old_test) == N_TEST and len(task.new_test) == N_TEST
     tasks.ensure_task_data("cifar", root)  # present now: nothing to do (the server could be gone)
@@ -142,4 +142,4 @@ def test_failed_download_is_one_line_exit_2_and_leaves_nothing(tmp_path, serve, 
     assert "could not download CIFAR-10 from http://127.0.0.1" in err[0] and "nothing was written" in err[0]
     if case == "md5":
         assert "checksum (md5) mismatch" in err[0]
-    assert list(root.iterdir()) == []  # no partial archive, no half-extracted folder
+    assert not root.exists()  # no partial archive, no half-extracted folder, not even the folder it made

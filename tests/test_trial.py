@@ -283,7 +283,8 @@ def cli(*args, cwd=ROOT):
     (["--method", "nope"], "unknown method"),
     (["--task", "cifar", "--data-dir", "/nonexistent"], "CIFAR data missing"),
 ])
-def test_cli_errors(args, needle):
+def test_cli_errors(args, needle, monkeypatch):
+    monkeypatch.setenv("PROFIT_BENCH_CIFAR_URL", "http://127.0.0.1:9/")  # missing CIFAR: a download that cannot work
     p = cli(*args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
