@@ -38,8 +38,8 @@ from torch.optim import Optimizer
 
 from profit_bench import UserError
 
-__all__ = ["PROFIT", "MainStepScheduler", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
-           "CompactRef", "LowMemRef"]
+__all__ = ["PROFIT", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
+           "CompactRef", "LowMemRef", "MainStepScheduler"]
 
 MEMORY_MODES = ("full", "compact", "low")
 REF_OPTIMIZERS = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
@@ -170,9 +170,9 @@ class PROFIT(Optimizer):
         return self._eval_mode
 
     def eval(self) -> None:
-        """Weights ← θ_ref for evaluation or saving. Mid-cycle the displaced training weights are set aside (the θ_ref
-        strategy's ``at_reference()``, as in ``anchored()``) until ``train()``. Idempotent; ``step()`` raises in
-        eval mode."""
+        """Weights ← θ_ref for evaluation or saving. Mid-cycle the displaced training weights are set aside (the
+        θ_ref strategy's ``at_reference()``, as in ``anchored()``) until ``train()``. Idempotent; ``step()``
+        raises in eval mode."""
         if self._eval_mode:
             return
         if self._in_anchored:

@@ -353,31 +353,29 @@ def _download_cifar(a: CifarArchive, root: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{a.folder}.", dir=root))
     except OSError as e:
         raise UserError(f"cannot write the CIFAR data folder {root}: {e.strerror or e}; pass a writable --data-dir")
-    timeout = socket.getdefaulttimeout()
+    timeout, done = socket.getdefaulttimeout(), False
     try:
         socket.setdefaulttimeout(60)  # torchvision's urlopen has none: a dead link must not hang the sweep
         # Reach the server first, so that without network the error is the only line printed.
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD")).close()
         print(f"downloading {a.name} ({a.size / 2 ** 20:.0f} MiB) from {url} into {root}", file=sys.stderr,
               flush=True)
-        with contextlib.redirect_stdout(sys.stderr):  # its "Downloading ..." lines, off a CLI's JSON stdout
+        with contextlib.redirect_stdout(sys.stderr):  # older torchvision prints "Downloading ...": off the JSON stdout
             download_and_extract_archive(url, str(tmp), filename=a.filename, md5=a.md5, remove_finished=True)
         absent = [f for f in a.files if not (tmp / a.folder / f).is_file()]
         if absent:
             raise RuntimeError(f"the archive holds no {a.folder}/{absent[0]}")
         if not (root / a.folder).exists():  # another process may have finished the same download meanwhile
             os.replace(tmp / a.folder, root / a.folder)
+        done = True
     except Exception as e:  # noqa: BLE001 — network, HTTP, checksum, tar and disk errors all end the same way
         reason = "checksum (md5) mismatch" if "corrupted" in str(e) else (str(e).strip() or type(e).__name__)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
         raise UserError(f"CIFAR data missing under {root} and could not download {a.name} from {url} ({reason}); "
-                        f"nothing was written. Set "
-                        f"{CIFAR_URL_ENV} to a mirror, or download it where there is internet: "
-                        f"{CIFAR_DOWNLOAD.replace('DIR', str(root))}") from None
-    finally:
+                        f"nothing was written. Set {CIFAR_URL_ENV} to a mirror, or download it where there is "
+                        f"internet: {CIFAR_DOWNLOAD.replace('DIR', str(root))}") from None
+    finally:  # also on Ctrl-C
         socket.setdefaulttimeout(timeout)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp if done or created is None else created, ignore_errors=True)
 
 
 def make_cifar(*, data_dir=None, seed=0) -> TaskData:
