@@ -28,7 +28,7 @@ STAGES = ("search", "confirm", "ablation")  # ablation: one knob of a PROFIT arm
 PRETRAIN_KEY = re.compile(r"^pretrain\.(?P<model>.+)\.seed(?P<seed>-?\d+)\.old_val$")
 FINAL_METRICS = [
     "old_val", "new_val", "old_val_loss", "new_val_loss", "old_test", "new_test", "old_test_loss", "new_test_loss",
-    "old_val_before", "new_val_before", "old_test_before", "new_test_before", "forgetting_val", "forgetting_test",
+    "old_val_before", "new_val_before", "old_test_before", "new_test_before", "new_val_loss_before", "forgetting_val", "forgetting_test",
     "chance_old", "chance_new", "peak_mem_bytes", "step_time_median_s", "wall_time_s", "n_trainable",
     "profit_state_bytes", "extra_state_bytes", "main_steps"]
 # Not hyperparameters: they do not change what is learned, so they never distinguish two configurations.
@@ -150,9 +150,14 @@ def mark_divergence(df: pd.DataFrame) -> pd.DataFrame:
     """protocol.mark_diverged per experiment × task × backbone (one sweep's median each): a finite explosion is
     `diverged` even where the sweep logged `ok`, and the sweep's own relative tags are re-derived."""
     # The analysis derives the relative rule afresh (protocol.py may have changed since the sweep tagged its
-    # runs): a `diverged` tag with a reason came from that rule; one without came from the trial (non-finite).
+    # runs): a `diverged` tag with a reason came from that rule, unless the trial's own rule
+    # (protocol.trial_divergence_reason, re-derived from its metrics) holds; one without came from the trial.
     df = df.copy()
-    relative = (df["status"] == "diverged") & df["diverged_reason"].notna()
+    own = pd.Series([protocol.trial_divergence_reason(a, b) is not None for a, b in
+                     zip(df.get("new_val_loss", pd.Series(float("nan"), index=df.index)),
+                         df.get("new_val_loss_before", pd.Series(float("nan"), index=df.index)))], index=df.index,
+                    dtype=bool)
+    relative = (df["status"] == "diverged") & df["diverged_reason"].notna() & ~own
     df.loc[relative, "status"] = "ok"
     df.loc[relative, "diverged_reason"] = None
     parts = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pandas as pd
 from analysis import figures, load, stats, tables
 from analysis.load import DEFAULT_TRACKING_URI, load_runs
 from analysis.tables import load_paper, md_table
-from profit_bench import UserError, protocol
+from profit_bench import UserError, protocol, safe_name
 
 ABLATION_KNOBS = ("ratio", "n_ref", "ref_optimizer")
 MAX_LINES = 10  # runs per curves / diagnostics figure
@@ -202,7 +203,7 @@ def pretrain_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, figs: 
                            "mean curve, last 4 evaluations", f"gain over the last {stats.PLATEAU_SPAN} evaluations",
                            "plateau"], rows), ""]
         if summaries:
-            name = figures.plot_pretrain(summaries, metric, hib, title, out / f"pretrain_{exp}.png")
+            name = figures.plot_pretrain(summaries, metric, hib, title, _fig(out, f"pretrain_{exp}.png"))
             figs.append(name)
             body += [f"![{title}]({name})", ""]
     return "\n".join(lines + body) if body else ""
@@ -260,7 +261,7 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
         refs = dict(val=stats.val_reference(g), test=ref)
         name = figures.plot_pareto(g[g["stage"] == "search"], ch, c, refs,
                                    tables.paper_points(paper, table, key[2]) if table else [], palette, title,
-                                   out / f"pareto_{key[0]}_{key[1]}_{key[2]}.png",
+                                   _fig(out, f"pareto_{key[0]}_{key[1]}_{key[2]}.png"),
                                    confirm=g[g["stage"] == "confirm"].drop_duplicates("seed"))
         figs.append(name)
         lines += [f"![{title}]({name})", ""]
@@ -390,7 +391,8 @@ def knee_ablation_section(runs, cells, paper, palette, out: Path, figs: list) ->
                 if family else f"no backbone of the {tables.model_name(model)}'s family (the paper ablates "
                                f"ResNet-18, ViT-Tiny, ViT-Small), so no paper column."))
         title = f"ablation over {knob} around the confirmed knee — {exp}: {group_title(task, model)}"
-        name = figures.plot_ablation_test(group, palette, title, out / f"knee_ablation_{knob}_{exp}_{task}_{model}.png")
+        name = figures.plot_ablation_test(group, palette, title,
+                                          _fig(out, f"knee_ablation_{knob}_{exp}_{task}_{model}.png"))
         figs.append(name)
         lines += [f"### {exp}: {group_title(task, model)} — {knob}", "", md_table(head, rows), ""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -434,7 +436,7 @@ def ablation_section(runs, hyper, palette, out: Path, figs: list) -> list[str]:
             title = f"PROFIT ablation over {knob} — {key[0]}: {group_title(*key[1:])}"
             if parts:
                 name = figures.plot_ablation(pd.concat(parts), knob, palette, title,
-                                             out / f"ablation_{knob}_{key[0]}_{key[1]}_{key[2]}.png")
+                                             _fig(out, f"ablation_{knob}_{key[0]}_{key[1]}_{key[2]}.png"))
                 figs.append(name)
                 lines += [f"![{title}]({name})", ""]
             lines += [f"No ablation plot over {knob} for {key[0]} ({why_}). " for why_ in why]
@@ -468,7 +470,7 @@ def curves_section(runs, cells, palette, tracking_uri, wanted: set, out: Path, f
         title = f"validation per evaluation — {key[0]}: {group_title(*key[1:])}"
         if not hist.empty:
             name = figures.plot_curves(hist, {k: arm_of[v] for k, v in chosen.items()}, palette, metric, hib,
-                                       title, out / f"curves_{key[0]}_{key[1]}_{key[2]}.png", xlabel)
+                                       title, _fig(out, f"curves_{key[0]}_{key[1]}_{key[2]}.png"), xlabel)
             figs.append(name)
             lines += [f"![{title}]({name})", ""]
         prof = g[g["is_profit"] & (g["status"] == "ok")]
@@ -479,7 +481,7 @@ def curves_section(runs, cells, palette, tracking_uri, wanted: set, out: Path, f
             if not dh.empty:
                 title = f"PROFIT diagnostics per evaluation — {key[0]}: {group_title(*key[1:])}"
                 name = figures.plot_diagnostics(dh, {k: arm_of[v] for k, v in ids.items()}, palette, title,
-                                                out / f"diagnostics_{key[0]}_{key[1]}_{key[2]}.png", xlabel)
+                                                _fig(out, f"diagnostics_{key[0]}_{key[1]}_{key[2]}.png"), xlabel)
                 figs.append(name)
                 lines += [f"![{title}]({name})", ""]
     return lines
@@ -493,7 +495,7 @@ def tables_section(runs, cells, hyper, paper, palette, out: Path, figs: list) ->
         parts.append(t11)
         for task, rows in cost.groupby("task"):
             title = f"time and memory (Table 11's rows) — {tables.task_title(task)}"
-            name = figures.plot_cost(rows.reset_index(drop=True), palette, title, out / f"cost_{task}.png")
+            name = figures.plot_cost(rows.reset_index(drop=True), palette, title, _fig(out, f"cost_{task}.png"))
             figs.append(name)
             parts.append(f"![{title}]({name})\n")
     parts = [p for p in parts if p]
@@ -536,6 +538,17 @@ def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs
     return out / "report.md"
 
 
+def _fig(out: Path, name: str) -> Path:
+    """A figure's path directly in `out`: experiment, task and model names from the store may hold '/'."""
+    return out / re.sub(r"[/\\\0]", "_", name)
+
+
+def default_out(names) -> Path:
+    """reports/<names joined by +>, each name confined to one folder-name component."""
+    joined = "+".join(re.sub(r"[/\\\0]", "_", str(n)) for n in sorted(names)).lstrip(".")
+    return Path("reports") / (joined or "report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
     which = p.add_mutually_exclusive_group()
@@ -554,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name in args.experiment or []:
+            safe_name(name, "--experiment")
+        if args.suite is not None:
+            safe_name(args.suite, "--suite")
         if (args.tracking_uri or "").startswith(("http://", "https://")):
             from profit_bench.tracking import check_reachable
             check_reachable(args.tracking_uri)  # seconds, one line; MLflow's own client retries for minutes
@@ -565,15 +582,18 @@ def main(argv=None) -> int:
             parents = load.latest_parents(load.sweep_parents(experiments, args.tracking_uri)).reset_index()
             runs = runs[runs["parent_id"].isin(parents["run_id"])]
             without = sorted(set(experiments) - set(runs["experiment"]))
-            out = Path(args.out or Path("reports") / args.suite)
+            out = Path(args.out or default_out([args.suite]))
         else:
             runs, without, parents = load_runs(args.experiment, args.tracking_uri), [], None
-            out = Path(args.out or Path("reports") / "+".join(sorted(runs["experiment"].unique())))
+            out = Path(args.out or default_out(runs["experiment"].unique()))
         path = write_report(runs, out, tracking_uri=args.tracking_uri, curve_runs=args.runs, suite=args.suite,
                             without_runs=without, parents=parents)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; no report written (run the same command again)", file=sys.stderr)
+        return 130
     print(f"wrote {path} ({len(runs)} runs)")
     return 0
 

@@ -11,12 +11,21 @@ The cache heals itself: a file that fails to load, or whose metadata or tensors 
 reported on stderr (path, reason), moved aside as `<name>.corrupt-<time>` and rebuilt. A cache folder that cannot
 be written is reported before any pretraining starts.
 
+Content hashes tie each file to its metadata: the checkpoint's `.json` holds the sha256 of the `.pt`'s bytes; the
+Fisher has a `<stem>.fisher-n<N>.json` with its own sha256 and the checkpoint's; the before-metrics file holds the
+checkpoint's sha256 and a sha256 of its numbers. A mismatch (another key's checkpoint copied over this one, a file
+changed in place) is reported, moved aside and rebuilt like any corrupt file. Files written before hashes existed
+(no `sha256` in the metadata) are rebuilt once, not re-hashed: a re-hash would bless whatever bytes are there,
+which is exactly the failure hashes exist to catch, and pretraining is seeded, so the rebuild gives the same
+weights.
+
 Pretraining is the one training loop (`loop.train_steps`) on old-train, training backbone + old head.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -27,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from profit_bench import UserError
+from profit_bench import UserError, safe_name
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import make_optimizer
 from profit_bench.tasks import TaskData, evaluate, get_task, task_spec
@@ -81,7 +90,9 @@ def config_hash(pcfg: PretrainConfig) -> str:
 
 def cache_key(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig) -> str:
     """The file stem of one checkpoint; its .json, .pt and .fisher-n<N>.pt files all start with it."""
-    return f"{task_name}-{model_name}-s{seed}-{config_hash(pcfg)}"
+    safe_name(task_name, "task")
+    safe_name(model_name, "model")
+    return f"{task_name}-{model_name}-s{int(seed)}-{config_hash(pcfg)}"
 
 
 def cache_path(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir=None) -> Path:
@@ -142,8 +153,11 @@ def check_writable(folder: Path) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -151,15 +165,37 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600: others sharing the cache could not read it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write to a file object names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
-def _save_tensors(path: Path, tensors: dict) -> None:
-    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda f: torch.save(cpu, f))
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(tensors: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, buf)
+    return buf.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def _save_tensors(path: Path, tensors: dict) -> str:
+    """Write `tensors`; return the sha256 of the file's bytes."""
+    data = _tensor_bytes(tensors)
+    _write_bytes(path, data)
+    return sha256_bytes(data)
 
 
 def _move_aside(paths: list[Path], reason: str) -> None:
@@ -174,11 +210,19 @@ def _move_aside(paths: list[Path], reason: str) -> None:
             pass
 
 
-def _load_tensors(path: Path, like: dict[str, torch.Tensor]) -> tuple[dict | None, str | None]:
-    """(tensors, None) when `path` holds finite tensors with exactly the keys and shapes of `like`;
-    (None, reason) otherwise."""
+def _load_tensors(path: Path, like: dict[str, torch.Tensor], sha256: str | None = None
+                  ) -> tuple[dict | None, str | None]:
+    """(tensors, None) when `path` holds finite tensors with exactly the keys and shapes of `like` (and, given
+    `sha256`, exactly the bytes its metadata names); (None, reason) otherwise."""
     try:
-        state = torch.load(path, map_location=next(iter(like.values())).device, weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        return None, (f"content hash {sha256_bytes(data)[:12]} does not match its metadata's {sha256[:12]} (another "
+                      f"file copied over it, or changed in place)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=next(iter(like.values())).device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — a damaged file can fail inside torch/pickle/zip in many ways
         return None, f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})"
     if not isinstance(state, dict):
@@ -205,7 +249,9 @@ def _load_checkpoint(path: Path, model, meta_want: dict) -> str | None:
     for k, v in meta_want.items():
         if not isinstance(meta, dict) or meta.get(k) != v:
             return f"its metadata says {k}={meta.get(k) if isinstance(meta, dict) else None!r}, the key needs {v!r}"
-    state, reason = _load_tensors(path, model.state_dict())
+    if not isinstance(meta.get("sha256"), str):
+        return "no content hash (sha256) in its metadata: written before content hashes, rebuilt once"
+    state, reason = _load_tensors(path, model.state_dict(), meta["sha256"])
     if reason is None:
         model.load_state_dict(state)
     return reason
@@ -273,11 +319,23 @@ def load_or_pretrain(task: TaskData, model_name: str, seed: int, pcfg: PretrainC
                         f"pretrain_if_missing=True) to build it")
     check_writable(path.parent)  # before, not after, the minutes of pretraining
     info = pretrain(model, task, pcfg, seed, progress=progress)
-    meta = dict(**meta_want, config=asdict(pcfg), metric=task.metric, **info)
+    data = _tensor_bytes(model.state_dict())
+    meta = dict(**meta_want, config=asdict(pcfg), metric=task.metric, sha256=sha256_bytes(data), **info)
     # JSON first: whoever sees the .pt can rely on the .json being there too.
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    _save_tensors(path, model.state_dict())
+    _write_json(path.with_suffix(".json"), meta)
+    _write_bytes(path, data)
     return model
+
+
+def checkpoint_sha256(ckpt: Path) -> str | None:
+    """The content hash the checkpoint's metadata records (None: no readable metadata)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(Path(ckpt).with_suffix(".json").read_text()).get("sha256")
+    return None
+
+
+def _numbers_sha256(values: dict) -> str:
+    return sha256_bytes(json.dumps(values, sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------------------------------------- before metrics
@@ -285,21 +343,26 @@ BEFORE_SPLITS = ("old_val", "new_val", "old_test", "new_test")
 
 
 def before_metrics(model, task: TaskData, ckpt: Path) -> dict:
-    """The pretrained model's metric on every val/test split ({"old_val_before": ..}): a function of the
-    checkpoint alone, so computed once (by the pretraining task) and kept beside it; every trial of that
-    checkpoint reads it instead of evaluating four splits again. Stale when the checkpoint changed."""
+    """The pretrained model's metric on every val/test split ({"old_val_before": ..}) and its new-task validation
+    loss (`new_val_loss_before`, the anchor of protocol.trial_divergence_reason): a function of the checkpoint
+    alone, so computed once (by the pretraining task) and kept beside it; every trial of that checkpoint reads it
+    instead of evaluating four splits again. Stale (recomputed) when the checkpoint's content hash changed; a file
+    whose numbers do not match its own hash is reported and moved aside."""
     path = ckpt.with_name(ckpt.stem + f".before-{task.device.type}.json")
-    stamp = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
-    try:
+    stamp = checkpoint_sha256(ckpt) if ckpt.is_file() else None
+    saved = None
+    with contextlib.suppress(OSError, ValueError):
         saved = json.loads(path.read_text())
-        if saved.get("checkpoint_mtime_ns") == stamp and stamp is not None:
-            return {f"{s}_before": saved[f"{s}_before"] for s in BEFORE_SPLITS}
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    before = {f"{s}_before": evaluate(model, task, s)[0] for s in BEFORE_SPLITS}
+    if isinstance(saved, dict) and stamp is not None and saved.get("checkpoint_sha256") == stamp:
+        values = saved.get("values")
+        if isinstance(values, dict) and saved.get("sha256") == _numbers_sha256(values):
+            return values
+        _move_aside([path], "its numbers do not match their content hash")
+    values = {f"{s}_before": evaluate(model, task, s)[0] for s in BEFORE_SPLITS}
+    values["new_val_loss_before"] = evaluate(model, task, "new_val")[1]
     with contextlib.suppress(OSError):  # a read-only cache: the trial still has its numbers
-        _atomic_write(path, lambda f: f.write(json.dumps({**before, "checkpoint_mtime_ns": stamp}).encode()))
-    return before
+        _write_json(path, {"values": values, "sha256": _numbers_sha256(values), "checkpoint_sha256": stamp})
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- EWC Fisher
@@ -313,31 +376,61 @@ def fisher_for(model, task: TaskData, ckpt: Path, n_samples: int, seed: int, *, 
 
     path = fisher_path(ckpt, n_samples)
     like = dict(model.named_parameters())
+    ckpt_sha = checkpoint_sha256(ckpt)
     if path.is_file():
-        fisher, reason = _load_tensors(path, like)
+        fisher, reason = None, _fisher_meta_reason(path, ckpt_sha)
+        if reason is None:
+            fisher, reason = _load_tensors(path, like, _fisher_meta(path)["sha256"])
         if reason is None:
             return fisher
-        _move_aside([path], reason)
+        _move_aside([path, path.with_suffix(".json")], reason)
     if not build:
         raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., fisher_samples="
                         f"{n_samples})")
     check_writable(path.parent)
     gen = torch.Generator(device=task.device).manual_seed(seed)
     fisher = diagonal_fisher(model, task.old_train, head="old", n_samples=n_samples, generator=gen)
-    _save_tensors(path, fisher)
+    data = _tensor_bytes(fisher)
+    _write_json(path.with_suffix(".json"), {"sha256": sha256_bytes(data), "checkpoint_sha256": ckpt_sha,
+                                            "n_samples": n_samples})
+    _write_bytes(path, data)
     return fisher
 
 
+def _fisher_meta(path: Path):
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.with_suffix(".json").read_text())
+    return None
+
+
+def _fisher_meta_reason(path: Path, ckpt_sha: str | None) -> str | None:
+    """Why the Fisher at `path` cannot be trusted from its metadata alone (None: go on to its bytes)."""
+    meta = _fisher_meta(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        return "no content hash (sha256) in its .json metadata: written before content hashes, rebuilt once"
+    if meta.get("checkpoint_sha256") != ckpt_sha:
+        return "computed from another checkpoint (its checkpoint_sha256 differs from the checkpoint's)"
+    return None
+
+
 def load_fisher(ckpt, n_samples: int, map_location="cpu") -> dict[str, torch.Tensor]:
-    """The cached Fisher beside checkpoint `ckpt` (no validation against a model: see fisher_for)."""
+    """The cached Fisher beside checkpoint `ckpt`, checked against its content hash and its checkpoint's (not
+    against a model: see fisher_for)."""
     path = fisher_path(Path(ckpt), n_samples)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+    if not path.is_file():
         raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., "
-                        f"fisher_samples={n_samples})") from None
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"EWC Fisher {path} cannot be loaded ({type(e).__name__}); delete it to rebuild") from None
+                        f"fisher_samples={n_samples})")
+    reason = _fisher_meta_reason(path, checkpoint_sha256(ckpt))
+    if reason is None:
+        data = path.read_bytes()
+        if sha256_bytes(data) != _fisher_meta(path)["sha256"]:
+            reason = "content hash does not match its metadata"
+        else:
+            try:
+                return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                reason = f"cannot be loaded ({type(e).__name__})"
+    raise UserError(f"EWC Fisher {path}: {reason}; delete it to rebuild")
 
 
 def ensure_pretrained(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir, *,

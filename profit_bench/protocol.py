@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["SELECTION_RULE", "DIVERGENCE_RULE", "MSE_BLOWUP", "divergence_reason", "mark_diverged", "to_maximize",
+__all__ = ["SELECTION_RULE", "DIVERGENCE_RULE", "MSE_BLOWUP", "TRIAL_BLOWUP", "TRIAL_DIVERGENCE_RULE",
+           "trial_divergence_reason", "divergence_reason", "mark_diverged", "to_maximize",
            "pareto_mask", "hypervolume", "knee_index", "confirm_choices", "fresh_seeds", "reference_point"]
 
 MSE_BLOWUP = 10.0  # a lower-is-better metric this many times worse than both anchors has diverged
@@ -35,6 +36,26 @@ DIVERGENCE_RULE = (
     f"outcome being measured, so its accuracy rule is stricter: it has diverged only when both accuracies are "
     f"below chance (a model that no longer works at all); forgetting the old task down to chance is a result, "
     f"kept in every mean.")
+
+
+TRIAL_BLOWUP = 10.0  # a trial whose new-task validation loss ends this many times the pretrained one's exploded
+
+TRIAL_DIVERGENCE_RULE = (
+    f"A trial flags itself diverged, whatever sweep it is in, when its training objective explodes: its final "
+    f"new-task validation loss is not finite, or is at least {TRIAL_BLOWUP:g}× the pretrained model's new-task "
+    f"validation loss (where fine-tuning started), or a loss turned non-finite during training. Fine-tuning "
+    f"lowers that loss; ending {TRIAL_BLOWUP:g}× above its starting point is an explosion, not a trade-off.")
+
+
+def trial_divergence_reason(new_val_loss, new_val_loss_before) -> str | None:
+    """Why one trial, on its own, has diverged (TRIAL_DIVERGENCE_RULE), or None. run_trial calls this."""
+    if not _finite(new_val_loss):
+        return "new_val_loss is not finite"
+    if _finite(new_val_loss_before) and float(new_val_loss_before) > 0 and \
+            float(new_val_loss) >= TRIAL_BLOWUP * float(new_val_loss_before):
+        return (f"new_val_loss {float(new_val_loss):.4g} >= {TRIAL_BLOWUP:g}× the pretrained model's "
+                f"{float(new_val_loss_before):.4g}")
+    return None
 
 
 def _finite(v) -> bool:
@@ -87,10 +108,13 @@ def mark_diverged(df: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
         if status not in ("ok", "diverged", None) and not (isinstance(status, float) and math.isnan(status)):
             reasons.append(None)
             continue
-        reasons.append(divergence_reason(row, higher_is_better=higher_is_better, typical_old=typical_old,
-                                         typical_new=typical_new, chance_old=row.get("chance_old"),
-                                         chance_new=row.get("chance_new"),
-                                         outcome=row.get("stage") in ("confirm", "ablation")))
+        reason = divergence_reason(row, higher_is_better=higher_is_better, typical_old=typical_old,
+                                   typical_new=typical_new, chance_old=row.get("chance_old"),
+                                   chance_new=row.get("chance_new"), outcome=row.get("stage") in ("confirm", "ablation"))
+        if reason is None and status == "diverged":  # the trial's own rule (TRIAL_DIVERGENCE_RULE) flagged it
+            own = row.get("diverged_reason")
+            reason = own if isinstance(own, str) and own else "the trial flagged itself diverged"
+        reasons.append(reason)
     out["diverged_reason"] = reasons
     out["diverged"] = [r is not None for r in reasons]
     return out

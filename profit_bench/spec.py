@@ -302,6 +302,7 @@ def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -
     from profit_bench.methods import get_method
     from profit_bench.tasks import TASKS
 
+    fit_warmup_to_budget(raw)
     try:
         top = _Top.model_validate(raw)
     except ValidationError as e:
@@ -340,6 +341,23 @@ def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -
         except (UserError, TypeError) as e:
             raise UserError(f"{where}: methods.{d['_arm']}: {e}") from None
     return spec
+
+
+def fit_warmup_to_budget(raw: dict) -> None:
+    """A searched `warmup_epochs: {int: [lo, hi]}` under a smaller epochs budget (`--set budget.epochs=1`, the
+    README's small CPU version) searches [min(lo, E), E] instead: warm-up cannot outlast the budget, and one
+    `--set budget.epochs` must work on every sweep. A fixed warm-up above the budget is still an error."""
+    budget, methods = raw.get("budget"), raw.get("methods")
+    epochs = budget.get("epochs") if isinstance(budget, dict) else None
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1 or not isinstance(methods, dict):
+        return
+    for entry in methods.values():
+        if not isinstance(entry, dict):
+            continue
+        dist = entry.get("warmup_epochs")
+        if isinstance(dist, dict) and list(dist) == ["int"] and isinstance(dist["int"], list) \
+                and len(dist["int"]) == 2 and isinstance(dist["int"][1], (int, float)) and dist["int"][1] > epochs:
+            entry["warmup_epochs"] = {"int": [min(dist["int"][0], epochs), epochs]}
 
 
 def check_ablation(spec: SweepSpec, where: str) -> None:

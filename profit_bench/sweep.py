@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import pickle
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from profit_bench import UserError
+from profit_bench import UserError, safe_name
 from profit_bench.spec import (SweepSpec, corner_configs, grid_points, load_spec, make_point, point_from_optuna,
                                resolved_config, run_name, suggest, trial_dict)
 
@@ -108,6 +110,7 @@ class SweepContext:
     cache_dir: str
     fail_arm: str | None = None
     done: dict = field(default_factory=dict)  # ray trial id → final result already in MLflow (re-run after a crash)
+    code_sha256: str | None = None  # code_fingerprint() when the sweep (or its resume) started: trials check it
 
 
 def check_data_dir(data_dir: str | None) -> None:
@@ -128,6 +131,7 @@ def train_trial(config: dict, ctx: SweepContext):
 
     from profit_bench.trial import run_trial
 
+    check_code(ctx.code_sha256)
     trial_id = tune.get_context().get_trial_id()
     if trial_id in ctx.done:  # finished before the driver died: report the logged result, do not train again
         tune.report(ctx.done[trial_id])
@@ -145,6 +149,47 @@ def train_trial(config: dict, ctx: SweepContext):
     import ray
     tune.report({**final, "trainable_s": time.perf_counter() - t0, "final": True,
                  "node_id": ray.get_runtime_context().get_node_id()})
+
+
+# ---------------------------------------------------------------------------------------------- code pinning
+CODE_PACKAGES = ("profit_bench", "baselines", "analysis")
+_PROCESS_CODE: dict = {}  # this process's code_fingerprint, taken once: what it imported, not later edits
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """sha256 over the .py files of profit_bench/, baselines/ and analysis/ (relative path + bytes, sorted):
+    the code a sweep's trials run. Ray workers import the working tree, so an edit during a sweep would otherwise
+    change what later trials execute under the same recorded commit."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_dirty(root: Path | None = None) -> str:
+    """"true" when git sees uncommitted changes in the code packages, "false" when not, "unknown" outside git."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PACKAGES], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "unknown" if out.returncode else str(bool(out.stdout.strip())).lower()
+
+
+def check_code(expected: str | None) -> None:
+    """A trial refuses to run code other than what its sweep pinned (the worker's fingerprint, taken the first
+    time this process runs a trial, before the trial's own imports)."""
+    if expected is None:
+        return
+    have = _PROCESS_CODE.setdefault("sha256", code_fingerprint())
+    if have != expected:
+        raise UserError(f"code changed since the sweep started: this worker's profit_bench/baselines/analysis hash "
+                        f"{have[:12]} differs from the sweep's {expected[:12]} (files under "
+                        f"{Path(__file__).resolve().parent.parent} edited during the sweep?); restore them and "
+                        f"--resume, or start a new sweep")
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -496,7 +541,7 @@ class Progress(_progress_base()):
         self.done += 1
         self.meter.finished(self.workload, None)
         print(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | FAILED (traceback: "
-              f"{trial.local_path}/error.txt; MLflow tag `error`)", flush=True)
+              f"{getattr(trial, 'path', None) or trial.local_path}/error.txt; MLflow tag `error`)", flush=True)
 
 
 SIGTERM_GRACE_S = 15  # Slurm and Kubernetes send SIGKILL 30 s after SIGTERM
@@ -574,7 +619,7 @@ def stage_frame(trials, higher_is_better: bool):
             continue
         p = t.config["point"]
         rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
-                                               "chance_old", "chance_new", "status")},
+                                               "chance_old", "chance_new", "status", "diverged_reason")},
                      "arm": p["arm"], "model": p["model"], "seed": p["seed"], "config_key": p["config_key"],
                      "params": p["params"], "trial_id": t.trial_id})
     if not rows:
@@ -678,7 +723,7 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     if not opts.dry_run and suite is None:  # first: a dead server fails in seconds, on one line, before torch/Ray
         tracking.check_reachable(uri)
     spec = resolve_spec(name, opts) if spec is None else spec
-    experiment = opts.experiment or spec.name
+    experiment = safe_name(opts.experiment or spec.name, "experiment")
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
@@ -689,7 +734,7 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     from profit_bench.tasks import ensure_task_data
     ensure_task_data(spec.task, data_dir)  # CIFAR on demand: on the driver, before Ray or any MLflow run starts
 
-    sweep = tracking.Sweep(uri, experiment)
+    sweep = tracking.Sweep(uri, experiment, create=False)  # nothing is written before the sweep starts
     previous = sweep.find(None) if opts.resume else None
     if opts.resume and previous is None:
         raise UserError(f"nothing to resume: no sweep parent run in experiment {experiment!r} of {uri}; pass the "
@@ -717,13 +762,15 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     meter = meter or Meter(concurrent=concurrent)
     meter.planned[workload] = planned_trials(spec, total)
 
+    code = pin_code(sweep, previous)
     if previous is not None:
         exp_dir = Path(previous.data.tags["sweep_dir"])
         sweep.attach(previous)
         print(f"resuming {exp_dir}", flush=True)
         wall_before = previous.data.metrics.get("wall_time_s", 0.0)
     else:
-        exp_dir = storage / f"{experiment}_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+        exp_dir = claim_sweep_dir(storage, experiment)
+        sweep.ensure_experiment()
         tags = {"suite": suite.name, "suite_command": suite.command, "suite_workload": suite.workload} if suite else {}
         sweep.create(exp_dir, spec, yaml.safe_dump(spec.resolved(), sort_keys=False),
                      {**{f"cli.{k}": v for k, v in asdict(opts).items() if k not in ("dry_run", "verbose")},
@@ -734,10 +781,11 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
 
     t_start = time.perf_counter()
     state.update(sweep=sweep, t0=t_start, wall_before=wall_before)
+    sweep.wall_before, sweep.t0 = wall_before, t_start  # sweep.log_wall: the running total as trials finish
     logger = tracking.MlflowLogger(sweep, spec, metric_name=metric_name, higher_is_better=higher_is_better,
                                    device=device, data_dir=data_dir)
     ctx = SweepContext(spec=spec, device=device, threads=max(1, int(cpus)), data_dir=data_dir, cache_dir=cache_dir,
-                       fail_arm=os.environ.get(FAIL_ENV))
+                       fail_arm=os.environ.get(FAIL_ENV), code_sha256=code)
     status, df = "KILLED", None
     t_pretrain = 0.0
     args = (spec, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
@@ -772,14 +820,16 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         status = "FINISHED"
     except KeyboardInterrupt:
         return interrupted(argv, name)
-    except BaseException:
-        status = "FAILED"
+    except BaseException as e:
+        status = "KILLED" if disk_full(e) else "FAILED"  # a full disk is resumable once there is space again
         raise
     finally:
         wall = wall_before + time.perf_counter() - t_start
+        if status == "KILLED":
+            sweep.close_running()
         children = sweep.children()
         metrics = summary_metrics(children, df if df is not None else _empty(), higher_is_better)
-        sweep.finish(status, {**metrics, "wall_time_s": wall, "pretrain_s": t_pretrain})
+        sweep.finish(status, {**metrics, "wall_time_s": wall, "pretrain_s": t_pretrain}, counts=True)
     return report(children, metrics, exp_dir, experiment, uri, wall)
 
 
@@ -813,10 +863,12 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    for w in specs:
+        safe_name(f"{suite.name}_{w}", "suite workload experiment")
     from profit_bench.tasks import ensure_task_data
     for task in dict.fromkeys(spec.task for spec in specs.values()):
         ensure_task_data(task, data_dir)  # before the suite pretrains every workload's models
-    resume = {w: bool(opts.resume) and tracking.Sweep(uri, f"{suite.name}_{w}").find(None) is not None
+    resume = {w: bool(opts.resume) and tracking.Sweep(uri, f"{suite.name}_{w}", create=False).find(None) is not None
               for w in specs}
     if opts.resume and not any(resume.values()):
         raise UserError(f"nothing to resume: no sweep of suite {suite.name} in {uri}; drop --resume")
@@ -895,13 +947,80 @@ def _all_done(trials, total: int) -> bool:
     return len(ended) >= total
 
 
-def interrupted(argv, name) -> int:
+def pin_code(sweep, previous) -> str:
+    """The code fingerprint this driver's trials must run (tags `code_sha256`, `git_dirty` on the parent and every
+    child). On --resume after an edit: one warning line and the parent tag `code_changed_on_resume`; trials from
+    then on run (and record) the new code."""
+    code = code_fingerprint()
+    sweep.code = {"code_sha256": code, "git_dirty": git_dirty()}
+    started = previous.data.tags.get("code_sha256") if previous is not None else None
+    if started and started != code:
+        print(f"warning: the code changed since this sweep started (code_sha256 {started[:12]} → {code[:12]}); "
+              f"the trials run from now on use the new code and record its hash", file=sys.stderr, flush=True)
+        sweep.code["code_changed_on_resume"] = "true"
+    return code
+
+
+def resume_args(argv, name) -> list[str]:
     args = list(argv if argv is not None else sys.argv[1:]) or [name]
     if "--resume" not in args:
         args.append("--resume")
-    print(f"interrupted; continue with: python -m profit_bench.sweep {shlex.join(args)}", file=sys.stderr,
-          flush=True)
+    return args
+
+
+def interrupted(argv, name) -> int:
+    print(f"interrupted; continue with: python -m profit_bench.sweep {shlex.join(resume_args(argv, name))}",
+          file=sys.stderr, flush=True)
     return 130
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def claim_sweep_dir(storage: Path, experiment: str, now: datetime | None = None) -> Path:
+    """A new folder for one sweep, created atomically (os.mkdir fails when it exists): two launches of one
+    experiment in the same second get `NAME_<time>` and `NAME_<time>-2`, never one shared Ray folder and Optuna
+    db. The folder's name is the sweep's identity (parent tag `sweep_dir`, Optuna study prefix)."""
+    storage.mkdir(parents=True, exist_ok=True)
+    base = f"{safe_name(experiment, 'experiment')}_{(now or datetime.now()).strftime('%Y-%m-%d_%H-%M-%S')}"
+    for i in range(1, 1000):
+        path = storage / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{storage}: 999 sweeps of {experiment!r} started in one second; wait a second")
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The OSError 'no space left' (or quota exceeded) behind `exc`, following causes, contexts and Ray's
+    wrapped task errors; None when the failure is something else."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and getattr(e, "errno", None) in DISK_FULL_ERRNOS:
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def disk_full_line(err: OSError, fallback: str) -> str:
+    """'disk full writing PATH (N MB free on that file system)'."""
+    import shutil
+    path = Path(err.filename or fallback).resolve()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1024 ** 2:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return f"disk full writing {path} ({free} on that file system; {err.strerror or err})"
 
 
 def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
@@ -1010,6 +1129,13 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted(argv, args.name)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into one line; the rest propagates
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"error: {disk_full_line(full, opts.storage_path)}; free space, then continue with: python -m "
+              f"profit_bench.sweep {shlex.join(resume_args(argv, args.name))}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import math
 import os
 import platform
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -74,6 +76,11 @@ def store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def store_exists(uri: str) -> bool:
+    """False for a sqlite store whose file does not exist yet (looking must not create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
     with store_lock(uri):
@@ -87,15 +94,38 @@ def _param_str(v) -> str:
     return s[:6000]
 
 
+SLOW_NOTICE_S = 30.0  # a store call still waiting after this long (server down: MLflow retries) prints a line
+
+
+@contextlib.contextmanager
+def _notice_while_slow(fn):
+    """One line on stderr every SLOW_NOTICE_S while the store call inside has not returned: a tracking server
+    that is down makes MLflow's client retry for minutes, and the sweep must not wait without a word."""
+    store = getattr(getattr(getattr(fn, "__self__", None), "_tracking_client", None), "tracking_uri", None)
+    done, t0 = threading.Event(), time.perf_counter()
+
+    def watch():
+        while not done.wait(SLOW_NOTICE_S):
+            print(f"MLflow tracking store {store or ''} not answering for {time.perf_counter() - t0:.0f} s "
+                  f"(MLflow retries; the sweep goes on once it answers)", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def _retry(fn, *a, **kw):
     # sqlite allows one writer; an `mlflow ui` reading the same file can still hold the lock briefly.
-    for attempt in range(6):
-        try:
-            return fn(*a, **kw)
-        except Exception as e:  # noqa: BLE001 - mlflow wraps the sqlalchemy error in its own types
-            if "locked" not in str(e) or attempt == 5:
-                raise
-            time.sleep(0.5 * 2 ** attempt)
+    with _notice_while_slow(fn):
+        for attempt in range(6):
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - mlflow wraps the sqlalchemy error in its own types
+                if "locked" not in str(e) or attempt == 5:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
 
 
 def device_name(device: str) -> str:
@@ -135,23 +165,39 @@ def scalars(d: dict) -> dict:
 class Sweep:
     """The experiment and the parent run of one sweep folder."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, *, create: bool = True):
+        """create=False: only look (no store file, no experiment is made); `ensure_experiment()` makes them when
+        the sweep really starts, so an error before that leaves nothing behind."""
         self.uri, self.experiment = uri, experiment
-        self.client = client(uri)
-        with store_lock(uri):
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                art = None
-                if uri.startswith("sqlite:///"):
-                    art = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
-                self.exp_id = self.client.create_experiment(experiment, artifact_location=art)
-            else:
-                self.exp_id = exp.experiment_id
+        self.client, self.exp_id = None, None
+        if create or store_exists(uri):
+            self.client = client(uri)
+            exp = _retry(self.client.get_experiment_by_name, experiment)
+            self.exp_id = exp.experiment_id if exp is not None else None
+        if create:
+            self.ensure_experiment()
         self.parent_id = None
         self.commit = git_commit()
         self.versions = package_versions()
+        self.wall_before, self.t0 = 0.0, time.perf_counter()  # wall_time_s = wall_before + this driver's time
+        self.code: dict = {}  # code_sha256, git_dirty (sweep.pin_code): tags of the parent and every child
+
+    def ensure_experiment(self):
+        if self.client is None:
+            self.client = client(self.uri)
+        with store_lock(self.uri):
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                art = None
+                if self.uri.startswith("sqlite:///"):
+                    art = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+                self.exp_id = self.client.create_experiment(self.experiment, artifact_location=art)
+            else:
+                self.exp_id = exp.experiment_id
 
     def parents(self) -> list:
+        if self.exp_id is None:
+            return []
         # Filter in Python: a folder or name with a quote would break an MLflow filter string.
         runs = _retry(self.client.search_runs, [self.exp_id], "tags.`profit_bench.role` = 'sweep'",
                       max_results=1000, order_by=["attributes.start_time DESC"])
@@ -167,7 +213,7 @@ class Sweep:
     def create(self, sweep_dir: Path, spec, resolved_yaml: str, params: dict, device: str, tags: dict | None = None):
         tags = {"profit_bench.role": "sweep", "sweep": spec.name, "sweep_dir": str(sweep_dir),
                 "table": spec.table, "git_commit": self.commit, "mlflow.source.git.commit": self.commit,
-                "device_name": device_name(device), "mlflow.runName": sweep_dir.name, **(tags or {})}
+                "device_name": device_name(device), "mlflow.runName": sweep_dir.name, **self.code, **(tags or {})}
         self.parent_id = self.client.create_run(self.exp_id, tags=tags, run_name=sweep_dir.name).info.run_id
         params = {"sweep.yaml": resolved_yaml, **params, **{f"version.{k}": v for k, v in self.versions.items()}}
         from mlflow.entities import Param
@@ -193,6 +239,11 @@ class Sweep:
     def attach(self, run):
         self.parent_id = run.info.run_id
         _retry(self.client.update_run, self.parent_id, status="RUNNING")
+        if self.code:  # a parent from before code pinning gets its tags; a changed one keeps the first hash
+            from mlflow.entities import RunTag
+            keep = {"code_sha256", "git_dirty"} if run.data.tags.get("code_sha256") else set()
+            _retry(self.client.log_batch, self.parent_id,
+                   tags=[RunTag(k, str(v)) for k, v in self.code.items() if k not in keep])
 
     def failed_children(self, parent) -> list:
         """Children of `parent` that ended FAILED (a finished sweep's --resume re-runs them)."""
@@ -203,18 +254,37 @@ class Sweep:
         return _retry(self.client.search_runs, [self.exp_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                       max_results=50000)
 
-    def kill_running(self, wall_time_s: float):
-        """Close every RUNNING child and the parent as KILLED (a stop that Ray could not see through)."""
+    def close_running(self):
+        """Close every RUNNING child as KILLED (resumable)."""
         from mlflow.entities import RunTag
         for r in self.children():
             if r.info.status == "RUNNING":
                 _retry(self.client.log_batch, r.info.run_id, tags=[RunTag("status", "killed")])
                 _retry(self.client.set_terminated, r.info.run_id, status="KILLED")
+
+    def kill_running(self, wall_time_s: float):
+        """Close every RUNNING child and the parent as KILLED (a stop that Ray could not see through)."""
+        self.close_running()
         self.finish("KILLED", {"wall_time_s": wall_time_s})
 
-    def finish(self, status: str, metrics: dict):
+    def log_wall(self):
+        """wall_time_s so far (every driver run of this sweep summed), logged as trials finish: a driver killed
+        without a word (SIGKILL) loses at most the time since its last finished trial."""
+        from mlflow.entities import Metric
+        if self.parent_id is not None:
+            wall = self.wall_before + time.perf_counter() - self.t0
+            _retry(self.client.log_batch, self.parent_id,
+                   metrics=[Metric("wall_time_s", wall, int(time.time() * 1000), 0)])
+
+    def finish(self, status: str, metrics: dict, *, counts: bool = False):
+        """Final metrics and status. counts=True: `metrics` holds every count (n_<stage>_<status>); a count an
+        earlier driver run logged (n_search_killed, ...) that no child has any more is logged as 0, since MLflow
+        keeps a metric's last value."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
+        if counts:
+            old = _retry(self.client.get_run, self.parent_id).data.metrics
+            metrics = {**{k: 0 for k in old if k.startswith("n_")}, **metrics}
         ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
         if ms:
             _retry(self.client.log_batch, self.parent_id, metrics=ms)
@@ -233,7 +303,7 @@ class MlflowLogger(Callback):
         self.common_tags = {"mlflow.parentRunId": sweep.parent_id, "profit_bench.role": "trial",
                             "metric_name": metric_name, "higher_is_better": str(higher_is_better),
                             "git_commit": sweep.commit, "mlflow.source.git.commit": sweep.commit,
-                            "device_name": device_name(device),
+                            "device_name": device_name(device), **sweep.code,
                             **{f"version.{k}": v for k, v in sweep.versions.items()}}
         self.device, self.data_dir = device, data_dir
         self.runs: dict[str, str] = {}        # ray trial id → MLflow run id
@@ -320,9 +390,11 @@ class MlflowLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.complete(trial.trial_id, trial.last_result or {})
+        self.sweep.log_wall()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.fail(trial.trial_id, _ray_error(trial), "FAILED")
+        self.sweep.log_wall()
 
     # -- run endings
     def complete(self, tid: str, result: dict):
@@ -341,6 +413,8 @@ class MlflowLogger(Callback):
         self._metrics(run_id, final, step)
         from mlflow.entities import RunTag
         tags = [RunTag("status", str(result.get("status", "ok")))]
+        if result.get("diverged_reason"):  # the trial's own rule (protocol.TRIAL_DIVERGENCE_RULE)
+            tags.append(RunTag("diverged_reason", str(result["diverged_reason"])))
         if result.get("node_id"):
             tags.append(RunTag("ray_node_id", result["node_id"]))
         _retry(self.c.log_batch, run_id, tags=tags)

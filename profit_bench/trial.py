@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from profit_bench import UserError
+from profit_bench import UserError, protocol
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
 from profit_bench.models import MODELS, uses_channels_last
@@ -318,14 +318,19 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     final = {}
     for s in ("old_val", "new_val", "old_test", "new_test"):  # the only test evaluation of the trial
         final[s], final[f"{s}_loss"] = evaluate(model, task, s)
-    diverged = state.diverged or not all(math.isfinite(v) for v in final.values())
+    # protocol.TRIAL_DIVERGENCE_RULE: non-finite anywhere, or the new-task validation loss exploded from where
+    # the pretrained model started (independent of any sweep; the sweep's relative rule adds to it).
+    diverged_reason = ("a loss turned non-finite during training" if state.diverged else
+                       next((f"{k} is not finite" for k, v in final.items() if not math.isfinite(v)), None) or
+                       protocol.trial_divergence_reason(final["new_val_loss"], before.get("new_val_loss_before")))
+    diverged = diverged_reason is not None
     sign = 1.0 if task.higher_is_better else -1.0  # positive forgetting = worse on the old task
     profit_bytes = opt.extra_state_bytes() if cfg.profit else 0
     config = asdict(cfg)
     config["step_unit"] = ("main steps: a PROFIT main step = n_ref reference + 1 main batch; scheduler, steps "
                            "and eval_every count main steps")
     result = dict(
-        status="diverged" if diverged else "ok",
+        status="diverged" if diverged else "ok", diverged_reason=diverged_reason or "",
         **final, **before,
         forgetting_val=sign * (before["old_val_before"] - final["old_val"]),
         forgetting_test=sign * (before["old_test_before"] - final["old_test"]),
