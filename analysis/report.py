@@ -62,7 +62,7 @@ def header(runs: pd.DataFrame, tracking_uri: str, parents: pd.DataFrame | None =
     lines += [f"{len(runs)} trial runs ({count_text}). Tracking URI: `{tracking_uri}`. Per-run data: `runs.csv`; "
               f"the report's selection: `selection.csv`.", "",
               f"**Selection rule.** {protocol.SELECTION_RULE}", "",
-              f"**Divergence.** {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
+              f"**Divergence.** {protocol.TRIAL_DIVERGENCE_RULE} {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
               f"front, selection and hypervolume reference point; failed/killed runs are counted only.", "",
               f"**Budget per arm** (search trials): {budget_text or 'no search runs'}.", "",
               f"**Confirmation seeds**: {seeds}.", ""]

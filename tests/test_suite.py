@@ -180,14 +180,18 @@ def test_pretraining_records_one_old_val_point_per_epoch_and_before_metrics_are_
     from profit_bench.pretrain import load_or_pretrain
     model = load_or_pretrain(task, "mlp", 0, pcfg, tmp_path, progress=False, build=False)
     direct = {f"{s}_before": evaluate(model, task, s)[0] for s in ("old_val", "new_val", "old_test", "new_test")}
+    direct["new_val_loss_before"] = evaluate(model, task, "new_val")[1]
     assert before_metrics(model, task, path) == direct
     sidecar = path.with_name(path.stem + ".before-cpu.json")
     assert sidecar.is_file()
-    # a rebuilt checkpoint makes the saved numbers stale: recomputed from the model, not read
+    # a rebuilt checkpoint (another content hash) makes the saved numbers stale: recomputed from the model
+    from profit_bench.pretrain import _numbers_sha256
     saved = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**saved, "old_val_before": -1.0}))
+    values = {**saved["values"], "old_val_before": -1.0}
+    sidecar.write_text(json.dumps({**saved, "values": values, "sha256": _numbers_sha256(values)}))
     assert before_metrics(model, task, path)["old_val_before"] == -1.0  # same checkpoint: read
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    sidecar.write_text(json.dumps({**saved, "values": values, "sha256": _numbers_sha256(values),
+                                   "checkpoint_sha256": "another checkpoint"}))
     assert before_metrics(model, task, path) == direct
     assert cache_path("digits", "mlp", 0, pcfg, tmp_path) == path
 

@@ -499,7 +499,7 @@ def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, 
     key = pretrain.cache_key("toy", "mlp", 0, pcfg)
     assert where == f"{uri}/{key}.pt"
     assert sorted(p.name for p in bucket.iterdir()) == sorted([f"{key}.json", f"{key}.pt", f"{key}.fisher-n64.pt",
-                                                               f"{key}.before-cpu.json"])
+                                                               f"{key}.fisher-n64.json", f"{key}.before-cpu.json"])
     shutil.rmtree(tmp_path / "node_a")
     monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "node_b"))
     r = run_trial(replace(cfg, pretrain_if_missing=False, method_args={"ewc_fisher_samples": 64}))
