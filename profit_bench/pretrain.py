@@ -358,8 +358,8 @@ def before_metrics(model, task: TaskData, ckpt: Path) -> dict:
         if isinstance(values, dict) and saved.get("sha256") == _numbers_sha256(values):
             return values
         _move_aside([path], "its numbers do not match their content hash")
-    values = {f"{s}_before": evaluate(model, task, s)[0] for s in BEFORE_SPLITS}
-    values["new_val_loss_before"] = evaluate(model, task, "new_val")[1]
+    evals = {s: evaluate(model, task, s) for s in BEFORE_SPLITS}  # (metric, loss) per split
+    values = {**{f"{s}_before": evals[s][0] for s in BEFORE_SPLITS}, "new_val_loss_before": evals["new_val"][1]}
     with contextlib.suppress(OSError):  # a read-only cache: the trial still has its numbers
         _write_json(path, {"values": values, "sha256": _numbers_sha256(values), "checkpoint_sha256": stamp})
     return values
