@@ -70,6 +70,7 @@ def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame,
     if len(chosen):
         left.scatter(chosen["new_val"], chosen["old_val"], s=90, facecolors="none", edgecolors="black",
                      label="chosen (validation)")
+    _fit_to_methods(left, ok["new_val"], ok["old_val"])
     _pretrained(left, search, "val")
     _reference(left, refs.get("val"))
     left.set_title("search trials, validation (diverged left out)", fontsize=9)
@@ -85,6 +86,9 @@ def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame,
                        textcoords="offset points")
     if paper:
         right.scatter([], [], marker="X", color=PAPER_COLOUR, label=paper[0][0].split(":")[0])
+    if len(cells):
+        _fit_to_methods(right, pd.concat([cells["new_test"], pd.Series([p[2] for p in paper], dtype=float)]),
+                        pd.concat([cells["old_test"], pd.Series([p[1] for p in paper], dtype=float)]))
     # the pretrained models of the confirmation seeds (the test panel's points), not of the search seed
     _pretrained(right, confirm if confirm is not None and len(confirm) else search, "test")
     _reference(right, refs.get("test"))
@@ -97,10 +101,36 @@ def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame,
     return _save(fig, path)
 
 
+def _fit_to_methods(ax, xs, ys, margin=0.08) -> None:
+    """Axis limits from the methods' points (not the pretrained model's, which can sit far away and squeeze every
+    method into a corner); fixed here so later markers and reference lines do not widen them."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    xs, ys = xs[np.isfinite(xs)], ys[np.isfinite(ys)]
+    if not len(xs) or not len(ys):
+        return
+    for lo, hi, setter in ((xs.min(), xs.max(), ax.set_xlim), (ys.min(), ys.max(), ax.set_ylim)):
+        pad = (hi - lo) * margin or abs(hi) * margin or 1e-3
+        setter(lo - pad, hi + pad)
+
+
 def _pretrained(ax, runs: pd.DataFrame, split: str) -> None:
+    """The pretrained model: a star, or, when it lies outside the methods' axes, an arrow at the edge towards it
+    with its values in the legend."""
     old, new = runs[f"old_{split}_before"].mean(), runs[f"new_{split}_before"].mean()
-    if np.isfinite(old) and np.isfinite(new):
+    if not (np.isfinite(old) and np.isfinite(new)):
+        return
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    if x0 <= new <= x1 and y0 <= old <= y1:
         ax.scatter([new], [old], marker="*", s=150, color="black", label="pretrained", zorder=5)
+        return
+    cx, cy = min(max(new, x0), x1), min(max(old, y0), y1)
+    ax.annotate("", xy=(cx, cy), xytext=(cx - 0.06 * (x1 - x0) * np.sign(new - cx),
+                                         cy - 0.06 * (y1 - y0) * np.sign(old - cy)),
+                arrowprops=dict(arrowstyle="-|>", color="black"), annotation_clip=False)
+    ax.scatter([cx], [cy], marker="*", s=150, color="black", zorder=5, clip_on=False,
+               label=f"pretrained, off the axes (new {new:.3g}, old {old:.3g})")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
 
 
 def _reference(ax, ref) -> None:
@@ -196,36 +226,65 @@ def plot_curves(hist: pd.DataFrame, run_arm: dict, palette: dict, metric: str, h
     return _save(fig, path)
 
 
-def plot_diagnostics(hist: pd.DataFrame, run_arm: dict, palette: dict, title: str, path: Path, xlabel: str) -> str:
-    """PROFIT's diagnostics (profit_* metrics) per evaluation, one panel per diagnostic."""
+# PROFIT's diagnostics in words (profit_bench.optim.DIAGNOSTICS): panel title, y-axis label.
+DIAGNOSTIC_WORDS = {
+    "profit_projected_frac": ("share of main steps projected", "fraction of main steps (0–1)"),
+    "profit_cos_g_delta": ("cos(g, Δ) before the projection", "cosine (−1 to 1)"),
+    "profit_perp_ratio": ("‖projected g‖ / ‖g‖", "ratio (1 = not projected)"),
+    "profit_delta_rel": ("‖Δ‖ / ‖θ_ref‖ (reference displacement)", "relative norm"),
+    "profit_delta_lost": ("Δ lost to rounding", "relative norm"),
+}
+
+
+def plot_diagnostics(hist: pd.DataFrame, run_config: dict, title: str, path: Path, xlabel: str) -> str:
+    """PROFIT's diagnostics (profit_* metrics) per evaluation, one panel per diagnostic titled in words; one colour
+    per configuration (`run_config`: run → its configuration in words), its seeds drawn as lines of that colour and
+    named once in the legend."""
     keys = sorted(hist["key"].unique())
+    configs = list(dict.fromkeys(run_config[r] for r in sorted(hist["run"].unique())))
+    colours = dict(zip(configs, sns.color_palette("tab10" if len(configs) <= 10 else "tab20", len(configs))))
     fig, axes = plt.subplots(1, len(keys), figsize=FIGSIZE["wide"], squeeze=False)
     for ax, key in zip(axes[0], keys):
+        named = set()
         for run, g in hist[hist["key"] == key].groupby("run"):
-            g = g.sort_values("step")
-            ax.plot(g["step"], g["value"], marker="o", ms=3, color=palette[run_arm[run]], label=run)
-        ax.set_title(key, fontsize=8)
+            g, config = g.sort_values("step"), run_config[run]
+            ax.plot(g["step"], g["value"], marker="o", ms=3, color=colours[config], alpha=0.8,
+                    label=None if config in named else config)
+            named.add(config)
+        words, unit = DIAGNOSTIC_WORDS.get(key, (key.removeprefix("profit_").replace("_", " "), "value"))
+        ax.set_title(words, fontsize=8)
         ax.set_xlabel(xlabel)
-    axes[0][0].legend(fontsize=6)
+        ax.set_ylabel(unit, fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7,
+               title="configuration (lines: its confirmation seeds)", title_fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(labels) - 1) // 4), 1, 0.95))  # the canvas keeps its size
     return _save(fig, path)
 
 
 def plot_cost(rows: pd.DataFrame, palette: dict, title: str, path: Path) -> str:
-    """Exactly Table 11's numbers: step time mean ± s.e. (ms) and the tensor accounting of memory (MiB)."""
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["wide"])
+    """Exactly Table 11's numbers: time per main step (ms) and per trial (s), mean ± s.e., and the tensor
+    accounting of memory (MiB)."""
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["wide"])
     x = np.arange(len(rows))
     colours = [palette[a] for a in rows["arm"]]
-    names = [f"{m}\n{a}" for m, a in zip(rows["backbone"], rows["arm"])]
+    names = [f"{m}\n{a}\n({'PROFIT over ' if p else ''}{o})"
+             for m, a, o, p in zip(rows["backbone"], rows["arm"], rows["optimizer"], rows["is_profit"])]
     axes[0].bar(x, rows["step_ms"], yerr=rows["step_ms_se"].fillna(0), color=colours, capsize=3)
-    axes[0].set_ylabel("median step time (ms), mean ± s.e. over runs")
+    axes[0].set_ylabel("ms per main step (PROFIT: n_ref + 1 batches)")
+    axes[0].set_title("time per main step", fontsize=8)
+    axes[1].bar(x, rows["trial_s"], yerr=rows["trial_s_se"].fillna(0), color=colours, capsize=3)
+    axes[1].set_ylabel("s per trial (wall, evaluations included)")
+    axes[1].set_title("time per trial", fontsize=8)
     bottom = np.zeros(len(rows))
     for col, hatch, name in (("params_mib", "", "parameters"), ("grads_mib", "//", "gradients"),
                              ("state_mib", "xx", "PROFIT / method state")):
-        axes[1].bar(x, rows[col], bottom=bottom, color=colours, hatch=hatch, edgecolor="black", label=name)
+        axes[2].bar(x, rows[col], bottom=bottom, color=colours, hatch=hatch, edgecolor="black", label=name)
         bottom += rows[col].to_numpy(float)
-    axes[1].set_ylabel("MiB, tensor accounting (not process RSS)")
-    axes[1].legend(fontsize=7)
+    axes[2].set_ylabel("MiB, tensor accounting (not process RSS)")
+    axes[2].set_title("memory", fontsize=8)
+    axes[2].legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(x, names, fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -457,6 +457,19 @@ def curve_runs(g: pd.DataFrame, cells: pd.DataFrame, wanted: set) -> dict[str, s
     return chosen
 
 
+def hyper_of(g: pd.DataFrame) -> list[str]:
+    return load.hyper_columns(g)
+
+
+def config_words(r, hyper) -> str:
+    """A configuration in words for a legend: arm, the confirmed choice, its knobs."""
+    choice = r.get("choice")
+    choice = "" if choice is None or (isinstance(choice, float) and math.isnan(choice)) else \
+        f" ({str(choice).replace(',', ' = ').replace('_', '-')})"
+    knobs = tables.config_text(r, hyper)
+    return f"{r['arm']}{choice}: {knobs}" if knobs != "—" else f"{r['arm']}{choice}"
+
+
 def curves_section(runs, cells, palette, tracking_uri, wanted: set, out: Path, figs: list) -> list[str]:
     lines = ["### Validation curves and PROFIT diagnostics per evaluation", ""]
     diag_keys = load.profit_metric_keys(runs)
@@ -477,10 +490,11 @@ def curves_section(runs, cells, palette, tracking_uri, wanted: set, out: Path, f
         prof = prof[prof["stage"] == "confirm"] if (prof["stage"] == "confirm").any() else prof
         if diag_keys and len(prof):
             ids = {f"{r['arm']} {r['run_id'][:6]}": r["run_id"] for _, r in prof.head(MAX_LINES).iterrows()}
+            words = {k: config_words(prof[prof["run_id"] == v].iloc[0], hyper_of(g)) for k, v in ids.items()}
             dh = load.metric_histories(ids, tracking_uri, diag_keys)
             if not dh.empty:
                 title = f"PROFIT diagnostics per evaluation — {key[0]}: {group_title(*key[1:])}"
-                name = figures.plot_diagnostics(dh, {k: arm_of[v] for k, v in ids.items()}, palette, title,
+                name = figures.plot_diagnostics(dh, words, title,
                                                 _fig(out, f"diagnostics_{key[0]}_{key[1]}_{key[2]}.png"), xlabel)
                 figs.append(name)
                 lines += [f"![{title}]({name})", ""]
@@ -550,7 +564,9 @@ def default_out(names) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0],
+                                epilog="The report (report.md and its figures) is also attached to each reported "
+                                       "sweep's parent MLflow run, as artifacts under report/.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", nargs="+", default=None, help="MLflow experiment name(s); default: all")
     which.add_argument("--suite", default=None, help="every experiment whose latest sweep parent run carries the tag "
@@ -561,7 +577,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "reports/<suite> with --suite)")
     p.add_argument("--runs", nargs="*", default=(), help="run ids whose per-evaluation curves to plot "
                    "(default: per method one confirmation run of its knee configuration)")
+    p.add_argument("--no-attach", action="store_true", help="do not attach the report to the sweep parent runs")
     return p
+
+
+def attach_report(runs: pd.DataFrame, out: Path, tracking_uri: str) -> int:
+    """report.md and its figures as artifacts (report/) of every sweep parent run the report covers: the
+    MLflow UI shows them beside the runs. Returns how many parents got them."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri)
+    md = out / "report.md"
+    named = set(re.findall(r"\]\(([^)\s]+)\)", md.read_text())) | {"report.md", "runs.csv", "selection.csv"}
+    files = [out / n for n in sorted(named) if "/" not in n and (out / n).is_file()]  # this report's, not stale
+    parents = sorted({p for p in runs["parent_id"].dropna().astype(str) if p and p != "nan"})
+    for pid in parents:
+        for f in files:
+            client.log_artifact(pid, str(f), "report")
+    return len(parents)
 
 
 def main(argv=None) -> int:
@@ -595,6 +627,12 @@ def main(argv=None) -> int:
         print("interrupted; no report written (run the same command again)", file=sys.stderr)
         return 130
     print(f"wrote {path} ({len(runs)} runs)")
+    if not args.no_attach:
+        try:
+            n = attach_report(runs, Path(path).parent, args.tracking_uri)
+            print(f"attached to {n} sweep parent run(s) in MLflow (artifacts: report/)")
+        except Exception as e:  # noqa: BLE001 - the report is written; a read-only artifact store is no error
+            print(f"warning: the report could not be attached to the MLflow runs ({e})", file=sys.stderr)
     return 0
 
 

@@ -118,7 +118,18 @@ def paper_points(paper: dict, table: str, model: str) -> list[tuple[str, float, 
     return out
 
 
+def arms_text(runs: pd.DataFrame | None, task: str, table: str, arms) -> str | None:
+    """Each arm's main optimizer, schedule and budget, from its confirmation runs' params."""
+    if runs is None or runs.empty:
+        return None
+    mine = runs[(runs["task"] == task) & (runs["table"] == table) & (runs["stage"] == "confirm")]
+    parts = [f"{arm} = {g['optimizer'].iloc[0]}, {_schedule_text(g)}" for arm, g in mine.groupby("arm", sort=True)
+             if arm in set(arms)]
+    return "arms (main optimizer, schedule, budget): " + "; ".join(parts) if parts else None
+
+
 def _headed(title: str, bullets: list[str], body: str, note: str = "") -> str:
+    bullets = [b for b in bullets if b]
     return f"### {title}\n\n" + "".join(f"- {b}\n" for b in bullets) + (f"\n{note}\n" if note else "") \
         + "\n" + body + "\n"
 
@@ -167,13 +178,15 @@ def table1(cells, paper, hyper, runs) -> str | None:
                         + [fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
         body = md_table(["method (arm)", "choice", "config", "old test MSE ours", "old MSE paper",
                          "new test MSE ours", "new MSE paper"] + [f"{k} (mean)" for k in diag], rows)
-        parts.append(_headed(f"Table 1 — {dataset_text(task, t)}", ["paper: " + t["title"]], body,
+        parts.append(_headed(f"Table 1 — {dataset_text(task, t)}",
+                             ["paper: " + t["title"], arms_text(runs, task, "1", ct["arm"])], body,
                              "MSE on test, lower is better; mean ± s.e. [95 % CI] (n confirmation seeds). Paper: "
                              + t["note"]))
     return "\n".join(parts)
 
 
-def _accuracy_table(num: int, cells, paper, hyper, *, select, key_cols, paper_key, cols, runs=None) -> str | None:
+def _accuracy_table(num: int, cells, paper, hyper, *, select, key_cols, paper_key, cols, runs=None,
+                    arm_runs=None) -> str | None:
     """Shared body of the CIFAR-style tables: one row per confirmed cell, beside the paper's row."""
     t = paper[f"table{num}"]
     c = select(_cells_for(cells, num))
@@ -196,7 +209,8 @@ def _accuracy_table(num: int, cells, paper, hyper, *, select, key_cols, paper_ke
         header = ["backbone"] + key_cols + ["arm", "choice", "config"]
         for col in cols:
             header += [f"{col} test {unit} ours", f"{col} paper (%)"]
-        parts.append(_headed(f"Table {num} — {dataset_text(task, t)}", ["paper: " + t["title"]],
+        parts.append(_headed(f"Table {num} — {dataset_text(task, t)}",
+                             ["paper: " + t["title"], arms_text(arm_runs, task, str(num), ct["arm"])],
                              md_table(header, rows),
                              "Confirmed configurations only (chosen on validation); test metric, mean ± s.e. "
                              "[95 % CI] (n confirmation seeds); ours as percent."))
@@ -219,23 +233,25 @@ def _profit_only(c):
 
 def table2(cells, paper, hyper, runs):
     return _accuracy_table(2, cells, paper, hyper, select=lambda c: c[c["method"].isin(["full", "profit"])],
-                           key_cols=[], cols=["old", "new"], runs=runs,
+                           key_cols=[], cols=["old", "new"], runs=runs, arm_runs=runs,
                            paper_key=lambda t, r: paper_lookup(t, model=r["model"], optimizer=paper_optimizer_key(r)))
 
 
 def table7(cells, paper, hyper, runs):
-    return _accuracy_table(7, cells, paper, hyper, select=lambda c: c, key_cols=[], cols=["new"],
+    return _accuracy_table(7, cells, paper, hyper, select=lambda c: c, key_cols=[], cols=["new"], arm_runs=runs,
                            paper_key=lambda t, r: paper_lookup(t, model=r["model"], method=paper_method_key(r),
                                                                optimizer=paper_optimizer_key(r)))
 
 
 def table8(cells, paper, hyper, runs):
     return _accuracy_table(8, cells, paper, hyper, select=_profit_only, key_cols=["n_ref"], cols=["old", "new"],
+                           arm_runs=runs,
                            paper_key=lambda t, r: paper_lookup(t, model=r["model"], n_ref=int(r["n_ref"])))
 
 
 def table9(cells, paper, hyper, runs):
     return _accuracy_table(9, cells, paper, hyper, select=_profit_only, key_cols=["ratio"], cols=["old", "new"],
+                           arm_runs=runs,
                            paper_key=lambda t, r: paper_lookup(t, model=r["model"], ratio=int(r["ratio"])))
 
 
@@ -270,8 +286,11 @@ def table12(cells, paper, hyper, runs) -> str | None:
 # ---------------------------------------------------------------------------------------------- Table 11
 def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task × backbone × main optimizer: each PROFIT arm and the full-model arm with the same main optimizer.
-    Step time over every finished run of the arm; memory as tensor accounting (fp32 parameters and gradients of
-    the trainable tensors, PROFIT / method state), never process RSS. Table 11 and its figure print these rows."""
+    Time per main step (the trial's training-batch seconds / its main steps: a PROFIT main step is a whole cycle of
+    n_ref reference batches + 1 main batch, so the cheap reference batches cannot pull it below its main
+    optimizer's, as a per-batch median does) and per trial (its wall time, evaluations included), mean ± s.e. over
+    every finished run of the arm; memory as tensor accounting (fp32 parameters and gradients of the trainable
+    tensors, PROFIT / method state), never process RSS. Table 11 and its figure print these rows."""
     # Not the ablation stage: its n_ref grid changes PROFIT's cost per step away from the configurations compared.
     ok = runs[runs["status"].isin(["ok", "diverged"]) & runs["step_time_median_s"].notna()
               & runs["method"].isin(["full", "profit"]) & (runs["stage"] != "ablation")]
@@ -280,14 +299,18 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
         if g["is_profit"].nunique() < 2:
             continue
         for arm, a in g.groupby("arm", sort=True):
-            step = mean_ci(a["step_time_median_s"] * 1e3)
+            per_step = a["train_time_s"] / a["main_steps"].where(a["main_steps"] > 0) if "train_time_s" in a \
+                else pd.Series(np.nan, index=a.index)
+            step = mean_ci(per_step.dropna() * 1e3)
+            trial = mean_ci(a["wall_time_s"].dropna())
             n_tr = float(a["n_trainable"].median())
             # extra_state_bytes already holds PROFIT's state plus the method's; older runs only have PROFIT's.
             state = float(a["extra_state_bytes"].fillna(a["profit_state_bytes"]).fillna(0).median())
             cuda = a["device"].astype(str).str.startswith("cuda").all() if "device" in a else False
             rows.append(dict(task=task, backbone=model_name(model), model=model, optimizer=opt, arm=arm,
-                             is_profit=bool(a["is_profit"].iloc[0]), n=step.n, step_ms=step.mean,
-                             step_ms_se=step.se, step_stat=step, params_mib=n_tr * 4 / 2**20,
+                             is_profit=bool(a["is_profit"].iloc[0]), n=len(a), step_ms=step.mean,
+                             step_ms_se=step.se, step_stat=step, trial_s=trial.mean, trial_s_se=trial.se,
+                             trial_stat=trial, schedule=_schedule_text(a), params_mib=n_tr * 4 / 2**20,
                              grads_mib=n_tr * 4 / 2**20,
                              state_mib=state / 2**20,
                              peak_mib=float(a["peak_mem_bytes"].mean()) / 2**20 if cuda else np.nan))
@@ -308,23 +331,48 @@ def table11(rows: pd.DataFrame, paper) -> str | None:
                 p = pp if r["is_profit"] else pa
                 mem = r["params_mib"] + r["grads_mib"] + r["state_mib"]
                 base_mem = base["params_mib"] + base["grads_mib"] + base["state_mib"]
-                out.append([r["backbone"], r["arm"], r["n"], fmt_stat(r["step_stat"], "ms", ci=False),
-                            f"{r['state_mib']:.2f}", f"{mem:.2f}", f"{r['step_ms'] / base['step_ms']:.2f}",
-                            f"{mem / base_mem:.2f}", "—" if np.isnan(r["peak_mib"]) else f"{r['peak_mib']:.1f}",
+                role = f"PROFIT over {opt}" if r["is_profit"] else f"main optimizer {opt} alone"
+                out.append([r["backbone"], f"{r['arm']} ({role})", r["schedule"], r["n"],
+                            fmt_stat(r["step_stat"], "ms", ci=False), _ratio(r["step_ms"], base["step_ms"]),
+                            fmt_stat(r["trial_stat"], "s", ci=False), _ratio(r["trial_s"], base["trial_s"]),
+                            f"{r['state_mib']:.2f}", f"{mem:.2f}", f"{mem / base_mem:.2f}",
+                            "—" if np.isnan(r["peak_mib"]) else f"{r['peak_mib']:.1f}",
                             p["time"] if p else "—", p["memory"] if p else "—",
                             f"{p['time'] / pa['time']:.2f}" if p and pa else "—",
                             f"{p['memory'] / pa['memory']:.2f}" if p and pa else "—"])
-        header = ["backbone", "arm", "n runs", "step ms ours", "PROFIT/method state MiB",
-                  "params+grads+state MiB", "time ×main ours", "mem ×main ours", "CUDA peak MiB",
-                  "paper s/epoch", "paper GB", "time ×Adam paper", "mem ×Adam paper"]
-        note = ("Memory is tensor accounting (fp32 trainable parameters + their gradients + PROFIT's / the method's "
+        header = ["backbone", "arm (role)", "schedule, budget", "n runs", "ms / main step", "× main",
+                  "s / trial", "× main", "PROFIT/method state MiB", "params+grads+state MiB", "mem × main",
+                  "CUDA peak MiB", "paper s/epoch", "paper GB", "time ×Adam paper", "mem ×Adam paper"]
+        note = ("Time: mean ± s.e. over the arm's runs. A main step is one update of the main optimizer; PROFIT's "
+                "costs a whole cycle (n_ref reference batches + 1 main batch), training batches only; a trial's "
+                "time is its wall time (evaluations included). × main = this row over the main optimizer's row. "
+                "Memory is tensor accounting (fp32 trainable parameters + their gradients + PROFIT's / the method's "
                 "extra state; the main optimizer's state is the same on both rows and left out), not process RSS. "
                 "The CUDA column is torch's max allocated, GPU runs only. Units differ from the paper's (s/epoch and "
-                "GB on 4× T4): compare the ×main ratios. The cost figure draws exactly these rows.")
-        parts.append(_headed(f"Table 11 — time and memory, PROFIT vs its main optimizer — "
-                             f"{dataset_text(task, t)}", ["paper: " + t["title"]], md_table(header, out),
+                "GB on 4× T4, CIFAR): compare the × ratios. The cost figure draws exactly these rows.")
+        parts.append(_headed(f"Table 11 — time and memory, PROFIT vs its main optimizer — ours on "
+                             f"{task_title(task)}", [f"paper: {t['title']} ({t['dataset']})"], md_table(header, out),
                              note))
     return "\n".join(parts)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if b and np.isfinite(a) and np.isfinite(b) else "—"
+
+
+def _schedule_text(runs: pd.DataFrame) -> str:
+    """The main optimizer's schedule and budget of an arm's runs, e.g. "step ×0.95/100, 1500 main steps"."""
+    r = runs.iloc[0]
+    sched = r.get("scheduler")
+    sched = "default schedule" if sched is None or (isinstance(sched, float) and np.isnan(sched)) else str(sched)
+    steps, epochs = r.get("steps"), r.get("epochs")
+    if steps is not None and not (isinstance(steps, float) and np.isnan(steps)):
+        budget = f"{int(steps)} main steps"
+    elif epochs is not None and not (isinstance(epochs, float) and np.isnan(epochs)):
+        budget = f"{int(epochs)} epochs"
+    else:
+        budget = "default budget"
+    return f"{sched}, {budget}"
 
 
 CELL_TABLES = [table1, table2, table7, table8, table9, table12]

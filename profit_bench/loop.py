@@ -35,7 +35,7 @@ def make_lr_factor(scheduler: str, step_size: int, gamma: float, total_main_step
 
 def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, generator: torch.Generator,
                 augment, state: LoopState, lr_factor, max_main_steps=None, max_epochs=None, eval_every=None,
-                on_eval=None, dtype="fp32", channels_last=False, penalty=None) -> LoopState:
+                on_eval=None, dtype="fp32", channels_last=False, penalty=None, on_main_step=None) -> LoopState:
     """Train `model(x, task=head)` on `split` until `state` reaches max_main_steps or max_epochs (absolute counts).
 
     Each epoch draws a fresh permutation from `generator` (on the data's device) and slices batches from the
@@ -44,7 +44,7 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
     (any step of a plain optimizer; PROFIT's `is_main_step`), the lr of every group becomes
     initial_lr × lr_factor(main_steps). `on_eval(opt, state, mean_train_loss) -> bool` runs every `eval_every`
     main steps, or after each epoch when eval_every is None; returning False (e.g. non-finite metrics) stops the
-    loop with state.diverged set.
+    loop with state.diverged set. `on_main_step(state)`, when given, runs after every main step (a progress bar).
 
     On CUDA the loop never waits for the GPU: batch times come from CUDA events read at evaluation time, the
     training loss is summed on the device, and divergence is checked at each evaluation.
@@ -118,6 +118,8 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
             if main:
                 state.main_steps += 1
                 set_lr()
+                if on_main_step is not None:
+                    on_main_step(state)
                 if eval_every and state.main_steps % eval_every == 0:
                     if not evaluate_now():
                         return state

@@ -272,12 +272,16 @@ def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=Tr
 
     t0 = time.perf_counter()
     curve = []  # old-task validation metric per evaluation: shows whether pretraining reached a plateau
+    # A live bar on a terminal (an image task pretrains for minutes between its per-epoch lines); off elsewhere.
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=f"pretrain {task.name}", unit="step", file=sys.stderr, leave=False,
+               disable=None if progress else True, dynamic_ncols=True)
 
     def show(opt_, state, train_loss):
         curve.append(evaluate(model, task, "old_val")[0])
         if progress:
-            print(f"pretrain {task.name}: step {state.main_steps}/{total} train_loss {train_loss:.4g} old_val "
-                  f"{curve[-1]:.4g} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            tqdm.write(f"pretrain {task.name}: step {state.main_steps}/{total} train_loss {train_loss:.4g} old_val "
+                       f"{curve[-1]:.4g} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         return True  # the loop itself stops on a non-finite loss
 
     # Image budgets: one evaluation per epoch; step budgets (toy): ten over the run.
@@ -287,7 +291,8 @@ def pretrain(model, task: TaskData, pcfg: PretrainConfig, seed: int, progress=Tr
                 generator=gen, augment=task.augment, state=state,
                 lr_factor=make_lr_factor(pcfg.scheduler, pcfg.step_size, pcfg.gamma, total),
                 max_main_steps=pcfg.steps, max_epochs=pcfg.epochs, eval_every=every, on_eval=show,
-                dtype=pcfg.dtype)
+                dtype=pcfg.dtype, on_main_step=lambda s: bar.update(1))
+    bar.close()
     if state.diverged:
         raise UserError(f"pretraining {task.name} diverged (non-finite loss); lower the pretraining lr")
     model.requires_grad_(True)
@@ -318,6 +323,9 @@ def load_or_pretrain(task: TaskData, model_name: str, seed: int, pcfg: PretrainC
         raise UserError(f"no pretrained checkpoint {path}; run the sweep's pretraining stage (or a trial with "
                         f"pretrain_if_missing=True) to build it")
     check_writable(path.parent)  # before, not after, the minutes of pretraining
+    if progress:
+        print(f"pretraining {task.name}/{model_name} seed {seed} on the old task (once; cached as {path})",
+              file=sys.stderr, flush=True)
     info = pretrain(model, task, pcfg, seed, progress=progress)
     data = _tensor_bytes(model.state_dict())
     meta = dict(**meta_want, config=asdict(pcfg), metric=task.metric, sha256=sha256_bytes(data), **info)

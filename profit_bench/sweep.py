@@ -13,7 +13,7 @@ Search reads validation metrics only. Equal budgets: every arm gets `num_samples
 same sampler seed) or its whole grid. After the search, protocol.py marks relatively diverged trials and picks
 per arm the validation Pareto set's best-old / best-new / knee; each is re-run on `--confirm-seeds` fresh seeds
 (stage=confirm runs under the same MLflow parent). Pretraining: one Ray task per missing checkpoint, in
-parallel, into a cache under --storage-path (or --cache-dir); trials only load it.
+parallel, into the cache `trial` uses too (--cache-dir; on a cluster under --storage-path); trials only load it.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Options:
     dry_run: bool = False
     quiet: bool = False
     overrides: tuple = ()
-    verbose: int = 1
+    verbose: int = 0
     workloads: list | None = None
 
 
@@ -412,9 +412,9 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
         if not quiet:
             d = todo[k]
             old_val = meta.get("old_val", float("nan"))
-            print(f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {d['task']}/{d['model'] or 'default'} seed "
-                  f"{d['seed']} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
-                  f"{_dur(time.perf_counter() - t0)} elapsed) → {path}", flush=True)
+            say(meter, f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {d['task']}/{d['model'] or 'default'} "
+                       f"seed {d['seed']} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
+                       f"{_dur(time.perf_counter() - t0)} elapsed) → {path}")
     return time.perf_counter() - t0, out
 
 
@@ -481,7 +481,8 @@ def _dur(seconds: float) -> str:
 @dataclass
 class Meter:
     """Progress and accounting of one command (a sweep, or a suite of them): trials done / planned, elapsed, ETA,
-    and the busy slot-seconds (trials and pretraining tasks) against which the harness overhead is measured."""
+    and the busy slot-seconds (trials and pretraining tasks) against which the harness overhead is measured.
+    Shown as one live tqdm bar on stderr (only on a terminal); the command's lines go above it (`write`)."""
     concurrent: int = 1
     t0: float = field(default_factory=time.perf_counter)
     planned: dict = field(default_factory=dict)   # workload → trials it will run (upper bound until known)
@@ -490,31 +491,96 @@ class Meter:
     busy_s: float = 0.0                           # trial + pretraining seconds run in this process's session
     pretrained: dict = field(default_factory=dict)  # pretrain key → checkpoint metadata (built or found)
     prior_s: dict = field(default_factory=dict)   # workload → expected trial seconds before any has run
+    t_trials: float | None = None                 # when the first trial stage started (throughput ETA)
+    done_here: int = 0                            # trials finished since t_trials (replayed ones excluded)
+    bar: object = None                            # the live tqdm display, None until trials start
 
     def finished(self, workload: str, seconds: float | None):
         self.done[workload] = self.done.get(workload, 0) + 1
         if seconds is not None:
             self.busy_s += seconds
             self.trial_s.setdefault(workload, []).append(seconds)
+            self.done_here += 1
+        self.refresh()
 
     def eta(self) -> float | None:
-        """Remaining trials × their workload's mean trial time / concurrent trials. A workload not started yet
-        counts its prior (trial_prior_s), else the mean over every trial so far."""
+        """Remaining trials × their workload's mean trial time / concurrent trials (a workload not started yet
+        counts its prior (trial_prior_s), else the mean over every trial so far); once `concurrent` trials have
+        finished here, never less than the remaining trials at the measured throughput (which includes the
+        harness's own time between trials): the first estimate then stops swinging with each trial."""
         every = [x for v in self.trial_s.values() for x in v]
-        left = 0.0
+        left, remaining = 0.0, 0
         for w, n in self.planned.items():
             ts = self.trial_s.get(w)
             per = sum(ts) / len(ts) if ts else self.prior_s.get(w, sum(every) / len(every) if every else None)
             if per is None:
                 return None
             left += max(0, n - self.done.get(w, 0)) * per
-        return left / max(1, self.concurrent)
+            remaining += max(0, n - self.done.get(w, 0))
+        eta = left / max(1, self.concurrent)
+        if self.t_trials is not None and self.done_here >= self.concurrent:
+            eta = max(eta, remaining * (time.perf_counter() - self.t_trials) / self.done_here)
+        return eta
 
     def line(self) -> str:
         done, total = sum(self.done.values()), sum(self.planned.values())
         eta = self.eta()
-        return (f"{done}/~{total} trials, {_dur(time.perf_counter() - self.t0)} elapsed, "
+        return (f"{done}/{total} trials, {_dur(time.perf_counter() - self.t0)} elapsed, "
                 f"ETA {'~' + _dur(eta) if eta is not None else '?'}")
+
+    # -- the live display
+    def start(self):
+        """Show the bar (trial stages begin); on a terminal only, refreshed every second so elapsed ticks."""
+        if self.t_trials is None:
+            self.t_trials = time.perf_counter()
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=sum(self.planned.values()), file=sys.stderr, disable=None, dynamic_ncols=True,
+                            bar_format="{desc} |{bar}| {postfix}", leave=False)
+            if not self.bar.disable:
+                threading.Thread(target=self._tick, daemon=True).start()
+        self.refresh()
+
+    def _tick(self):
+        while self.bar is not None:
+            time.sleep(1.0)
+            with contextlib.suppress(Exception):  # closed meanwhile
+                self.refresh()
+
+    def refresh(self):
+        bar = self.bar
+        if bar is None or bar.disable:
+            return
+        done, total = sum(self.done.values()), sum(self.planned.values())
+        eta = self.eta()
+        bar.total, bar.n = total, done
+        bar.set_description_str(f"{done}/{total} trials", refresh=False)
+        bar.set_postfix_str(f"{_dur(time.perf_counter() - self.t0)} elapsed, ETA "
+                            f"{'~' + _dur(eta) if eta is not None else '?'}", refresh=False)
+        bar.refresh()
+
+    def write(self, line: str, file=None):
+        """A line above the bar (plain print when there is none)."""
+        file = file or sys.stdout
+        if self.bar is not None and not self.bar.disable:
+            from tqdm import tqdm
+            tqdm.write(line, file=file)
+            file.flush()
+        else:
+            print(line, file=file, flush=True)
+
+    def close(self):
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            bar.close()
+
+
+def say(meter: "Meter | None", line: str, file=None):
+    """Print a line, above the live progress bar when there is one."""
+    if meter is not None:
+        meter.write(line, file)
+    else:
+        print(line, file=file or sys.stdout, flush=True)
 
 
 class Progress(_progress_base()):
@@ -533,15 +599,15 @@ class Progress(_progress_base()):
         self.done += 1
         r = trial.last_result or {}
         self.meter.finished(self.workload, None if r.get("replayed") else r.get("trainable_s"))
-        print(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | old_val {_fmt(r.get('old_val'))} "
-              f"new_val {_fmt(r.get('new_val'))} | {r.get('status', '?')} {r.get('wall_time_s', 0):.1f}s | "
-              f"{self.meter.line()}", flush=True)
+        self.meter.write(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | old_val "
+                         f"{_fmt(r.get('old_val'))} new_val {_fmt(r.get('new_val'))} | {r.get('status', '?')} "
+                         f"{r.get('wall_time_s', 0):.1f}s | {self.meter.line()}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
         self.meter.finished(self.workload, None)
-        print(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | FAILED (traceback: "
-              f"{getattr(trial, 'path', None) or trial.local_path}/error.txt; MLflow tag `error`)", flush=True)
+        self.meter.write(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | FAILED (traceback: "
+                         f"{getattr(trial, 'path', None) or trial.local_path}/error.txt; MLflow tag `error`)")
 
 
 SIGTERM_GRACE_S = 15  # Slurm and Kubernetes send SIGKILL 30 s after SIGTERM
@@ -790,14 +856,17 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     t_pretrain = 0.0
     args = (spec, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
     try:
-        print(f"sweep {spec.name}: {total} search trials ({total // len(spec.arms)} per arm), {concurrent} at once, "
-              f"{cpus:g} CPU + {gpus:g} GPU each → {exp_dir}", flush=True)
+        later_bound = meter.planned[workload] - total
+        say(meter, f"sweep {spec.name}: {total} search trials ({total // len(spec.arms)} per arm)"
+                   + (f" + at most {later_bound} confirmation/ablation trials" if later_bound else "")
+                   + f", {concurrent} at once, {cpus:g} CPU + {gpus:g} GPU each → {exp_dir}")
         # Every seed's checkpoint up front (the confirmation's fresh seeds are known now): one parallel batch.
         seconds, metas = pretrain_on_cluster(pretrain_keys(stage_dicts(spec, points, sweep_seeds(spec)), data_dir,
                                                            device), cache_dir, cpus, gpus, opts.quiet, meter)
         t_pretrain += seconds
         meter.prior_s.setdefault(workload, trial_prior_s(spec, metas.values()))
         sweep.log_pretraining(metas)
+        meter.start()
         trials = run_stage(Stage("search", exp_dir, points, total), *args)
         if not _all_done(trials, total):
             return interrupted(argv, name)
@@ -806,7 +875,14 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
             logger.tag_diverged(row["trial_id"], row["diverged_reason"])
         later = [("confirm", confirm_points(df, spec, higher_is_better)),
                  ("ablation", ablation_points(df, spec, higher_is_better))]
-        meter.planned[workload] = total + sum(len(p) for _, p in later)
+        planned = total + sum(len(p) for _, p in later)
+        if planned != meter.planned[workload]:  # the plan changed: say why, once (the bar's total follows)
+            bound = meter.planned[workload] - total
+            configs = len({p["config_key"] for _, ps in later for p in ps})
+            say(meter, f"plan: {planned - total} confirmation/ablation trials, not the {bound} bound: {configs} "
+                       f"distinct chosen configurations (an arm's best-old / knee / best-new can coincide)")
+        meter.planned[workload] = planned
+        meter.refresh()
         for stage_name, stage_points in later:
             if not stage_points:
                 continue
@@ -824,6 +900,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         status = "KILLED" if disk_full(e) else "FAILED"  # a full disk is resumable once there is space again
         raise
     finally:
+        if suite is None:
+            meter.close()
         wall = wall_before + time.perf_counter() - t_start
         if status == "KILLED":
             sweep.close_running()
@@ -834,8 +912,13 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
 
 
 def resolve_cache_dir(opts: Options, storage: Path) -> str:
+    """--cache-dir; else on one machine the cache `trial` uses too ($PROFIT_BENCH_CACHE or ~/.cache/profit_bench),
+    so checkpoints are shared; on a cluster (--address) STORAGE_PATH/pretrain_cache, which every node reads."""
     if opts.cache_dir is not None and "://" in opts.cache_dir:  # a pyarrow.fs URI (pretrain.local_cache)
         return opts.cache_dir
+    if opts.cache_dir is None and not opts.address:
+        from profit_bench.pretrain import default_cache_dir
+        return str(Path(default_cache_dir()).resolve())
     return str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
 
 
@@ -892,8 +975,8 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
         codes, walls = {}, {}
         for w, spec in specs.items():
             t = time.perf_counter()
-            print(f"\n=== suite {suite.name}: workload {w} ({list(specs).index(w) + 1}/{len(specs)}) | "
-                  f"{meter.line()}", flush=True)
+            say(meter, f"\n=== suite {suite.name}: workload {w} ({list(specs).index(w) + 1}/{len(specs)}) | "
+                       f"{meter.line()}")
             code = run_sweep(name, replace(opts, experiment=f"{suite.name}_{w}", resume=resume[w]), argv,
                              spec=spec, meter=meter, suite=SuiteRun(suite.name, command, w))
             meter.planned[w] = meter.done.get(w, 0)
@@ -916,6 +999,7 @@ def search_total(spec: SweepSpec, points: list[dict] | None) -> int:
 
 
 def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:
+    meter.close()
     wall = time.perf_counter() - meter.t0
     capacity = wall * meter.concurrent
     share = max(0.0, 1 - meter.busy_s / capacity) if capacity > 0 else 0.0
@@ -1069,15 +1153,24 @@ def dry_run(spec, opts, points, total, experiment, uri) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+SMALL_CPU_RUN = "--set budget.epochs=1 --set trial.limit=1000 --set seeds=[0]"  # as in the README
+
+
+def known_sweeps() -> list[str]:
+    """The sweeps and suites in sweeps/, as `--help` lists them."""
+    from profit_bench.spec import SWEEPS_DIR
+    return sorted(x.stem for x in SWEEPS_DIR.glob("*.yaml"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m profit_bench.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Spec overrides: --set budget.epochs=1 --set seeds=[0] "
                                        "--set 'methods.profit.n_ref={int: [1, 2]}'. `--set budget.X=N` replaces "
-                                       "the budget. A small CPU run of any table: --set budget.epochs=1 "
-                                       "--set trial.limit=2000 --set seeds=[0] --confirm-seeds 2.")
-    p.add_argument("name", help="a sweep in sweeps/ (toy, digits, fmnist, cifar, table1, table2, table7_adapters, "
-                                "table8_nref, table9_ratio, table12_ratio) or a path to a YAML file")
+                                       "the budget. A small CPU run of any table: "
+                                       f"{SMALL_CPU_RUN} --confirm-seeds 2.")
+    p.add_argument("name", help=f"a sweep or suite in sweeps/ ({', '.join(known_sweeps())}) or a path to a YAML "
+                                "file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="edit the spec: dotted key, YAML value (repeatable)")
     p.add_argument("--num-samples", type=int, help="Optuna trials per arm (grid: repeats of the grid)")
@@ -1092,8 +1185,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "sqlite:///mlflow.db in this folder)")
     p.add_argument("--experiment", help="MLflow experiment and Ray run name (default: the spec's name)")
     p.add_argument("--data-dir", help="dataset folder (CIFAR / Fashion-MNIST), present on every node")
-    p.add_argument("--cache-dir", help="pretrained-model cache (default: STORAGE_PATH/pretrain_cache); a folder "
-                                       "every node reads, or a pyarrow.fs URI (s3://, gs://, ...)")
+    p.add_argument("--cache-dir", help="pretrained-model cache, shared with `trial` (default: $PROFIT_BENCH_CACHE "
+                                       "or ~/.cache/profit_bench; with --address STORAGE_PATH/pretrain_cache); on "
+                                       "a cluster a folder every node reads, or a pyarrow.fs URI (s3://, gs://, ...)")
     p.add_argument("--workloads", type=lambda v: [w for w in v.split(",") if w],
                    help="a suite only: run these workloads (comma-separated labels), in the suite's order")
     p.add_argument("--seed", type=int, help="search with this seed only (replaces the spec's seeds) and seed "
@@ -1103,7 +1197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep of this experiment")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run and write nothing")
     p.add_argument("--quiet", action="store_true", help="no pretraining lines")
-    p.add_argument("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default 1: trial table)")
+    p.add_argument("--verbose", type=int, default=0, help="Ray Tune's own console output 0-3 (default 0: off; "
+                                                          "1: its status table; the progress bar and one line per "
+                                                          "trial are always shown)")
     return p
 
 
@@ -1113,7 +1209,8 @@ def main(argv=None) -> int:
     kw = {f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None}
     kw["overrides"] = tuple(args.overrides)
     opts = Options(**kw)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact trial table
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: silent at verbose 0, a table at 1
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a hard kill loses at most ~2 s of Tune's state
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -34,6 +34,17 @@ EVAL_KEYS = ("old_val", "new_val", "old_val_loss", "new_val_loss", "train_loss")
 BEFORE_KEYS = {"old_val": "old_val_before", "new_val": "new_val_before"}  # the step-0 point
 REACH_TIMEOUT_S = 5  # a healthy server answers /health in milliseconds
 RAY_KEYS = {*AUTO_RESULT_KEYS, "iterations_since_restore", "time_since_restore", "timesteps_since_restore"}
+# MLflow 3's UI opens an experiment by this tag: "custom_model_development" = the runs table and metric charts,
+# not the GenAI traces page (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A run's params: what tells its configuration apart (the arms' fixed and searched knobs) and these; the whole
+# TrialConfig is the artifact config.json. Fewer columns in MLflow's runs table, no truncated value lists.
+KEY_PARAMS = ("task", "model", "method", "optimizer", "profit", "lr", "scheduler", "steps", "epochs", "batch_size",
+              "n_ref", "ratio")
+# Numbers of a finished trial that nothing reads as a metric: tags, so each does not draw a one-point chart on the
+# run page ahead of the curves. The results that the runs table compares (test metrics, forgetting, costs) stay
+# metrics, logged once at the final step.
+TAG_NUMBERS = ("batches", "epochs_done", "trainable_s")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -191,9 +202,12 @@ class Sweep:
                 art = None
                 if self.uri.startswith("sqlite:///"):
                     art = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
-                self.exp_id = self.client.create_experiment(self.experiment, artifact_location=art)
+                self.exp_id = self.client.create_experiment(self.experiment, artifact_location=art,
+                                                            tags=EXPERIMENT_KIND)
             else:
                 self.exp_id = exp.experiment_id
+                if exp.tags.get("mlflow.experimentKind") is None:  # made by an older version
+                    self.client.set_experiment_tag(self.exp_id, *next(iter(EXPERIMENT_KIND.items())))
 
     def parents(self) -> list:
         if self.exp_id is None:
@@ -369,8 +383,12 @@ class MlflowLogger(Callback):
             run_id = _retry(self.c.create_run, self.sweep.exp_id, tags=tags,
                             run_name=tags["mlflow.runName"]).info.run_id
             self.runs[trial.trial_id], self.logged[trial.trial_id] = run_id, -1
-            params = {**applicable_params(_asdict(cfg)), "seed": point["seed"], "profit": cfg.profit}
+            full = _asdict(cfg)
+            params = {**compact_params(full, self.spec, point), "seed": point["seed"], "profit": cfg.profit}
             _retry(self.c.log_batch, run_id, params=[Param(k, _param_str(v)) for k, v in sorted(params.items())])
+            with contextlib.suppress(Exception):  # an artifact store we cannot write should not stop the sweep
+                self.c.log_text(run_id, json.dumps(applicable_params(full), indent=2, sort_keys=True, default=str),
+                                "config.json")
         else:  # a re-run after a crash or an error: same run, fresh state
             _retry(self.c.update_run, run_id, status="RUNNING")
             with contextlib.suppress(Exception):
@@ -407,7 +425,7 @@ class MlflowLogger(Callback):
         step = result.get("main_steps" if self.step_key == "main_steps" else "epochs_done", 0)
         if all(m.step != 0 for m in _retry(self.c.get_metric_history, run_id, "old_val")):
             self._metrics(run_id, {k: result[b] for k, b in BEFORE_KEYS.items() if b in result}, 0)  # pretrained
-        final = {k: v for k, v in scalars(result).items() if k not in RAY_KEYS}
+        final = {k: v for k, v in scalars(result).items() if k not in RAY_KEYS and k not in TAG_NUMBERS}
         if step <= self.logged.get(tid, -1):  # the last evaluation is the final one: one point per step
             final = {k: v for k, v in final.items() if k not in EVAL_KEYS}
         self._metrics(run_id, final, step)
@@ -415,6 +433,7 @@ class MlflowLogger(Callback):
         tags = [RunTag("status", str(result.get("status", "ok")))]
         if result.get("diverged_reason"):  # the trial's own rule (protocol.TRIAL_DIVERGENCE_RULE)
             tags.append(RunTag("diverged_reason", str(result["diverged_reason"])))
+        tags += [RunTag(k, _param_str(result[k])) for k in TAG_NUMBERS if k in result]
         if result.get("node_id"):
             tags.append(RunTag("ray_node_id", result["node_id"]))
         _retry(self.c.log_batch, run_id, tags=tags)
@@ -465,6 +484,15 @@ class MlflowLogger(Callback):
         ms = [Metric(k, v if math.isfinite(v) else float("nan"), now, int(step)) for k, v in scalars(values).items()]
         if ms:
             _retry(self.c.log_batch, run_id, metrics=ms)
+
+
+def compact_params(cfg_dict: dict, spec, point: dict) -> dict:
+    """The params of a trial run: KEY_PARAMS and every knob some arm of the sweep fixes or searches (and the
+    point's own), where they apply to this run (spec.applicable_params)."""
+    knobs = set(KEY_PARAMS) | set(point.get("params", {}))
+    for a in spec.arms:
+        knobs |= set(a.fixed) | set(a.space)
+    return {k: v for k, v in applicable_params(cfg_dict).items() if k in knobs}
 
 
 def _asdict(cfg) -> dict:

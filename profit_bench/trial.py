@@ -339,6 +339,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         peak_mem_bytes=int(peak_mem),
         step_time_median_s=statistics.median(state.step_times) if state.step_times else float("nan"),
         wall_time_s=time.perf_counter() - t_start,
+        train_time_s=float(sum(state.step_times)),  # training batches only (no evaluation): cost per main step
         n_trainable=n_trainable, profit_state_bytes=profit_bytes,
         extra_state_bytes=profit_bytes + prepared.extra_state_bytes,
         main_steps=state.main_steps, batches=state.batches, epochs_done=state.epoch,

@@ -3,6 +3,7 @@
 Toy task at a tiny budget (20 main steps on 500-point splits, 50 pretraining steps): a trial takes about a
 second; one Ray session serves the module.
 """
+import json
 import os
 import re
 import threading
@@ -13,7 +14,7 @@ import pytest
 from profit_bench.sweep import main
 
 TINY = ["--set", "budget.steps=20", "--set", "trial.eval_every=10", "--set", "trial.pretrain_steps=50",
-        "--set", "trial.limit=500", "--verbose", "0"]
+        "--set", "trial.limit=500"]
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +90,13 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
     assert watch.pids == set()  # no worker (nor any other process) ever opened the sqlite store
     out = capsys.readouterr().out
     assert len(re.findall(r"^\[\d/6\] search (full|head|profit) .*\| ok ", out, re.M)) == 6
+    # The console by default: the project's lines only, no Ray Tune status table (--verbose 1 brings it back).
+    assert "== Status ==" not in out and "Number of trials" not in out
 
     client, parents, children = runs_of(uri, "toy")
     assert len(parents) == 1
+    # MLflow 3's UI opens a model-training experiment on its runs, not on the GenAI traces page.
+    assert client.get_experiment_by_name("toy").tags["mlflow.experimentKind"] == "custom_model_development"
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["table"] == ""
     assert "num_samples: 2" in parent.data.params["sweep.yaml"] and "confirm_seeds: 2" in parent.data.params["sweep.yaml"]
@@ -115,6 +120,12 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
         assert r.data.params["seed"] == "0" and r.data.tags["config_key"]
         assert ("ratio" in r.data.params) == (r.data.tags["arm"] == "profit") == (r.data.params["profit"] == "True")
         assert r.info.run_name.startswith(r.data.tags["arm"] + " ")
+        # Compact params (the knobs and what tells runs apart); the whole config is the artifact config.json.
+        assert "eval_every" not in r.data.params and "dtype" not in r.data.params and "lr" in r.data.params
+        config = json.loads(Path(client.download_artifacts(r.info.run_id, "config.json", str(tmp_path))).read_text())
+        assert config["eval_every"] == 10 and float(r.data.params["lr"]) == pytest.approx(config["lr"])
+        # Bookkeeping numbers are tags: no one-point charts ahead of the curves.
+        assert "batches" not in r.data.metrics and int(r.data.tags["batches"]) >= 20
         steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "old_val"))
         assert steps == [0, 10, 20]
         assert len(client.get_metric_history(r.info.run_id, "old_val_before")) == 1
@@ -174,3 +185,29 @@ def test_every_trial_failed_exits_nonzero_with_counts(ray_session, tmp_path, cac
     assert "every trial failed (1 of 1)" in capsys.readouterr().err
     _, parents, children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "allfail")
     assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FAILED"
+
+
+def test_help_texts_match_the_sweeps_folder_the_readme_and_the_defaults(tmp_path, monkeypatch):
+    """`sweep --help` lists every YAML of sweeps/, its small-CPU-run recipe is the README's, the default cache is
+    the one `trial` uses (and the README names), and `analysis.report --help` is whole sentences."""
+    from analysis.report import build_parser as report_parser
+    from profit_bench.pretrain import default_cache_dir
+    from profit_bench.spec import SWEEPS_DIR
+    from profit_bench.sweep import SMALL_CPU_RUN, Options, build_parser, resolve_cache_dir
+    text = " ".join(build_parser().format_help().split())
+    for name in sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")):
+        assert re.search(rf"[ (]{name}[,)]", text), name
+    readme = (SWEEPS_DIR.parent / "README.md").read_text()
+    assert SMALL_CPU_RUN in text and SMALL_CPU_RUN in " ".join(readme.split())
+    assert "trial.limit=2000" not in text
+    args = build_parser().parse_args(["toy"])
+    assert args.verbose == Options().verbose == 0  # Ray's status table off unless asked for
+    monkeypatch.setenv("PROFIT_BENCH_CACHE", str(tmp_path / "c"))
+    assert resolve_cache_dir(Options(), tmp_path / "ray") == str(default_cache_dir().resolve()) == str(tmp_path / "c")
+    monkeypatch.delenv("PROFIT_BENCH_CACHE")
+    assert str(default_cache_dir()).endswith(".cache/profit_bench") and "~/.cache/profit_bench" in readme
+    assert "~/.cache/profit_bench" in text
+    assert resolve_cache_dir(Options(address="auto"), tmp_path / "ray") == str(tmp_path / "ray" / "pretrain_cache")
+    report_help = " ".join(report_parser().format_help().split())
+    description = " ".join(report_parser().description.split())
+    assert description.endswith(".") and description in report_help

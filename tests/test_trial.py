@@ -19,7 +19,7 @@ from profit_bench.trial import TrialConfig, resolve, run_trial, to_json
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"wall_time_s", "step_time_median_s", "peak_mem_bytes"}
+TIMING_KEYS = {"wall_time_s", "step_time_median_s", "train_time_s", "peak_mem_bytes"}
 
 
 def tiny(tmp_path, **kw) -> TrialConfig:
