@@ -80,15 +80,19 @@ def plot_pareto(search: pd.DataFrame, chosen: pd.DataFrame, cells: pd.DataFrame,
         right.errorbar(c["new_test"], c["old_test"], xerr=xerr, yerr=yerr, fmt="o", color=palette[arm], label=arm,
                        markeredgecolor="black", capsize=2)
         _front(right, c[["new_test", "old_test"]].to_numpy(float), hib, palette[arm])
+    methods = [p for p in paper if "pretrained" not in p[0]]  # the paper's pretrained model may sit far away too
+    if len(cells):
+        _fit_to_methods(right, pd.concat([cells["new_test"], pd.Series([p[2] for p in methods], dtype=float)]),
+                        pd.concat([cells["old_test"], pd.Series([p[1] for p in methods], dtype=float)]))
     for name, old, new in paper:
+        short = name.split(": ", 1)[-1]
+        if not _on_axes(right, new, old):
+            _off_axes(right, new, old, marker="X", colour=PAPER_COLOUR, label=f"{short} (paper), off the axes")
+            continue
         right.scatter([new], [old], marker="X", s=60, color=PAPER_COLOUR, zorder=4)
-        right.annotate(name.split(": ", 1)[-1], (new, old), fontsize=6, color=PAPER_COLOUR, xytext=(3, 3),
-                       textcoords="offset points")
+        right.annotate(short, (new, old), fontsize=6, color=PAPER_COLOUR, xytext=(3, 3), textcoords="offset points")
     if paper:
         right.scatter([], [], marker="X", color=PAPER_COLOUR, label=paper[0][0].split(":")[0])
-    if len(cells):
-        _fit_to_methods(right, pd.concat([cells["new_test"], pd.Series([p[2] for p in paper], dtype=float)]),
-                        pd.concat([cells["old_test"], pd.Series([p[1] for p in paper], dtype=float)]))
     # the pretrained models of the confirmation seeds (the test panel's points), not of the search seed
     _pretrained(right, confirm if confirm is not None and len(confirm) else search, "test")
     _reference(right, refs.get("test"))
@@ -119,16 +123,27 @@ def _pretrained(ax, runs: pd.DataFrame, split: str) -> None:
     old, new = runs[f"old_{split}_before"].mean(), runs[f"new_{split}_before"].mean()
     if not (np.isfinite(old) and np.isfinite(new)):
         return
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    if x0 <= new <= x1 and y0 <= old <= y1:
+    if _on_axes(ax, new, old):
         ax.scatter([new], [old], marker="*", s=150, color="black", label="pretrained", zorder=5)
-        return
-    cx, cy = min(max(new, x0), x1), min(max(old, y0), y1)
-    ax.annotate("", xy=(cx, cy), xytext=(cx - 0.06 * (x1 - x0) * np.sign(new - cx),
-                                         cy - 0.06 * (y1 - y0) * np.sign(old - cy)),
-                arrowprops=dict(arrowstyle="-|>", color="black"), annotation_clip=False)
-    ax.scatter([cx], [cy], marker="*", s=150, color="black", zorder=5, clip_on=False,
-               label=f"pretrained, off the axes (new {new:.3g}, old {old:.3g})")
+    else:
+        _off_axes(ax, new, old, marker="*", colour="black", label="pretrained, off the axes")
+
+
+def _on_axes(ax, x, y) -> bool:
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    return min(x0, x1) <= x <= max(x0, x1) and min(y0, y1) <= y <= max(y0, y1)
+
+
+def _off_axes(ax, x, y, *, marker, colour, label) -> None:
+    """A point outside the axes: its marker on the edge nearest to it, an arrow pointing its way, its values in
+    the legend (the axes stay fitted to the methods)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    cx, cy = min(max(x, x0), x1), min(max(y, y0), y1)
+    ax.annotate("", xy=(cx, cy), xytext=(cx - 0.06 * (x1 - x0) * np.sign(x - cx),
+                                         cy - 0.06 * (y1 - y0) * np.sign(y - cy)),
+                arrowprops=dict(arrowstyle="-|>", color=colour), annotation_clip=False)
+    ax.scatter([cx], [cy], marker=marker, s=120, color=colour, zorder=5, clip_on=False,
+               label=f"{label} (new {x:.3g}, old {y:.3g})")
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
 
@@ -284,8 +299,10 @@ def plot_cost(rows: pd.DataFrame, palette: dict, title: str, path: Path) -> str:
         bottom += rows[col].to_numpy(float)
     axes[2].set_ylabel("MiB, tensor accounting (not process RSS)")
     axes[2].set_title("memory", fontsize=8)
-    axes[2].legend(fontsize=7)
+    axes[2].set_ylim(0, max(bottom.max(), 1e-9) * 1.4)  # room for the legend above the bars
+    axes[2].legend(fontsize=7, loc="upper center", ncol=2)
     for ax in axes:
         ax.set_xticks(x, names, fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()  # the canvas stays FIGSIZE × DPI: only the axes move
     return _save(fig, path)
