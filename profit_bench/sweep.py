@@ -1113,7 +1113,9 @@ def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
     print(f"Ray Tune results: {exp_dir}")
     print(f"MLflow: experiment {experiment!r} in {uri}")
     if uri.startswith("sqlite:"):
-        print(f"  open it: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+        exp_id = children[0].info.experiment_id if children else None
+        print(f"  open it: mlflow ui --backend-store-uri {uri}   (then "
+              f"{ui_link(exp_id) if exp_id else 'http://127.0.0.1:5000'})")
     print(f"  report:  python -m analysis.report --experiment {shlex.quote(experiment)} --tracking-uri {uri}")
     failed = sum(v for k, v in counts.items() if k.endswith("_failed"))
     if children and failed == len(children):
@@ -1121,6 +1123,12 @@ def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def ui_link(exp_id, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in `mlflow ui`: MLflow 3.17 opens its GenAI overview unless the URL (or the
+    browser's stored GenAI / Model training switch) says machine_learning; it does not read mlflow.experimentKind."""
+    return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
 
 
 def dry_run(spec, opts, points, total, experiment, uri) -> int:

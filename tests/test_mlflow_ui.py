@@ -1,5 +1,10 @@
 """What a user sees in MLflow's web UI, through headless Chromium (skipped where no chromium is installed): the
-experiment a sweep creates opens on its runs with the metric names visible, not on the GenAI traces page."""
+link the sweep prints opens the experiment on its runs table, not on the GenAI overview.
+
+MLflow 3.17's UI picks the page from its GenAI / Model training switch (URL `workflowType`, else the browser's
+stored choice, default GenAI), not from the experiment's `mlflow.experimentKind` tag: the plain experiment URL
+opens the GenAI overview (traces, token usage) even on a tagged experiment; hence `?workflowType=machine_learning`
+in the printed link."""
 import os
 import shutil
 import socket
@@ -56,7 +61,9 @@ def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow ui did not start")
-        url = f"{base}/#/experiments/{exp_id}"
+        from profit_bench.sweep import ui_link
+        url = ui_link(exp_id, base)
+        assert url.endswith("?workflowType=machine_learning")
         shot = os.environ.get("PROFIT_BENCH_UI_SHOT")  # a path: also save a screenshot (README images)
         if shot:
             subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
@@ -65,8 +72,8 @@ def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
         dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                               "--virtual-time-budget=30000", url], timeout=180, capture_output=True,
                              text=True).stdout
-        assert "toy_sweep" in dom  # the runs table, with the sweep's parent run
-        assert "old_val" in dom and "new_val" in dom  # metric names on the experiment page
+        assert "toy_sweep" in dom and "matching runs" in dom  # the runs table, with the sweep's parent run
+        assert "Token Usage" not in dom  # not the GenAI overview
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
