@@ -509,6 +509,8 @@ class Meter:
         finished here, never less than the remaining trials at the measured throughput (which includes the
         harness's own time between trials): the first estimate then stops swinging with each trial."""
         every = [x for v in self.trial_s.values() for x in v]
+        if not every:  # a prior alone (pretraining time) misses Ray's actor start-up and PROFIT's n_ref + 1 cost
+            return None
         left, remaining = 0.0, 0
         for w, n in self.planned.items():
             ts = self.trial_s.get(w)
@@ -536,7 +538,7 @@ class Meter:
         if self.bar is None:
             from tqdm import tqdm
             self.bar = tqdm(total=sum(self.planned.values()), file=sys.stderr, disable=None, dynamic_ncols=True,
-                            bar_format="{desc} |{bar}| {postfix}", leave=False)
+                            bar_format="{desc} |{bar}|", leave=False)
             if not self.bar.disable:
                 threading.Thread(target=self._tick, daemon=True).start()
         self.refresh()
@@ -554,9 +556,7 @@ class Meter:
         done, total = sum(self.done.values()), sum(self.planned.values())
         eta = self.eta()
         bar.total, bar.n = total, done
-        bar.set_description_str(f"{done}/{total} trials", refresh=False)
-        bar.set_postfix_str(f"{_dur(time.perf_counter() - self.t0)} elapsed, ETA "
-                            f"{'~' + _dur(eta) if eta is not None else '?'}", refresh=False)
+        bar.set_description_str(self.line(), refresh=False)
         bar.refresh()
 
     def write(self, line: str, file=None):
