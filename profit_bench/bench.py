@@ -8,8 +8,11 @@
     python -m profit_bench.bench trials --sweep fmnist --concurrent 1 2 4 --num-samples 8
 
 ``step`` times one training batch (forward, backward, optimizer step) for AdamW and for PROFIT(AdamW) on the
-same model, data and settings, alternating the two in rounds so that drift (thermals, other processes) hits
-both alike, and prints the medians and their ratio. Peak memory is, on a GPU, CUDA ``max_memory_allocated`` during
+same model, data and settings, alternating the variants in rounds so that drift (thermals, other processes) hits
+all alike, and prints the mean time per batch over whole PROFIT cycles (n_ref + 1 batches, so that the cheap
+reference batches and the dearer main batch weigh as they occur in training) and its ratio to AdamW. PROFIT runs
+with each ``--delta`` (default: the exact Δ, the library default, beside Δ read from the weights) and, with
+``--diagnostics both``, also without its diagnostics. Peak memory is, on a GPU, CUDA ``max_memory_allocated`` during
 the variant's warm-up minus what was allocated before the variant was built;
 on the CPU it is the exact byte count of what the optimizer keeps alive (parameters, gradients, optimizer
 state, θ_ref), since the process RSS high-water mark cannot be reset between variants.
@@ -43,7 +46,7 @@ from profit_bench.loop import LoopState, train_steps
 from baselines.regularizers import diagonal_fisher
 from profit_bench.methods import METHODS, MethodContext, get_method
 from profit_bench.models import MODELS, build_model, uses_channels_last
-from profit_bench.optim import MEMORY_MODES, PROFIT
+from profit_bench.optim import DELTA_MODES, MEMORY_MODES, PROFIT
 from profit_bench.tasks import Split, TaskData
 
 
@@ -102,17 +105,31 @@ def method_context(task: TaskData, args, methods) -> MethodContext:
     return MethodContext(task, fisher)
 
 
-def variant_name(memory: str | None, args, method: str = "full") -> str:
+def variant_name(memory: str | None, args, method: str = "full", delta: str = "exact",
+                 diagnostics: bool = True) -> str:
     if method != "full":
         return f"{method}(AdamW)"
     if memory is None:
         return "AdamW"
     label = {"full": "", "compact": " compact", "low": " low-mem"}[memory]
+    label += "" if delta == "exact" else f" Δ={delta}"
+    label += "" if diagnostics else " no-diag"
     return f"PROFIT(AdamW){label} ratio={args.ratio:g} n_ref={args.n_ref}"
 
 
+def step_variants(args) -> list[tuple[str | None, str, bool]]:
+    """(memory, delta, diagnostics) of each `step` row: AdamW, then each memory mode × --delta, and with
+    --diagnostics both, each of those without diagnostics too."""
+    deltas = list(dict.fromkeys(getattr(args, "delta", None) or ["exact"]))
+    diags = {"on": [True], "off": [False], "both": [True, False]}[getattr(args, "diagnostics", "on")]
+    rows = [(None, "exact", True)]
+    for memory in variant_memories(args)[1:]:
+        rows += [(memory, d, diag) for d in deltas for diag in diags]
+    return rows
+
+
 def make_variant(memory: str | None, args, task: TaskData, method: str = "full",
-                 ctx: MethodContext | None = None) -> Variant:
+                 ctx: MethodContext | None = None, delta: str = "exact", diagnostics: bool = False) -> Variant:
     """AdamW (memory=None) or PROFIT(AdamW, memory=memory) on a fresh model prepared by the registry's `method`
     (default `full`: all but the old head trains) with its default method_args, in the order a trial uses
     (prepare, then channels_last)."""
@@ -124,8 +141,9 @@ def make_variant(memory: str | None, args, task: TaskData, method: str = "full",
     params = list({id(p): p for p in prepared.params}.values())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
     if memory is not None:
-        opt = PROFIT(opt, ratio=args.ratio, n_ref=args.n_ref, memory=memory)
-    return Variant(variant_name(memory, args, method), model, opt, prepared.penalty, prepared.extra_state_bytes)
+        opt = PROFIT(opt, ratio=args.ratio, n_ref=args.n_ref, memory=memory, delta=delta, diagnostics=diagnostics)
+    return Variant(variant_name(memory, args, method, delta, diagnostics), model, opt, prepared.penalty,
+                   prepared.extra_state_bytes)
 
 
 def check_device(args) -> None:
@@ -148,8 +166,11 @@ def sync(device: str) -> None:
 def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
     """Run n_batches training steps; return seconds (synchronised at both ends)."""
     x, y = task.new_train.x, task.new_train.y
+    # --clock cpu: this thread's CPU time, for --threads 1 on a shared machine (other processes' load does not
+    # count, while the wall clock charges their time slices to whichever variant was running)
+    clock = time.thread_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     sync(args.device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n_batches):
         with autocast(args):
             out = v.model(x, task="new").float()
@@ -160,7 +181,7 @@ def train_block(v: Variant, task: TaskData, args, n_batches: int) -> float:
         v.opt.step()
         v.opt.zero_grad(set_to_none=True)
     sync(args.device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def kept_bytes(v: Variant) -> int:
@@ -191,7 +212,8 @@ def bench_step(args) -> list[dict]:
     task = synthetic_task(args.model, args.batch_size, args.device)
     methods = bench_methods(args)
     ctx = method_context(task, args, methods)  # EWC's Fisher: built before any variant, charged to none
-    factories = [lambda memory=memory: make_variant(memory, args, task) for memory in variant_memories(args)]
+    factories = [lambda m=m, d=d, diag=diag: make_variant(m, args, task, delta=d, diagnostics=diag)
+                 for m, d, diag in step_variants(args)]
     factories += [lambda method=method: make_variant(None, args, task, method, ctx) for method in methods]
     return measure_step(factories, task, args)
 
@@ -225,7 +247,11 @@ def measure_step(factories: list[Callable[[], Variant]], task: TaskData, args) -
             for _ in range(per_round):
                 times[v.name].append(train_block(v, task, args, block) / block)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return [{"variant": v.name, "median_batch_s": statistics.median(times[v.name]),
+    # Each entry is one whole cycle's time per batch; the mean of equal-length cycles is the mean per batch.
+    return [{"variant": v.name, "mean_batch_s": statistics.fmean(times[v.name]),
+             "se_batch_s": statistics.stdev(times[v.name]) / len(times[v.name]) ** 0.5 if len(times[v.name]) > 1
+             else float("nan"),
+             "median_batch_s": statistics.median(times[v.name]),
              "n_batches": len(times[v.name]) * block, "peak_bytes": peak[v.name]} for v in variants]
 
 
@@ -398,13 +424,16 @@ def print_side_by_side(rows: list[dict], args) -> None:
     base = rows[0]
     what = ("CUDA peak allocated by the variant: params, grads, state, activations" if args.device == "cuda"
             else "params+grads+optimizer state")
-    print(f"model={args.model} batch={args.batch_size} dtype={args.dtype} device={args.device}"
+    print(f"model={args.model} batch={args.batch_size} dtype={args.dtype} device={args.device} "
+          f"clock={getattr(args, 'clock', 'wall')}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" (threads={torch.get_num_threads()})"))
-    print(f"{'variant':<44} {'ms/batch':>10} {'time ×':>8} {'peak MiB':>10} {'mem ×':>8}   [{what}]")
+    print(f"{'variant':<52} {'ms/batch':>10} {'± s.e.':>7} {'time ×':>8} {'peak MiB':>10} {'mem ×':>8}   [{what}]")
     for r in rows:
-        print(f"{r['variant']:<44} {1e3 * r['median_batch_s']:>10.2f} {r['median_batch_s'] / base['median_batch_s']:>8.3f}"
+        print(f"{r['variant']:<52} {1e3 * r['mean_batch_s']:>10.3f} {1e3 * r['se_batch_s']:>7.3f}"
+              f" {r['mean_batch_s'] / base['mean_batch_s']:>8.3f}"
               f" {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / base['peak_bytes']:>8.3f}")
-    print(f"(median over {rows[0]['n_batches']} batches each, in whole PROFIT cycles, alternating variants)")
+    print(f"(mean over {rows[0]['n_batches']} batches each, timed in whole PROFIT cycles of n_ref + 1 batches, "
+          f"alternating variants; s.e. over cycles)")
     if bench_methods(args):
         print("(method(AdamW) rows: AdamW on the parameters the method trains, its loss term on every batch; "
               + ("its peak includes its state: " if args.device == "cuda" else "bytes add its state: ")
@@ -424,6 +453,12 @@ def main(argv=None) -> int:
                     choices=[*(m for m in METHODS if m not in BASE_METHODS), "all"],
                     help="fine-tuning methods of the registry to add as rows, each trained by AdamW with its loss "
                          "term (l2sp ewc lwf; all: every method the model supports)")
+    st.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this thread's CPU time (CPU with --threads 1 on a shared machine)")
+    st.add_argument("--delta", nargs="+", choices=DELTA_MODES, default=list(DELTA_MODES),
+                    help="PROFIT's Δ in the PROFIT rows: exact (the library default) and/or weights")
+    st.add_argument("--diagnostics", choices=["on", "off", "both"], default="off",
+                    help="PROFIT's diagnostics in the PROFIT rows (off: the library default; on: as trials run; both)")
     st.add_argument("--fisher-samples", type=int, default=32,
                     help="old-split examples for EWC's Fisher (computed once, before timing)")
     ep = sub.add_parser("epoch", help="fine-tune epoch time (images/s): AdamW vs PROFIT(AdamW)")

@@ -24,6 +24,17 @@ Three ways to keep θ_ref (``memory=``), each a ``ThetaRef`` strategy:
   current θ in units in the last place, plus the true value wherever the offset does not fit. A quarter to a
   half of the extra memory of ``"full"`` in fp32; one host sync per reference step.
 * ``"low"`` (approximate, no parameter-sized buffer): ``LowMemRef``, the paper's §3.4 momentum idea.
+
+Two ways to form Δ (``delta=``):
+
+* ``"exact"`` (default): ``IntendedDelta``, the displacement O_ref *intended*, kept apart from the rounded
+  weights. At λ_ref = lr/ratio ≈ 1e-9…1e-6 most of a reference step is below the resolution of fp32 (bf16: of
+  every realistic) weights, so θ − θ_ref read back from the weights is mostly rounding noise. Plain SGD
+  accumulates −Σλ_ref·g in a buffer (fp32 for fp32/bf16/fp16 weights, fp64 for fp64); any other O_ref runs on a
+  float64 shadow of θ, θ being the shadow rounded after each reference step, and Δ = shadow − θ_ref. Forward
+  passes still run at the stored weights and the restore to θ_ref is still bit-exact.
+* ``"weights"``: Δ = θ − θ_ref from the stored weights, what a literal implementation of Algorithm 1 computes
+  (the code before ``delta`` existed, bit for bit).
 """
 
 from __future__ import annotations
@@ -38,18 +49,22 @@ from torch.optim import Optimizer
 
 from profit_bench import UserError
 
-__all__ = ["PROFIT", "MEMORY_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError", "ThetaRef", "FullRef",
-           "CompactRef", "LowMemRef", "MainStepScheduler"]
+__all__ = ["PROFIT", "MEMORY_MODES", "DELTA_MODES", "REF_OPTIMIZERS", "DIAGNOSTICS", "ProfitConfigError",
+           "ThetaRef", "FullRef", "CompactRef", "LowMemRef", "IntendedDelta", "MainStepScheduler"]
 
 MEMORY_MODES = ("full", "compact", "low")
+DELTA_MODES = ("exact", "weights")
 REF_OPTIMIZERS = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
                   "adamw": torch.optim.AdamW}
 # Means over the main steps since the last diagnostics() call (a "window"). cos_g_delta is cos(g, Δ) before the
 # projection, with g the gradient of the minimised loss; perp_ratio is ‖g_projected‖/‖g‖ = √(1 − cos²) on
 # projected steps and 1 on the others; delta_rel is ‖Δ‖/‖θ_ref‖ (memory="low": its approximate Δ), with ‖θ_ref‖
 # taken at the window's first cycle: θ moves little within a window, and this saves a pass over the weights per
-# cycle.
-DIAGNOSTICS = ("profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel")
+# cycle. delta_lost is ‖Δ_weights − Δ_exact‖/‖Δ_exact‖, the fraction of the intended displacement that rounding
+# of the stored weights erased (0: the ratio is real; ~1: Δ read from the weights is noise); it is reported
+# only where Δ_exact is known (memory "full"/"compact" with delta="exact", or delta="weights" with plain-SGD O_ref).
+DIAGNOSTICS = ("profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel",
+               "profit_delta_lost")
 
 
 class ProfitConfigError(UserError, ValueError):
@@ -69,14 +84,21 @@ class PROFIT(Optimizer):
             main group (its lr is set before every reference step; a tensor lr is read as a float there).
         ref_kwargs: keyword arguments of a named O_ref (``momentum=0.9``, ``betas=...``).
         memory: how θ_ref is kept, see the module docstring and the ``ThetaRef`` classes.
+        delta: ``"exact"`` (Δ as O_ref intended it, ``IntendedDelta``) or ``"weights"`` (θ − θ_ref read back from
+            the rounded weights, as the paper's Algorithm 1 literally computes). ``memory="low"`` follows its Δ
+            from the updates in either mode.
+        diagnostics: keep the per-main-step terms of ``DIAGNOSTICS`` for ``diagnostics()`` (off by default: a norm
+            of the gradients and, for ``profit_delta_lost``, three passes over the weights per main step, ~7 % of a
+            toy-MLP batch on a CPU; the harness, ``trial.py``, turns them on). With ``delta="weights"`` and plain
+            SGD they also keep a Δ_exact buffer, for ``profit_delta_lost`` only.
         process_group: set when parameters are *sharded* across ranks (FSDP, ZeRO): the global dot products are
             then all-reduced over it (one 4-scalar all-reduce per main step). Leave ``None`` for replicated
             parameters (DDP), whose gradients are already identical on every rank.
     """
 
     def __init__(self, main: Optimizer, *, ratio: float = 100.0, n_ref: int = 1, ref: str | Callable = "sgd",
-                 ref_kwargs: dict | None = None, memory: str = "full",
-                 process_group: dist.ProcessGroup | None = None):
+                 ref_kwargs: dict | None = None, memory: str = "full", delta: str = "exact",
+                 diagnostics: bool = False, process_group: dist.ProcessGroup | None = None):
         if not isinstance(main, Optimizer) or isinstance(main, PROFIT):
             raise TypeError(f"PROFIT wraps a plain torch.optim.Optimizer, got {type(main).__name__}")
         if not ratio > 0:
@@ -85,16 +107,26 @@ class PROFIT(Optimizer):
             raise ProfitConfigError(f"n_ref must be an integer >= 1, got {n_ref}")
         if memory not in MEMORY_MODES:
             raise ProfitConfigError(f"memory must be one of {', '.join(map(repr, MEMORY_MODES))}, got {memory!r}")
+        if delta not in DELTA_MODES:
+            raise ProfitConfigError(f"delta must be one of {', '.join(map(repr, DELTA_MODES))}, got {delta!r}")
         self.main, self.memory, self.process_group = main, memory, process_group
+        self.delta, self.diagnose = delta, bool(diagnostics)
         self.ratio, self.n_ref = float(ratio), int(n_ref)
         self.phase = 0  # calls already made in the current cycle; the call with phase == n_ref is the main step
         self.main_steps = 0
         self.theta_ref = {"full": FullRef, "compact": CompactRef, "low": LowMemRef}[memory](main, process_group)
-        self.ref_name, self.ref_opt = _build_ref(ref, dict(ref_kwargs or {}), main.param_groups, self.ratio)
-        if self.ref_opt is not None and not self.theta_ref.any_ref:
+        stateful_ref = not (ref == "sgd" and not ref_kwargs)
+        if stateful_ref and not self.theta_ref.any_ref:
             raise ProfitConfigError(f"memory={memory!r} follows Δ through plain-SGD reference steps only; use "
                                     f"ref='sgd' without ref_kwargs, or memory='full'/'compact'")
+        # Δ_exact is kept for delta="exact", and for the delta_lost diagnostic of plain SGD with delta="weights"
+        # (a shadow would change a weights run's trajectory); "low" keeps no θ_ref to compare with.
+        wanted = delta == "exact" or (self.diagnose and not stateful_ref)
+        self.intended = IntendedDelta(shadow=stateful_ref) if wanted and memory != "low" else None
+        self.ref_name, self.ref_opt = _build_ref(ref, dict(ref_kwargs or {}), main.param_groups, self.ratio,
+                                                 self._ref_tensor)
         self._cycle: set[torch.Tensor] = set()
+        self._intended_live = False  # the intended Δ of the current cycle is known (not after a foreign load)
         self._ref_sq = None  # ‖θ_ref‖² at the first cycle of the diagnostics window (a device scalar)
         self._in_anchored = False
         self._diag_raw, self._diag_sum, self._diag_n = [], None, 0
@@ -134,10 +166,11 @@ class PROFIT(Optimizer):
         self.phase = 0
 
     def extra_state_bytes(self) -> int:
-        """Bytes PROFIT keeps between steps on top of the main optimizer: θ_ref (or its compact form) and O_ref's
-        state."""
+        """Bytes PROFIT keeps between steps on top of the main optimizer: θ_ref (or its compact form), the intended
+        Δ (buffer or shadow) and O_ref's state."""
         ref_state = self.ref_opt.state.values() if self.ref_opt is not None else ()
-        return self.theta_ref.nbytes() + sum(_nbytes(s.values()) for s in ref_state)
+        intended = self.intended.nbytes() if self.intended is not None else 0
+        return self.theta_ref.nbytes() + intended + sum(_nbytes(s.values()) for s in ref_state)
 
     def diagnostics(self) -> dict[str, float]:
         """Means of ``DIAGNOSTICS`` over the main steps since the last call (then reset); {} if there were none.
@@ -145,16 +178,21 @@ class PROFIT(Optimizer):
         if not self._diag_n:
             return {}
         self._fold_diagnostics()
-        means = (self._diag_sum / self._diag_n).tolist()
+        sums, (lost_sum, lost_n) = self._diag_sum[:-2], self._diag_sum[-2:]
+        out = dict(zip(DIAGNOSTICS, (sums / self._diag_n).tolist()))
+        if lost_n > 0:  # steps whose Δ_exact was known
+            out["profit_delta_lost"] = (lost_sum / lost_n).item()
         self._diag_sum, self._diag_n = None, 0
-        return dict(zip(DIAGNOSTICS, means))
+        return out
 
     def _fold_diagnostics(self) -> None:
         """Turn the kept raw terms into the running sums of DIAGNOSTICS (device ops only)."""
         if not self._diag_raw:
             return
-        omega, delta_sq, g_sq, ref_sq, projected = torch.stack(self._diag_raw).unbind(1)
-        values = _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected.bool()).sum(dim=1)
+        omega, delta_sq, g_sq, ref_sq, projected, lost_sq, exact_sq, known = torch.stack(self._diag_raw).unbind(1)
+        values = _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected.bool())
+        lost = torch.where(known > 0, _safe_div(lost_sq.sqrt(), exact_sq.sqrt()), torch.zeros_like(lost_sq))
+        values = torch.cat([values, lost[None], known[None]]).sum(dim=1)
         self._diag_sum = values if self._diag_sum is None else self._diag_sum + values
         self._diag_raw = []
 
@@ -238,18 +276,31 @@ class PROFIT(Optimizer):
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         cycle = self.theta_ref.save(with_grad)
         self._cycle = set(cycle)
-        if cycle and (self._ref_sq is None or self._diag_n == 0):  # once per diagnostics window, see DIAGNOSTICS
+        if self.intended is not None:
+            self.intended.save(cycle)
+            self._intended_live = True
+        if self.diagnose and cycle and (self._ref_sq is None or self._diag_n == 0):  # once per window
             self._ref_sq = _sum_sq(cycle, cycle[0].device)
 
     def _reference_step(self):
         if self.ref_opt is None:
-            return self._sgd_step()
+            moved = self._sgd_step()
+            if self.intended is not None:
+                self.intended.add(moved)
+            return moved
         for group, ref_group in zip(self.param_groups, self._ref_groups()):
             ref_group["lr"] = float(group["lr"]) / self.ratio
+        if self.intended is not None:  # O_ref runs on the shadow; θ becomes the shadow rounded
+            self.intended.shadow_step(self.ref_opt, [p for p in self.theta_ref.params if p.grad is not None])
+            return []
         # Parameters outside the cycle have no saved θ_ref: O_ref must not move them.
         with _hidden_grads([p for g in self.param_groups for p in g["params"] if p not in self._cycle]):
             self.ref_opt.step()
         return []
+
+    def _ref_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """What O_ref steps for parameter p: p itself, or its high-precision shadow (delta="exact")."""
+        return p if self.intended is None else self.intended.tensor_for(p)
 
     def _sgd_step(self) -> list[tuple[list, list, float | torch.Tensor]]:
         """θ ← θ ∓ λ_ref·g per group; returns (params, grads, ∓λ_ref) of each group for the θ_ref strategy."""
@@ -272,24 +323,36 @@ class PROFIT(Optimizer):
     def _ref_groups(self) -> list[dict]:
         """O_ref's groups, one per main group (groups added to main since are added here too)."""
         for group in self.param_groups[len(self.ref_opt.param_groups):]:
-            self.ref_opt.add_param_group(_ref_group(group, self.ratio))
+            self.ref_opt.add_param_group(_ref_group(group, self.ratio, self._ref_tensor))
         return self.ref_opt.param_groups
 
     def _project(self) -> None:
         """g ← g − (ω/‖Δ‖²)·Δ where ω = ⟨Δ, g⟩ < 0, global over all parameters, decided on the device."""
         # ω is taken with the gradient of the loss, −g when maximizing: maximize = minimise −objective.
         loss_sign = -1.0 if _maximizing(self.param_groups) else 1.0  # (checked before θ is touched)
-        disp = self.theta_ref.displacement()
+        # Δ_exact first: the shadow's Δ needs θ_ref, which "compact" decodes against θ before θ turns into Δ_weights.
+        exact = self.intended.displacement(self.theta_ref) if self.intended and self._intended_live else None
+        use_exact = self.delta == "exact" and exact is not None
+        track = self.diagnose and exact is not None  # the delta_lost diagnostic
+        disp = self.theta_ref.displacement() if not use_exact or track else None
+        lost = _lost_terms(disp, exact, scratch=use_exact) if track else None
+        if use_exact:
+            disp = exact
         pairs = [(d, p.grad) for p, d in zip(disp.params, disp.directions) if p.grad is not None]
         if not pairs:
             return
         ds, gs = [d for d, _ in pairs], [g for _, g in pairs]
         dev = ds[0].device
-        sums = torch.stack([_sum_dots(ds, gs, dev), _sum_dots(ds, ds, dev), _sum_sq(gs, dev),
-                            self._ref_sq.to(dev)])
+        terms = [_sum_dots(ds, gs, dev), _sum_dots(ds, ds, dev)]
+        if self.diagnose:
+            zero = torch.zeros((), device=dev, dtype=terms[0].dtype)
+            lost_sq, exact_sq = lost or (zero, zero)
+            terms += [_sum_sq(gs, dev), self._ref_sq.to(dev), lost_sq.to(dev),
+                      terms[1] if exact_sq is None else exact_sq.to(dev)]
+        sums = torch.stack(terms)
         if self.process_group is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
-        d_g, d_sq, g_sq, ref_sq = sums
+        d_g, d_sq = sums[0], sums[1]
         s = disp.scale  # Δ = s·d
         omega, delta_sq = (d_g, d_sq) if s is None else (s * d_g, s * s * d_sq)
         if loss_sign < 0:
@@ -307,12 +370,14 @@ class PROFIT(Optimizer):
             else:
                 for g, d in zip(g_dev, d_dev):
                     g.addcmul_(d, (-c).to(g.dtype))
-        self._record(omega, delta_sq, g_sq, ref_sq, projected)
+        if self.diagnose:
+            self._record(omega, delta_sq, *sums[2:], projected, known=lost is not None)
 
-    def _record(self, omega, delta_sq, g_sq, ref_sq, projected) -> None:
+    def _record(self, omega, delta_sq, g_sq, ref_sq, lost_sq, exact_sq, projected, known: bool) -> None:
         """Keep this main step's raw terms on the device (no host sync); diagnostics() derives the ratios of a
         whole window at once, so a step pays one stack instead of a dozen scalar kernels."""
-        self._diag_raw.append(torch.stack([omega, delta_sq, g_sq, ref_sq, projected.to(omega.dtype)]))
+        self._diag_raw.append(torch.stack([omega, delta_sq, g_sq, ref_sq, projected.to(omega.dtype), lost_sq,
+                                           exact_sq, torch.full_like(omega, float(known))]))
         self._diag_n += 1
         if len(self._diag_raw) >= 256:  # bounded memory when diagnostics() is never called
             self._fold_diagnostics()
@@ -324,10 +389,12 @@ class PROFIT(Optimizer):
             return self._eval_state_dict()
         index = {p: i for i, p in enumerate(_all_params(self.param_groups))}
         profit = {"ratio": self.ratio, "n_ref": self.n_ref, "memory": self.memory, "ref": self.ref_name,
-                  "phase": self.phase, "main_steps": self.main_steps, "in_cycle": [], "refs": {},
-                  "ref_sq": self._ref_sq}
+                  "delta": self.delta, "phase": self.phase, "main_steps": self.main_steps, "in_cycle": [],
+                  "refs": {}, "ref_sq": self._ref_sq}
         if self.mid_cycle:
             profit.update(self.theta_ref.state_dict(index))
+            if self.intended is not None and self._intended_live:
+                profit["intended"] = self.intended.state_dict(index)
         if self.ref_opt is not None:
             profit["ref_optimizer"] = self.ref_opt.state_dict()
         return {"main": self.main.state_dict(), "profit": profit}
@@ -350,6 +417,12 @@ class PROFIT(Optimizer):
                                     f"ref={self.ref_name!r}; build the optimizer with ref={saved_ref!r}")
         params = _all_params(self.param_groups)
         cycle, refs = _checked_cycle(params, saved)
+        intended = _checked_tensors(params, saved.get("intended") or {}, "Δ_exact")
+        mid = int(saved["phase"]) > 0 and bool(cycle)
+        if mid and self.delta == "exact" and self.intended is not None and not intended:
+            raise ProfitConfigError(f"checkpoint of PROFIT(delta={saved.get('delta', 'weights')!r}) was saved "
+                                    f"mid-cycle without the intended Δ that delta='exact' projects with; build the "
+                                    f"optimizer with delta='weights' to resume it, or resume from a cycle boundary")
         self.main.load_state_dict(state_dict["main"])
         self.param_groups = self.main.param_groups  # load_state_dict rebuilt the group dicts
         if self.ref_opt is not None and "ref_optimizer" in saved:
@@ -358,6 +431,9 @@ class PROFIT(Optimizer):
         self.ratio, self.n_ref = float(saved["ratio"]), int(saved["n_ref"])
         self.phase, self.main_steps = int(saved["phase"]), int(saved["main_steps"])
         self._cycle = set(self.theta_ref.load(cycle, refs, saved))
+        self._intended_live = self.intended is not None and mid and bool(intended)
+        if self._intended_live:
+            self.intended.load(self.theta_ref.params, intended)
         ref_sq = saved.get("ref_sq")
         if ref_sq is None and self._cycle:  # an older checkpoint: the displaced θ stands in for θ_ref
             ref_sq = _sum_sq(self.theta_ref.params, self.theta_ref.params[0].device)
@@ -366,7 +442,8 @@ class PROFIT(Optimizer):
     def __repr__(self) -> str:
         mem = "" if self.memory == "full" else f", memory={self.memory!r}"
         ref = "" if self.ref_opt is None else f", ref={self.ref_name!r}"
-        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{ref}{mem}, main={self.main!r})"
+        delta = "" if self.delta == "exact" else f", delta={self.delta!r}"
+        return f"PROFIT(ratio={self.ratio:g}, n_ref={self.n_ref}{ref}{mem}{delta}, main={self.main!r})"
 
 
 class MainStepScheduler:
@@ -418,8 +495,10 @@ def _check_is_profit_checkpoint(state_dict, main: Optimizer) -> None:
         f"main = {type(main).__name__}(params, ...); main.load_state_dict(sd); opt = PROFIT(main, ...)")
 
 
-def _build_ref(ref, kwargs: dict, groups: list[dict], ratio: float) -> tuple[str, Optimizer | None]:
-    """O_ref's name and optimizer (None: plain SGD, fused into PROFIT's foreach kernels), one group per main group."""
+def _build_ref(ref, kwargs: dict, groups: list[dict], ratio: float,
+               to_ref: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, Optimizer | None]:
+    """O_ref's name and optimizer (None: plain SGD, fused into PROFIT's foreach kernels), one group per main group,
+    over ``to_ref(p)`` of each parameter (p itself, or its shadow)."""
     if ref == "sgd" and not kwargs:
         return "sgd", None
     if isinstance(ref, str):
@@ -431,14 +510,20 @@ def _build_ref(ref, kwargs: dict, groups: list[dict], ratio: float) -> tuple[str
         raise ProfitConfigError("ref_kwargs apply to a named ref optimizer; bind them in the factory instead")
     else:
         factory, name = ref, getattr(ref, "__name__", type(ref).__name__)
-    opt = factory([_ref_group(g, ratio) for g in groups])
+    given = [_ref_group(g, ratio, to_ref) for g in groups]
+    opt = factory(given)
     if not isinstance(opt, Optimizer):
         raise TypeError(f"the ref factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    expected = [id(t) for g in given for t in g["params"]]
+    if [id(t) for g in opt.param_groups for t in g["params"]] != expected:
+        raise ProfitConfigError("the ref factory must build its optimizer over the parameter groups it is given "
+                                "(with delta='exact' these are PROFIT's float64 shadows of the parameters)")
     return name, opt
 
 
-def _ref_group(group: dict, ratio: float) -> dict:
-    return {"params": group["params"], "lr": float(group["lr"]) / ratio, "maximize": group.get("maximize", False)}
+def _ref_group(group: dict, ratio: float, to_ref: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    return {"params": [to_ref(p) for p in group["params"]], "lr": float(group["lr"]) / ratio,
+            "maximize": group.get("maximize", False)}
 
 
 @contextlib.contextmanager
@@ -467,6 +552,39 @@ def _diagnostic_values(omega, delta_sq, g_sq, ref_sq, projected) -> torch.Tensor
     cos = _safe_div(omega, delta_sq.sqrt() * g_sq.sqrt())
     perp = torch.where(projected, torch.sqrt(torch.clamp(1 - cos * cos, min=0)), torch.ones_like(cos))
     return torch.stack([projected.to(cos.dtype), cos, perp, _safe_div(delta_sq.sqrt(), ref_sq.sqrt())])
+
+
+def _lost_terms(weights: Displacement, exact: Displacement, scratch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖Δ_weights − Δ_exact‖², ‖Δ_exact‖²) for the delta_lost diagnostic; Δ_weights is overwritten when
+    `scratch` (delta="exact": it is θ, restored right after) and the dtypes agree, else the difference is a
+    temporary. ‖Δ_exact‖² is None when `scratch`: it is then the projection's ‖Δ‖², already summed."""
+    dw, de = weights.directions, exact.directions
+    if not dw:
+        zero = torch.zeros(())
+        return zero, zero
+    exact_sq = None if scratch else _sum_sq(de, de[0].device)  # (delta="exact": ‖Δ_exact‖² is the projection's)
+    dev = de[0].device
+    if scratch and all(a.dtype == b.dtype for a, b in zip(dw, de)):
+        torch._foreach_sub_(dw, de)
+        diff = dw
+    else:
+        diff = torch._foreach_sub([a.to(b.dtype) for a, b in zip(dw, de)], de)
+    return _sum_sq(diff, dev), exact_sq
+
+
+def _checked_tensors(params, saved: dict, what: str) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-parameter tensors of a checkpoint ({index: tensor}), after checking indices and shapes."""
+    out = {}
+    for i, t in saved.items():
+        if not 0 <= int(i) < len(params):
+            raise ProfitConfigError(f"PROFIT checkpoint names parameter {int(i)}, but the optimizer has "
+                                    f"{len(params)}")
+        p = params[int(i)]
+        if t.shape != p.shape:
+            raise ProfitConfigError(f"PROFIT checkpoint: {what} of parameter {int(i)} has shape {tuple(t.shape)}, "
+                                    f"the parameter {tuple(p.shape)}; load a checkpoint of this model")
+        out[p] = t.detach()
+    return out
 
 
 def _checked_cycle(params, saved) -> tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
@@ -712,6 +830,99 @@ class LowMemRef(ThetaRef):
 
     def nbytes(self) -> int:
         return 0  # m belongs to the main optimizer
+
+
+# ---------------------------------------------------------------------------------------------- delta="exact"
+class IntendedDelta:
+    """Δ as O_ref intended it, kept beside the rounded weights (delta="exact"), one tensor per parameter, kept
+    across cycles.
+
+    Plain SGD (``shadow=False``): a buffer accumulating the moves −λ_ref·g of the reference steps, in
+    ``promote(p.dtype, float32)``. The buffer holds Δ itself, not θ, so its relative error is that of a few
+    additions of that dtype (~1e-7 in fp32) whatever the ratio: fp32 suffices for fp32, bf16 and fp16 weights.
+
+    Any other O_ref (``shadow=True``): O_ref runs on a float64 shadow of θ (its state is float64 too), copied from
+    θ at the cycle's start, and θ becomes the shadow rounded after each reference step; Δ = shadow − θ_ref is then
+    exact to fp64's 2^-53·|θ| (relative 1e-16/λ_ref), which covers O_ref's weight decay and its state as well as
+    the step. Any optimizer works that accepts float64 tensors: a device without float64 (MPS) is refused.
+    """
+
+    def __init__(self, shadow: bool):
+        self.shadow = shadow
+        self.tensors: dict[torch.Tensor, torch.Tensor] = {}
+        self.params: list[torch.Tensor] = []
+
+    def tensor_for(self, p: torch.Tensor) -> torch.Tensor:
+        t = self.tensors.get(p)
+        if t is None:
+            if self.shadow and p.device.type == "mps":
+                raise ProfitConfigError("PROFIT(delta='exact') runs a stateful O_ref on a float64 shadow, which "
+                                        "MPS cannot hold; use ref='sgd' (a float32 Δ buffer) or delta='weights'")
+            dtype = torch.float64 if self.shadow else torch.promote_types(p.dtype, torch.float32)
+            t = self.tensors[p] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return t
+
+    def save(self, params: list[torch.Tensor]) -> None:
+        """Δ = 0 at θ_ref: the buffer is zeroed, the shadow copied from θ (exactly: float64 holds every value)."""
+        self.params = params
+        if params:
+            ts = [self.tensor_for(p) for p in params]
+            if self.shadow:
+                torch._foreach_copy_(ts, params)
+            else:
+                torch._foreach_zero_(ts)
+
+    def add(self, moved) -> None:
+        """Accumulate plain-SGD moves (params, grads, alpha) of ``PROFIT._sgd_step``: Δ += alpha·g."""
+        for params, grads, alpha in moved:
+            bufs = [self.tensors[p] for p in params]
+            grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
+            if torch.is_tensor(alpha):
+                torch._foreach_add_(bufs, torch._foreach_mul(grads, alpha.to(bufs[0].dtype)))
+            else:
+                torch._foreach_add_(bufs, grads, alpha=alpha)
+
+    @torch.no_grad()
+    def shadow_step(self, ref_opt: Optimizer, params: list[torch.Tensor]) -> None:
+        """One O_ref step on the shadows of `params` (those with a gradient; the other shadows have none, so O_ref
+        leaves them), then θ ← shadow, rounded once."""
+        shadows = [self.tensors[p] for p in params]
+        for p, s in zip(params, shadows):
+            s.grad = p.grad.to(s.dtype)
+        try:
+            ref_opt.step()
+        finally:
+            for s in shadows:
+                s.grad = None
+        if params:
+            torch._foreach_copy_(params, shadows)
+
+    @torch.no_grad()
+    def displacement(self, theta_ref: ThetaRef) -> Displacement:
+        """Δ_exact over the cycle's parameters (free to overwrite: rebuilt at the next cycle's start)."""
+        if not self.shadow:
+            return Displacement(self.params, [self.tensors[p] for p in self.params], None, scratch=True)
+        acc = [torch.promote_types(p.dtype, torch.float32) for p in self.params]
+        deltas = [(self.tensors[p] - r).to(a) for p, r, a in zip(self.params, theta_ref.refs(), acc)]
+        return Displacement(self.params, deltas, None, scratch=True)
+
+    def state_dict(self, index) -> dict:
+        return {index[p]: self.tensors[p].detach().clone() for p in self.params}
+
+    @torch.no_grad()
+    def load(self, params: list[torch.Tensor], saved: dict[torch.Tensor, torch.Tensor]) -> None:
+        self.params = params
+        for p in params:
+            t = self.tensor_for(p)
+            if p in saved:
+                t.copy_(saved[p])
+            elif self.shadow:  # a parameter that had no gradient yet: its shadow is θ
+                t.copy_(p)
+            else:
+                t.zero_()
+
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors.values())
 
 
 # ---------------------------------------------------------------------------------------------- helpers

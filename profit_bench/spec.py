@@ -54,7 +54,7 @@ SWEEP_OWNED = {"task", "model", "seed", "device", "data_dir", "cache_dir", "step
 NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit",
                                 "dtype", "method", "method_args"}
 # PROFIT-only TrialConfig fields: logged and shown only for runs that train through PROFIT.
-PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "ref_optimizer", "ref_kwargs")
+PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "profit_delta", "ref_optimizer", "ref_kwargs")
 LOOKAHEAD_FIELDS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
 
 

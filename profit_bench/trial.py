@@ -34,7 +34,7 @@ from profit_bench import UserError, protocol
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
 from profit_bench.models import MODELS, uses_channels_last
-from profit_bench.optim import MEMORY_MODES, PROFIT, REF_OPTIMIZERS
+from profit_bench.optim import DELTA_MODES, MEMORY_MODES, PROFIT, REF_OPTIMIZERS
 from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, fisher_for,
                                    fisher_samples_for, load_or_pretrain, local_cache, pretrain_config_for)
 from profit_bench.tasks import TASKS, ensure_task_data, evaluate, get_task, task_spec
@@ -66,6 +66,7 @@ class TrialConfig:
     ref_optimizer: str = "sgd"          # PROFIT O_ref (the paper's recommendation: plain SGD)
     ref_kwargs: dict = field(default_factory=dict)  # O_ref keyword arguments, e.g. {"momentum": 0.9}
     profit_memory: str = "full"         # PROFIT θ_ref: "full" | "compact" (both exact) | "low" (approximate; optim.py)
+    profit_delta: str = "exact"         # PROFIT Δ: "exact" (as O_ref intended) | "weights" (θ − θ_ref, rounded)
     warmup_epochs: int = 0              # paper Table 13: first epochs with AdamW, then the configured optimizer
     lookahead_alpha: float = 0.5        # C.2.5; with k=1 this is the base optimizer at half step size
     lookahead_k: int = 1
@@ -94,7 +95,7 @@ RANGES = {
     "limit": (1, None, True),
 }
 CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,
-           "profit_memory": MEMORY_MODES,
+           "profit_memory": MEMORY_MODES, "profit_delta": DELTA_MODES,
            "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
 
 
@@ -269,7 +270,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
                               lookahead_alpha=cfg.lookahead_alpha, lookahead_k=cfg.lookahead_k,
                               lookahead_base=cfg.lookahead_base)
     opt = (PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, ref=cfg.ref_optimizer, ref_kwargs=cfg.ref_kwargs,
-                  memory=cfg.profit_memory) if cfg.profit else main_opt)
+                  memory=cfg.profit_memory, delta=cfg.profit_delta, diagnostics=True) if cfg.profit else main_opt)
 
     batches_per_epoch = -(-len(task.new_train) // cfg.batch_size)
     per_main = cfg.n_ref + 1 if cfg.profit else 1
@@ -378,6 +379,8 @@ HELP = {
     "ref_kwargs": "O_ref keyword arguments as JSON, e.g. '{\"momentum\": 0.9}'",
     "method_args": "the method's knobs as JSON, e.g. '{\"lora_r\": 4}'; each method accepts only its own",
     "profit_memory": "how PROFIT keeps θ_ref: full, compact (both exact) or low (approximate)",
+    "profit_delta": "PROFIT's Δ: exact (as O_ref intended it) or weights (θ − θ_ref from the rounded weights, "
+                    "as before this option existed)",
     "steps": "budget in main steps (a PROFIT cycle of n_ref + 1 batches is one step)",
     "epochs": "budget in passes over new-train",
     "eval_every": "evaluate on validation every N main steps; default: after every epoch",

@@ -19,14 +19,17 @@ def args(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
-def test_kept_bytes_counts_one_copy_for_profit_at_most_half_for_compact_and_none_for_low_memory():
+@pytest.mark.parametrize("delta", ["exact", "weights"])
+def test_kept_bytes_counts_one_copy_for_profit_at_most_half_for_compact_and_none_for_low_memory(delta):
+    """θ_ref: 4 B per fp32 weight (full), 1-2 B + escapes (compact), 0 (low); delta="exact" adds its fp32 Δ
+    buffer (4 B) to full and compact, never to low."""
     a = args()
     task = synthetic_task("mlp", 16, "cpu")
     memories = variant_memories(a)
     assert memories == [None, "full", "compact", "low"]
     sizes = {}
     for memory in memories:
-        v = make_variant(memory, a, task)
+        v = make_variant(memory, a, task, delta=delta)
         train_block(v, task, a, 3)  # mid-cycle: θ_ref exists
         sizes[memory] = kept_bytes(v)
         trainable = [p for p in v.model.parameters() if p.requires_grad]
@@ -34,9 +37,10 @@ def test_kept_bytes_counts_one_copy_for_profit_at_most_half_for_compact_and_none
             (c,) = v.opt.theta_ref.buckets
     adamw, full, compact, low = sizes.values()
     n = sum(p.numel() for p in trainable)
-    assert full - adamw == 4 * n  # fp32 θ_ref
+    buffer = 4 * n if delta == "exact" else 0
+    assert full - adamw == 4 * n + buffer  # fp32 θ_ref (+ Δ)
     # int8 or int16 offsets + (int32 index, fp32 value) per escape, whichever width is smaller in all
-    assert compact - adamw == c.offsets.element_size() * n + (4 + 4) * c.n_escapes <= 2 * n + 8 * c.n_escapes
+    assert compact - adamw - buffer == c.offsets.element_size() * n + (4 + 4) * c.n_escapes <= 2 * n + 8 * c.n_escapes
     assert c.n_escapes < n / 20
     assert low == adamw
 
@@ -78,8 +82,8 @@ def test_bench_step_prints_one_row_per_registry_method():
             if l.split() and l.split()[0].endswith(")") and "(" in l.split()[0]}
     expected = [m for m in METHODS if m not in ("full", "profit") and METHODS[m].supports("mlp")]
     assert {"l2sp", "ewc", "lwf"} <= set(expected)
-    for m in expected:  # name, ms/batch, time ×, peak MiB, mem × (all numbers)
-        assert len(rows[f"{m}(AdamW)"]) == 5 and all(float(x) > 0 for x in rows[f"{m}(AdamW)"][1:]), m
+    for m in expected:  # name, ms/batch, ± s.e., time ×, peak MiB, mem × (all numbers)
+        assert len(rows[f"{m}(AdamW)"]) == 6 and all(float(x) > 0 for x in rows[f"{m}(AdamW)"][1:]), m
     for wrong, says in ((["vpt"], "does not support model 'mlp'"), (["profit"], "row already")):
         with pytest.raises(UserError, match=says):
             bench_methods(args(methods=wrong))
