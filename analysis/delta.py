@@ -11,15 +11,18 @@ import sys
 
 import pandas as pd
 
-from analysis.load import DEFAULT_TRACKING_URI, load_runs, suite_experiments
+from analysis.load import DEFAULT_TRACKING_URI, SETTLED, finite, load_runs, suite_experiments
 from analysis.stats import fmt_stat, mean_ci, paired_difference
 from profit_bench import UserError
 
 
 def delta_table(runs: pd.DataFrame) -> str:
-    """One markdown table per experiment (workload); rows: ratio; cells mean ± s.e. (n) over seeds."""
+    """One markdown table per experiment (workload); rows: ratio; cells mean ± s.e. (n) over seeds. Every run
+    that finished with finite test metrics counts: nothing is selected here, so a run that learned nothing (new
+    accuracy at chance, which the search-stage rule calls diverged) is an outcome, as in the suite's confirmation."""
     out = []
-    for exp, g in runs[runs["status"] == "ok"].groupby("experiment", sort=False):
+    settled = runs["status"].isin(SETTLED) & runs["old_test"].map(finite) & runs["new_test"].map(finite)
+    for exp, g in runs[settled].groupby("experiment", sort=False):
         metric = g["metric_name"].iloc[0]
         lr = g["lr"].iloc[0]
         out += [f"**{exp}** ({g['task'].iloc[0]}, {metric}, Adam lr {lr:.3g}, n_ref {int(g['n_ref'].iloc[0])})", "",
