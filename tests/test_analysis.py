@@ -625,3 +625,16 @@ def test_suite_report_keeps_only_each_experiments_latest_sweep(tmp_path_factory,
     assert sorted(runs["run_id"]) == sorted(ids)
     pre = section((out / "report.md").read_text(), "## Pretrained backbones")
     assert "| 2 |" in pre and "yes" in pre and "still improving" not in pre  # the newer sweep's 2 flat curves
+
+
+def test_delta_table_pairs_exact_and_weights_by_seed_and_counts_below_chance_runs():
+    """analysis.delta (issue 27): exact − weights paired by seed; a run the search rule calls diverged (below
+    chance) is still an outcome there, since that ablation selects nothing."""
+    from analysis.delta import delta_table
+    rows = [dict(experiment="e", task="digits", metric_name="accuracy", lr=1e-3, n_ref=2, ratio=100.0, seed=seed,
+                 profit_delta=delta, status="diverged" if seed == 3 else "ok", old_test=0.9, new_test=new,
+                 profit_delta_lost=0.1)
+            for seed in (1, 2, 3) for delta, new in (("exact", 0.3 + seed / 100), ("weights", 0.5 + seed / 50))]
+    text = delta_table(pd.DataFrame(rows))
+    # new: (0.3 + s/100) − (0.5 + s/50) = −0.2 − s/100 → −0.21, −0.22, −0.23: mean −22 %, s.e. 0.01/√3 = 0.58 %
+    assert "-22.00 ± 0.58 (n=3)" in text and "| 100 | 1e-05 |" in text and "0.00 ± 0.00 (n=3)" in text
