@@ -50,7 +50,7 @@ def test_toy_methods_run_and_report(tmp_path, method):
     assert set(reports[0]) >= {"epoch", "step", "main_steps", "old_val", "new_val", "old_val_loss",
                                "new_val_loss", "train_loss"}
     assert not any(k.startswith(("old_test", "new_test")) for rec in reports for k in rec)  # test: end only
-    diag = {"profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel"}
+    diag = {"profit_projected_frac", "profit_cos_g_delta", "profit_perp_ratio", "profit_delta_rel", "profit_delta_lost"}
     assert (diag <= set(reports[0])) == (method == "profit") and (diag <= set(r)) == (method == "profit")
     assert r["n_trainable"] == (501 if method == "head" else 2 * 500 + 500 + 500 * 500 + 500 + 2 * 500 + 501 + 1000)
     assert r["config"]["profit"] == (method == "profit")
@@ -61,7 +61,8 @@ def test_toy_methods_run_and_report(tmp_path, method):
 
 
 def test_profit_memory_modes_in_a_trial(tmp_path):
-    """memory='compact' is the same trial as 'full' (same metrics, same weights) with ¼–½ of the θ_ref bytes."""
+    """memory='compact' is the same trial as 'full' (same metrics, same weights) with ¼–½ of the θ_ref bytes; the
+    exact Δ buffer (profit_delta="exact", the default: 4 bytes per fp32 weight) comes on top in both."""
     runs = {m: run_trial(tiny(tmp_path, method="profit", profit_memory=m), return_model=True)
             for m in ("full", "compact")}
     (full, m_full), (compact, m_compact) = runs["full"], runs["compact"]
@@ -69,8 +70,9 @@ def test_profit_memory_modes_in_a_trial(tmp_path):
         assert compact[key] == full[key]
     assert params_of(m_full).keys() == params_of(m_compact).keys()
     assert all(torch.equal(a, b) for a, b in zip(params_of(m_full).values(), params_of(m_compact).values()))
-    assert full["profit_state_bytes"] == 4 * full["n_trainable"]
-    assert full["n_trainable"] <= compact["profit_state_bytes"] < 2.1 * full["n_trainable"]
+    n = full["n_trainable"]
+    assert full["profit_state_bytes"] == 4 * n + 4 * n
+    assert n <= compact["profit_state_bytes"] - 4 * n < 2.1 * n
     with pytest.raises(UserError, match="profit_memory"):
         run_trial(tiny(tmp_path, method="profit", profit_memory="half"))
 
