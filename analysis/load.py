@@ -23,7 +23,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the same default as profit_bench
 TRIAL_FILTER = "tags.`profit_bench.role` = 'trial'"
 SWEEP_FILTER = "tags.`profit_bench.role` = 'sweep'"
 TAGS = ["stage", "arm", "config_key", "choice", "status", "diverged_reason", "metric_name", "higher_is_better",
-        "ablation_knob"]
+        "ablation_knob", "search_index"]
 STAGES = ("search", "confirm", "ablation")  # ablation: one knob of a PROFIT arm's confirmed knee varied at a time
 PRETRAIN_KEY = re.compile(r"^pretrain\.(?P<model>.+)\.seed(?P<seed>-?\d+)\.old_val$")
 FINAL_METRICS = [
@@ -31,10 +31,11 @@ FINAL_METRICS = [
     "old_val_before", "new_val_before", "old_test_before", "new_test_before", "new_val_loss_before", "forgetting_val",
     "forgetting_test", "chance_old", "chance_new", "peak_mem_bytes", "step_time_median_s", "train_time_s",
     "wall_time_s", "n_trainable",
-    "profit_state_bytes", "extra_state_bytes", "main_steps"]
+    "profit_state_bytes", "extra_state_bytes", "main_steps", "batches"]
 # Not hyperparameters: they do not change what is learned, so they never distinguish two configurations.
 BOOKKEEPING = {"seed", "device", "dtype", "data_dir", "cache_dir", "eval_every", "compile", "ray_trial_id",
-               "sweep.yaml", "task", "model", "method", "optimizer", "profit", "steps", "epochs", "limit"}
+               "search_index", "sweep.yaml", "task", "model", "method", "optimizer", "profit", "steps", "epochs",
+               "limit"}
 ADAPTERS = {"lora", "vpt", "convadapter"}
 SETTLED = ("ok", "diverged")  # statuses whose metrics exist; failed/killed runs are only counted
 

@@ -64,6 +64,8 @@ def header(runs: pd.DataFrame, tracking_uri: str, parents: pd.DataFrame | None =
               f"**Selection rule.** {protocol.SELECTION_RULE}", "",
               f"**Divergence.** {protocol.TRIAL_DIVERGENCE_RULE} {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
               f"front, selection and hypervolume reference point; failed/killed runs are counted only.", "",
+              f"**Search saturation.** {protocol.SATURATION_RULE} Shown per arm in the selection section as the "
+              f"hypervolume gain over the last third, as a share of the final.", "",
               f"**Budget per arm** (search trials): {budget_text or 'no search runs'}.", "",
               f"**Confirmation seeds**: {seeds}.", ""]
     bad = runs[runs["status"] != "ok"]
@@ -133,29 +135,66 @@ def experiments_table(runs: pd.DataFrame, parents: pd.DataFrame | None, suite: s
 
 
 def wins_section(paired: list[dict]) -> str:
-    """The paired section's verdicts (stats.verdict of stats.paired_rows) at a glance, with counts per experiment."""
+    """The paired section's verdicts at a glance, Holm-adjusted over the report's family (stats.adjust_family), the
+    raw (unadjusted) verdict beside each, and counts per experiment."""
     if not paired:
         return ""
-    lines = ["## Where PROFIT wins, ties or loses (paired, test)", "",
-             "From the paired differences below (PROFIT − baseline per confirmation seed, same role): "
-             f"'{stats.BETTER}' when the 95 % t-interval excludes 0 on PROFIT's side (the metric's own direction), "
-             f"'{stats.WORSE}' when it excludes 0 on the other side, '{stats.TIE}' when it contains 0; "
-             "'— (n<2)' has no interval.", ""]
+    lines = ["## Where PROFIT wins, loses or is not separated (paired, test, Holm-adjusted)", "",
+             f"**Statistics.** {stats.MULTIPLICITY_RULE}", "",
+             "Per comparison (PROFIT − baseline per confirmation seed, same role): the verdict after Holm, then the "
+             "raw verdict (95 % t-interval alone) and the raw → Holm p-values. '— (n<2)' has no test.", ""]
     rows, counts = [], {}
     for p in paired:
         row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"]]
-        c = counts.setdefault(p["experiment"], {stats.BETTER: 0, stats.TIE: 0, stats.WORSE: 0, None: 0})
+        c = counts.setdefault(p["experiment"], {"holm": {}, "raw": {}, "n": 0})
         for m in ("old_test", "new_test"):
-            v = stats.verdict(p[m], p["higher_is_better"])
-            c[v] += 1
-            row.append(v or "— (n<2)")
+            holm = stats.verdict(p[m], p["higher_is_better"], p.get(f"{m}_p_holm", math.nan))
+            raw = stats.verdict(p[m], p["higher_is_better"])
+            c["holm"][holm] = c["holm"].get(holm, 0) + 1
+            c["raw"][raw] = c["raw"].get(raw, 0) + 1
+            c["n"] += 1
+            row += [holm or "— (n<2)", raw or "— (n<2)", f"{_p(p.get(f'{m}_p'))} → {_p(p.get(f'{m}_p_holm'))}"]
         rows.append(row)
-    lines += [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "old test", "new test"], rows), ""]
+    lines += [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "old test (Holm)", "old test (raw)",
+                        "old p raw → Holm", "new test (Holm)", "new test (raw)", "new p raw → Holm"], rows), ""]
     for exp, c in sorted(counts.items()):
-        extra = f", {c[None]} without an interval" if c[None] else ""
-        lines.append(f"- **{exp}**: wins {c[stats.BETTER]}, ties {c[stats.TIE]}, losses {c[stats.WORSE]} of "
-                     f"{sum(c.values())} comparisons (old and new test per baseline × choice){extra}.")
+        def count(d):
+            extra = f", {d[None]} without a test" if d.get(None) else ""
+            return (f"wins {d.get(stats.BETTER, 0)}, not separated {d.get(stats.TIE, 0)}, losses "
+                    f"{d.get(stats.WORSE, 0)}{extra}")
+        lines.append(f"- **{exp}**: Holm: {count(c['holm'])}; raw (unadjusted): {count(c['raw'])}; of {c['n']} "
+                     f"comparisons (old and new test per baseline × choice).")
     return "\n".join(lines + [""])
+
+
+def _p(v) -> str:
+    if v is None or not load.finite(v):
+        return "—"
+    return "<0.001" if v < 1e-3 else f"{v:.3f}"
+
+
+def paper_effect(paper: dict, p: dict, m: str) -> tuple[float, str] | None:
+    """The paper's reported |PROFIT − baseline| for this comparison, in our units (accuracy as a fraction), and
+    where it comes from: Table 2 (accuracy: the same backbone family and main optimizer; otherwise the median over
+    Table 2's PROFIT − optimizer gaps) or Table 1 (MSE, toy: full / head fine-tuning). None when nothing fits."""
+    side = "old" if m.startswith("old") else "new"
+    if p["metric_name"] == "accuracy" and paper.get("table2"):
+        rows = paper["table2"]["rows"]
+        prof = {r["model"]: r for r in rows if r.get("optimizer") == "profit"}
+        family = tables.PAPER_FAMILY.get(p["model"])
+        if family in prof and p.get("baseline_method") == "full":
+            r = tables.paper_lookup(paper["table2"], model=family, optimizer=p.get("baseline_optimizer"))
+            if r and r.get("optimizer") != "profit":
+                return abs(prof[family][side] - r[side]) / 100.0, f"Table 2 {family} vs {r['optimizer']}"
+        gaps = [abs(prof[r["model"]][side] - r[side]) / 100.0 for r in rows
+                if r.get("optimizer") != "profit" and r["model"] in prof]
+        return (float(pd.Series(gaps).median()), "Table 2 median") if gaps else None
+    if p["metric_name"] == "mse" and paper.get("table1") and p.get("baseline_method") in ("full", "head"):
+        prof = tables.paper_lookup(paper["table1"], method="profit")
+        r = tables.paper_lookup(paper["table1"], method=p["baseline_method"])
+        if prof and r:
+            return abs(prof[side] - r[side]), f"Table 1 vs {r['method']}"
+    return None
 
 
 def pretrain_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, figs: list) -> str:
@@ -222,6 +261,7 @@ def selection_section(runs, chosen, hyper) -> str:
                   f"{', and chance' if g['higher_is_better'].iloc[0] else ''}).", ""]
         search = g[g["stage"] == "search"]
         conf_keys = set(g.loc[g["stage"] == "confirm", "config_key"])
+        sats = search_saturation(search, ref)
         rows = []
         for arm, a in search.groupby("arm", sort=True):
             ok = a[a["status"] == "ok"]
@@ -229,23 +269,55 @@ def selection_section(runs, chosen, hyper) -> str:
                                         (bool(g["higher_is_better"].iloc[0]),) * 2)
             for _, c in ch[ch["arm"] == arm].iterrows():
                 row = search[search["config_key"] == c["config_key"]].iloc[0]
-                rows.append([arm, len(a), int((a["status"] == "diverged").sum()), int(mask.sum()), c["choice"],
+                rows.append([arm, len(a), int((a["status"] == "diverged").sum()), int(mask.sum()), sats.get(arm, "—"),
+                             c["choice"],
                              tables.config_text(row, hyper), stats.fmt_num(c["old_val"], metric),
                              stats.fmt_num(c["new_val"], metric),
                              "yes" if c["config_key"] in conf_keys else "no"])
-        lines += [md_table(["arm", "search trials", "diverged", "validation Pareto set", "choice", "config",
-                            f"old val {metric}", f"new val {metric}", "confirmed"], rows), ""]
+        lines += [md_table(["arm", "search trials", "diverged", "validation Pareto set", "search saturated",
+                            "choice", "config", f"old val {metric}", f"new val {metric}", "confirmed"], rows), ""]
+        bad = sorted(a for a, v in sats.items() if v.startswith("**no"))
+        if bad:
+            lines += [f"**Unsaturated search** (its validation front still grew over its last third of trials; more "
+                      f"trials could change its choice): {', '.join(bad)}.", ""]
     return "\n".join(lines)
 
 
+def search_saturation(search: pd.DataFrame, ref) -> dict[str, str]:
+    """arm → the saturation check's verdict (protocol.SATURATION_RULE) on its search runs in suggestion order
+    (the `search_index` tag; sweeps older than it have none: not judged), non-ok runs counted as trials that add
+    nothing."""
+    if search.empty or "search_index" not in search or search["search_index"].isna().all():
+        return {}
+    hib = bool(search["higher_is_better"].iloc[0])
+    order = pd.to_numeric(search["search_index"], errors="coerce")
+    out = {}
+    for arm, a in search.assign(_order=order).sort_values("_order", kind="stable").groupby("arm", sort=True):
+        pts = a[["old_val", "new_val"]].to_numpy(dtype=float, copy=True)
+        pts[(a["status"] != "ok").to_numpy()] = float("nan")
+        sat = protocol.saturation(pts, ref, hib)
+        if sat["saturated"] is None:
+            out[arm] = "— (< 3 trials)"
+        else:
+            gain = f"+{100 * sat['gain_share']:.1f} %" if math.isfinite(sat["gain_share"]) else "from 0"
+            out[arm] = f"yes ({gain})" if sat["saturated"] else f"**no** ({gain})"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- confirmed
-def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, figs: list) -> str:
+def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, figs: list,
+                      tracking_uri: str | None = None) -> str:
     lines = ["## Confirmed results (stage=confirm runs, test metrics)", "",
              "Each configuration chosen on validation, re-run on the confirmation seeds. Values: mean ± s.e. "
              "[95 % t-interval] (n seeds); n=1 has no interval. forgetting = old-task loss of quality (positive = "
              "worse); gain = new-task improvement over the pretrained model (positive = better). Hypervolume: the "
              "exact 2-D area each method's confirmed points dominate, against the reference point below, with a "
-             "percentile bootstrap 95 % CI over confirmation seeds.", ""]
+             "percentile bootstrap 95 % CI over confirmation seeds. Budget: batches of new-task data seen and "
+             "main-optimizer updates per run (a PROFIT main update costs n_ref + 1 batches; AdamW warm-up batches "
+             "are main updates), mean over seeds. new-task plateau: the mean new_val curve of the confirmation "
+             f"runs gained less than {stats.PLATEAU_POINTS} points (accuracy) / {stats.PLATEAU_RELATIVE:.0%} (MSE) "
+             f"over its last {stats.PLATEAU_SPAN} evaluations, the pretraining rule; 'no' = the budget may have "
+             "stopped it early, a longer run could change its numbers.", ""]
     for key, g in _groups(runs):
         c = cells[(cells[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)] if len(cells) else cells
         title = f"{key[0]}: {group_title(*key[1:])}"
@@ -255,7 +327,8 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
         if len(c) == 0:
             lines += ["No confirmation runs for this group.", ""]
         else:
-            lines += _cells_table(c, hyper, metric) + _hv_table(g, c, ref, metric)
+            lines += _cells_table(c, hyper, metric, plateaus(runs if tracking_uri else None, c, tracking_uri))
+            lines += _hv_table(g, c, ref, metric)
         table = g["table"].iloc[0]
         ch = chosen[(chosen[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)]
         refs = dict(val=stats.val_reference(g), test=ref)
@@ -268,16 +341,47 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
     return "\n".join(lines)
 
 
-def _cells_table(c, hyper, metric) -> list[str]:
+def plateaus(runs, cells, tracking_uri) -> dict:
+    """config_key → "yes" / "no (still improving, +x)" / "—": the new-task validation curve rule
+    (stats.new_task_plateau) on each confirmed cell's confirmation runs (MLflow metric histories)."""
+    if runs is None or not len(cells):
+        return {}
+    out = {}
+    conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
+    for _, c in cells.iterrows():
+        mine = conf[conf["config_key"] == c["config_key"]]
+        if mine.empty:
+            continue
+        hist = load.metric_histories({str(int(s)): rid for s, rid in zip(mine["seed"], mine["run_id"])},
+                                     tracking_uri, ["new_val"])
+        hist = hist[hist["step"] > 0].rename(columns={"run": "seed"})
+        s = stats.new_task_plateau(hist, c["metric_name"], bool(c["higher_is_better"])) if len(hist) else None
+        if s is None or s["plateau"] is None:
+            out[c["config_key"]] = "— (fewer than 4 evaluations)"
+        else:
+            gain = f"{s['gain']:+.2f} points" if c["metric_name"] == "accuracy" else f"{100 * s['gain_rel']:+.1f} %"
+            out[c["config_key"]] = "yes" if s["plateau"] else f"**no** (still improving, {gain})"
+    return out
+
+
+def _budget(r) -> str:
+    b, m = r.get("batches"), r.get("main_steps")
+    fmt = lambda v: f"{v:.0f}" if load.finite(v) else "—"  # noqa: E731
+    return f"{fmt(b)} / {fmt(m)}"
+
+
+def _cells_table(c, hyper, metric, plateau: dict | None = None) -> list[str]:
     diag = [k for k in c.columns if k.startswith("profit_") and not k.endswith("_stat") and c[k].notna().any()]
+    plateau = plateau or {}
     rows = []
     for _, r in c.assign(_o=c["choice"].map(stats.choice_order)).sort_values(["arm", "_o"]).iterrows():
         rows.append([r["arm"], r["choice"], tables.config_text(r, hyper), r["n"], r["n_bad"]]
                     + [stats.fmt_stat(r[m + "_stat"], metric) for m in
                        ("old_test", "new_test", "forgetting_test", "gain_test")]
+                    + [_budget(r), plateau.get(r["config_key"], "—")]
                     + [stats.fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
     return [md_table(["arm", "choice", "config", "n", "diverged/failed", f"old test {metric}", f"new test {metric}",
-                      "forgetting", "gain"] + diag, rows), ""]
+                      "forgetting", "gain", "batches / main updates", "new-task plateau"] + diag, rows), ""]
 
 
 def _hv_table(g, c, ref, metric) -> list[str]:
@@ -291,24 +395,42 @@ def _hv_table(g, c, ref, metric) -> list[str]:
             md_table(["arm", "hypervolume (test)", "bootstrap 95 % CI"], rows), ""]
 
 
-def paired_section(runs, cells, paired: list[dict] | None = None) -> str:
+def paired_section(runs, cells, paired: list[dict] | None = None, paper: dict | None = None) -> str:
+    paper = paper or {}
     lines = ["## PROFIT vs each baseline, paired by confirmation seed", "",
              "Difference = PROFIT − baseline per seed (same pretrained backbone, same data order), between the "
-             "configurations each method chose for the same role (knee vs knee, ...); mean [95 % t-interval] (n "
-             "seeds). '≈ 0' marks a difference whose interval contains zero: not separated from no difference.", ""]
-    rows = []
+             "configurations each method chose for the same role (knee vs knee, ...); mean ± s.e. [95 % t-interval] "
+             "(n seeds), the verdict after Holm's adjustment over the report's family, raw → Holm p, and the minimum "
+             f"detectable difference (MDD: paired t, {stats.POWER:.0%} power, α = {stats.ALPHA:g} two-sided, at this "
+             "n and this comparison's s.d.; accuracy in points). 'MDD > paper' marks a comparison that could not see "
+             "the paper's reported effect (source in brackets) even if it were real; the MDD at 10 seeds (same s.d.) "
+             "says whether `--confirm-seeds 10` would.", ""]
+    rows, blind, blind10, with_paper = [], 0, 0, 0
     for p in stats.paired_rows(runs, cells) if paired is None else paired:
         metric, hib = p["metric_name"], p["higher_is_better"]
         row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"]]
         for m in ("old_test", "new_test"):
-            v = stats.verdict(p[m], hib)
-            mark = "" if v is None else " ≈ 0" if v == stats.TIE else f" — {v}"
-            row.append(stats.fmt_stat(p[m], metric) + mark)
+            v = stats.verdict(p[m], hib, p.get(f"{m}_p_holm", math.nan))
+            mdd, mdd10 = p.get(f"{m}_mdd", math.nan), p.get(f"{m}_mdd10", math.nan)
+            eff = paper_effect(paper, p, m)
+            mark = ""
+            if eff is not None and load.finite(mdd):
+                with_paper += 1
+                if mdd > eff[0]:
+                    blind += 1
+                    blind10 += bool(load.finite(mdd10) and mdd10 > eff[0])
+                    mark = (f" > paper {stats.fmt_num(eff[0], metric)} ({eff[1]}); at 10 seeds "
+                            f"{stats.fmt_num(mdd10, metric)}")
+            row += [stats.fmt_stat(p[m], metric), v or "— (n<2)",
+                    f"{_p(p.get(f'{m}_p'))} → {_p(p.get(f'{m}_p_holm'))}", stats.fmt_num(mdd, metric) + mark]
         rows.append(row)
     if not rows:
         return "\n".join(lines + ["No PROFIT and baseline arms confirmed on shared seeds.", ""])
+    note = ([f"MDD larger than the paper's reported effect in {blind} of {with_paper} comparisons that have one; "
+             f"with 10 confirmation seeds (same spread) still in {blind10}.", ""] if with_paper else [])
     return "\n".join(lines + [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "Δ old test",
-                                        "Δ new test"], rows), ""])
+                                        "old (Holm)", "old p raw → Holm", "old MDD", "Δ new test", "new (Holm)",
+                                        "new p raw → Holm", "new MDD"], rows), ""] + note)
 
 
 def grid_section(runs, hyper, paper) -> str:
@@ -538,8 +660,8 @@ def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs
     body = [wins_section(paired),
             pretrain_section(runs, load.pretrain_curves(parents, tracking_uri), out, figs),
             selection_section(runs, chosen, hyper),
-            confirmed_section(runs, cells, chosen, hyper, paper, palette, out, figs),
-            paired_section(runs, cells, paired),
+            confirmed_section(runs, cells, chosen, hyper, paper, palette, out, figs, tracking_uri),
+            paired_section(runs, cells, paired, paper),
             knee_ablation_section(runs, cells, paper, palette, out, figs),
             grid_section(runs, hyper, paper),
             "\n".join(["## Figures", ""] + ablation_section(runs, hyper, palette, out, figs)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import scipy.optimize
 import scipy.stats
 
 from profit_bench import protocol
@@ -23,7 +24,7 @@ LEVEL = 0.95
 GROUP = ["experiment", "task", "model"]
 CELL_KEYS = GROUP + ["arm", "config_key"]
 CELL_METRICS = ["old_test", "new_test", "old_test_before", "new_test_before", "forgetting_test", "gain_test",
-                "old_val", "new_val", "step_time_median_s", "peak_mem_bytes"]
+                "old_val", "new_val", "step_time_median_s", "peak_mem_bytes", "batches", "main_steps"]
 N_BOOT = 1000
 
 
@@ -60,17 +61,89 @@ def excludes_zero(s: Stat) -> bool:
     return s.n >= 2 and (s.lo > 0 or s.hi < 0)
 
 
-BETTER, TIE, WORSE = "PROFIT better", "≈", "PROFIT worse"
+BETTER, TIE, WORSE = "PROFIT better", "not separated", "PROFIT worse"
+ALPHA = 0.05   # two-sided, per comparison before Holm's adjustment
+POWER = 0.80   # for the minimum detectable difference
+
+MULTIPLICITY_RULE = (
+    f"Each paired comparison is a two-sided paired t-test of PROFIT − baseline over the confirmation seeds; the "
+    f"report's whole family of comparisons (every group, baseline, choice, old and new test) is adjusted with "
+    f"Holm's step-down method, so the chance of any false separation stays ≤ {ALPHA:g}. A verdict is "
+    f"'{BETTER}' / '{WORSE}' when the Holm-adjusted p < {ALPHA:g}, else '{TIE}' (which is not 'equal': see the "
+    f"detectable difference). MDD = the minimum detectable difference: the true mean difference a paired t-test at "
+    f"this n and this comparison's spread (s.d. of the per-seed differences) finds with {POWER:.0%} power at "
+    f"α = {ALPHA:g} two-sided, unadjusted (exact, noncentral t); Holm's adjustment only makes it larger.")
 
 
-def verdict(s: Stat, higher_is_better: bool) -> str | None:
-    """A PROFIT − baseline difference read in the metric's direction: BETTER / WORSE when its interval excludes 0
-    on that side, TIE when it contains 0, None without an interval (n < 2)."""
+def paired_p(s: Stat) -> float:
+    """Two-sided paired t-test p-value of a paired_difference Stat (t = mean / s.e., n − 1 df); NaN for n < 2.
+    Identical differences (s.e. 0) give p = 0 when they are not 0, else 1."""
+    if s.n < 2 or not np.isfinite(s.mean):
+        return math.nan
+    if not s.se > 1e-12 * max(1.0, abs(s.mean)):
+        return 0.0 if s.mean != 0 else 1.0
+    return float(2 * scipy.stats.t.sf(abs(s.mean / s.se), s.n - 1))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN entries stay NaN and are not counted in the family): sort the m
+    p-values, multiply the k-th smallest by (m − k + 1), take the running maximum, cap at 1."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    out[order] = adj
+    return out
+
+
+def min_detectable(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest true mean difference a two-sided paired t-test (n pairs, per-pair s.d. `sd`) detects with
+    `power` at level `alpha`: solves P(|T| > t_crit) = power for T ~ noncentral t(n − 1, δ √n / sd)."""
+    if n < 2 or not np.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    df = n - 1
+    crit = scipy.stats.t.ppf(1 - alpha / 2, df)
+
+    def gap(nc):
+        got = scipy.stats.nct.sf(crit, df, nc) + scipy.stats.nct.cdf(-crit, df, nc)
+        return (got if np.isfinite(got) else 1.0) - power  # far out scipy's nct returns NaN: power is 1 there
+
+    hi = 1.0
+    while gap(hi) < 0 and hi < 1e4:
+        hi *= 2
+    nc = scipy.optimize.brentq(gap, 0.0, hi)
+    return float(nc * sd / math.sqrt(n))
+
+
+def verdict(s: Stat, higher_is_better: bool, p_adjusted: float | None = None) -> str | None:
+    """A PROFIT − baseline difference read in the metric's direction: BETTER / WORSE when separated, TIE ("not
+    separated") otherwise, None without an interval (n < 2). Separated: the Holm-adjusted p < ALPHA when
+    `p_adjusted` is given, else the raw 95 % interval excludes 0 (the unadjusted reading)."""
     if s.n < 2:
         return None
-    if not excludes_zero(s):
+    separated = (p_adjusted < ALPHA) if p_adjusted is not None and np.isfinite(p_adjusted) else excludes_zero(s)
+    if not separated:
         return TIE
     return BETTER if (s.mean > 0) == bool(higher_is_better) else WORSE
+
+
+def adjust_family(paired: list[dict], metrics=("old_test", "new_test")) -> list[dict]:
+    """Adds to every paired row, per metric m: m_p (raw), m_p_holm (Holm over the whole list × metrics), m_sd (s.d.
+    of the per-seed differences), m_mdd (min_detectable at its n) and m_mdd10 (at 10 seeds, same s.d.)."""
+    keys = [(i, m) for i, _ in enumerate(paired) for m in metrics]
+    raw = [paired_p(paired[i][m]) for i, m in keys]
+    for (i, m), p, q in zip(keys, raw, holm(raw)):
+        st = paired[i][m]
+        sd = st.se * math.sqrt(st.n) if st.n >= 2 else math.nan
+        paired[i].update({f"{m}_p": p, f"{m}_p_holm": q, f"{m}_sd": sd, f"{m}_mdd": min_detectable(sd, st.n),
+                          f"{m}_mdd10": min_detectable(sd, 10)})
+    return paired
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -144,7 +217,7 @@ def confirmed_cells(runs: pd.DataFrame, hyper: list[str], chosen: pd.DataFrame,
         row.update(n=len(ok), n_bad=len(g) - len(ok), seeds=sorted(ok["seed"].astype(int)), run_ids=list(ok["run_id"]),
                    choice=_choice(g, chosen, key))
         for m in list(CELL_METRICS) + list(extra_metrics):
-            st = mean_ci(ok[m]) if m in ok else mean_ci([])
+            st = mean_ci(pd.to_numeric(ok[m], errors="coerce")) if m in ok else mean_ci([])
             row[m], row[m + "_stat"] = st.mean, st
         rows.append(row)
     return pd.DataFrame(rows)
@@ -188,12 +261,13 @@ def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
                 br = per_seed(mine, b["config_key"], ["old_test", "new_test"])
                 seeds = sorted(set(pr.index) & set(br.index))
                 row = dict(zip(GROUP, key), profit=p["arm"], baseline=b["arm"],
+                           baseline_method=b.get("method"), baseline_optimizer=b.get("optimizer"),
                            choice=",".join(sorted(shared, key=choice_order)), seeds=seeds,
                            metric_name=p["metric_name"], higher_is_better=bool(p["higher_is_better"]))
                 for m in ("old_test", "new_test"):
                     row[m] = paired_difference(pr.loc[seeds, m], br.loc[seeds, m]) if seeds else mean_ci([])
                 out.append(row)
-    return out
+    return adjust_family(out)
 
 
 def per_seed(conf: pd.DataFrame, config_key: str, cols: list[str]) -> pd.DataFrame:
@@ -370,3 +444,11 @@ def pretrain_summary(curves: pd.DataFrame, metric: str, higher_is_better: bool) 
             rel = gain / abs(before) if before != 0 else math.inf * np.sign(gain) if gain else 0.0
             out.update(gain=gain, gain_rel=rel, plateau=bool(rel < PLATEAU_RELATIVE))
     return out
+
+
+def new_task_plateau(histories: pd.DataFrame, metric: str, higher_is_better: bool) -> dict | None:
+    """Did one confirmed configuration's new-task validation curve reach a plateau? `histories`: columns seed,
+    step, value (new_val per evaluation of its confirmation runs, step 0 = the pretrained model left out by the
+    caller or not). The same rule as pretraining's (pretrain_summary: gain of the mean curve over its last
+    PLATEAU_SPAN evaluations below PLATEAU_POINTS points / PLATEAU_RELATIVE)."""
+    return pretrain_summary(histories, metric, higher_is_better)

@@ -16,7 +16,8 @@ import pandas as pd
 
 __all__ = ["SELECTION_RULE", "DIVERGENCE_RULE", "MSE_BLOWUP", "TRIAL_BLOWUP", "TRIAL_DIVERGENCE_RULE",
            "trial_divergence_reason", "divergence_reason", "mark_diverged", "to_maximize",
-           "pareto_mask", "hypervolume", "knee_index", "confirm_choices", "fresh_seeds", "reference_point"]
+           "pareto_mask", "hypervolume", "knee_index", "confirm_choices", "fresh_seeds", "reference_point",
+           "SATURATION_RULE", "SATURATION_GAIN", "hypervolume_trace", "saturation"]
 
 MSE_BLOWUP = 10.0  # a lower-is-better metric this many times worse than both anchors has diverged
 
@@ -56,6 +57,16 @@ def trial_divergence_reason(new_val_loss, new_val_loss_before) -> str | None:
         return (f"new_val_loss {float(new_val_loss):.4g} >= {TRIAL_BLOWUP:g}× the pretrained model's "
                 f"{float(new_val_loss_before):.4g}")
     return None
+
+
+SATURATION_GAIN = 0.01  # an arm's validation hypervolume may still grow by less than this share over its last third
+
+SATURATION_RULE = (
+    f"An arm's search has saturated when the hypervolume of its validation Pareto set (non-diverged trials, in the "
+    f"order they were suggested, against the sweep's validation reference point) grew by less than "
+    f"{SATURATION_GAIN:.0%} of its final value over the arm's last third of trials (the last ceil(n/3)). An arm "
+    f"whose front was still moving may not have had its best shot: more trials could change its choice. Fewer "
+    f"than 3 trials: not judged.")
 
 
 def _finite(v) -> bool:
@@ -167,6 +178,28 @@ def hypervolume(points, reference, higher_is_better=(True, True)) -> float:
             area += (x - r[0]) * (y - best_y)
             best_y = y
     return float(area)
+
+
+def hypervolume_trace(points, reference, higher_is_better=(True, True)) -> np.ndarray:
+    """Hypervolume of the first k points, for k = 1..N (`points` in trial order; NaN rows add nothing)."""
+    p = np.asarray(points, dtype=float).reshape(-1, 2)
+    return np.array([hypervolume(p[:k], reference, higher_is_better) for k in range(1, len(p) + 1)])
+
+
+def saturation(points, reference, higher_is_better: bool) -> dict:
+    """SATURATION_RULE for one arm: `points` [N, 2] (old_val, new_val) of its search trials in trial order, with
+    diverged trials as NaN rows (they count as trials, add nothing). Returns n, final (hypervolume), gain (over
+    the last ceil(n/3) trials), gain_share (gain / final; 0 when both are 0) and saturated (None below 3)."""
+    p = np.asarray(points, dtype=float).reshape(-1, 2)
+    n = len(p)
+    if n < 3:
+        return dict(n=n, final=math.nan, gain=math.nan, gain_share=math.nan, saturated=None)
+    trace = hypervolume_trace(p, reference, (higher_is_better, higher_is_better))
+    last = math.ceil(n / 3)
+    final, before = float(trace[-1]), float(trace[n - last - 1])
+    gain = final - before
+    share = gain / final if final > 0 else (0.0 if gain == 0 else math.inf)
+    return dict(n=n, final=final, gain=gain, gain_share=share, saturated=bool(share < SATURATION_GAIN))
 
 
 def reference_point(df: pd.DataFrame, higher_is_better: bool, chance: tuple | None = None) -> tuple[float, float]:

@@ -11,6 +11,7 @@ Schema (every key but `task`, `budget`, `methods` optional):
     search: optuna                  # optuna | grid
     sampler: nsga2                  # optuna only: nsga2 | tpe
     num_samples: 8                  # optuna: trials PER ARM (equal budgets); grid: repeats of every arm's grid
+    trials_per_dim: 4               # optuna, instead of num_samples: each arm gets 4 × its searched dimensions
     max_concurrent: 2
     objectives: [old_val, new_val]  # validation only; directions come from the task (mse ↓, accuracy ↑)
     confirm_seeds: 5                # fresh seeds for the confirmation stage (0: no confirmation)
@@ -101,12 +102,20 @@ class SweepSpec:
     arms: list[Arm]
     raw: dict = field(repr=False, default_factory=dict)  # the validated YAML
     confirm_choices: tuple = CHOICES   # which of each arm's validation choices the confirmation re-runs
+    trials_per_dim: int | None = None  # optuna: every arm gets this × arm_dims(arm) trials instead of num_samples
     ablate: dict | None = None         # {arm, n_ref: [...], ratio: [...], seeds: n}: the ablation stage, or None
 
     def resolved(self) -> dict:
         """The spec as run (CLI overrides applied), for the MLflow parent run."""
         return {**self.raw, "name": self.name, "seeds": self.seeds, "num_samples": self.num_samples,
-                "confirm_seeds": self.confirm_seeds, "objectives": self.objectives}
+                "confirm_seeds": self.confirm_seeds, "objectives": self.objectives,
+                "trials_per_dim": self.trials_per_dim}
+
+    def arm_trials(self, arm: "Arm") -> int:
+        """Search trials of one Optuna arm: `num_samples` (equal trials per arm, the headline: the tuning cost of
+        a method's extra knobs is part of the method), or `trials_per_dim` × its searched dimensions (equal
+        budget per dimension)."""
+        return self.num_samples if self.trials_per_dim is None else self.trials_per_dim * arm_dims(self, arm)
 
 
 class _Ablate(BaseModel):
@@ -130,6 +139,7 @@ class _Top(BaseModel):
     search: Literal["optuna", "grid"] = "optuna"
     sampler: Literal["nsga2", "tpe"] = "nsga2"
     num_samples: int | None = Field(default=None, ge=1)
+    trials_per_dim: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
     objectives: list[Literal[OBJECTIVES]] = Field(default=["old_val", "new_val"], min_length=1, max_length=2)
     confirm_seeds: int = Field(default=5, ge=0)
@@ -315,6 +325,8 @@ def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -
     if top.early_stop and (len(top.objectives) != 1 or top.search != "optuna"):
         raise UserError(f"{where}: early_stop needs a single objective and search: optuna (Pareto points need a "
                         f"fixed budget)")
+    if top.trials_per_dim is not None and (top.search != "optuna" or top.num_samples is not None):
+        raise UserError(f"{where}: trials_per_dim replaces num_samples in an optuna search; give one of them")
     hints = _trial_hints()
     owned = set(hints) & SWEEP_OWNED
     trial = top.trial or {}
@@ -332,7 +344,7 @@ def validate_spec(raw: dict, default_name: str = "sweep", where: str = "spec") -
                      max_concurrent=top.max_concurrent, objectives=list(top.objectives),
                      confirm_seeds=top.confirm_seeds, early_stop=top.early_stop, budget=dict(top.budget),
                      trial=dict(trial), arms=arms, raw=raw, confirm_choices=tuple(top.confirm_choices),
-                     ablate=top.ablate.model_dump() if top.ablate else None)
+                     ablate=top.ablate.model_dump() if top.ablate else None, trials_per_dim=top.trials_per_dim)
     if top.ablate:
         check_ablation(spec, where)
     for d in corner_configs(spec):  # the trial code's own cross-field checks (optimizer, warmup ≤ epochs, ...)
@@ -373,6 +385,10 @@ def check_ablation(spec: SweepSpec, where: str) -> None:
     if not resolved_config(d).profit:
         raise UserError(f"{where}: ablate.arm {arm.label!r} does not train through PROFIT; n_ref and ratio "
                         f"mean nothing")
+    if "warmup_epochs" in arm.space or any(d.get("warmup_epochs") for d in corner_configs(spec)
+                                           if d["_arm"] == arm.label):
+        raise UserError(f"{where}: ablate.arm {arm.label!r} has AdamW warm-up epochs; Tables 8/9 vary PROFIT's "
+                        f"knobs around a configuration without warm-up (warmup_epochs: 0)")
 
 
 def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
@@ -462,6 +478,12 @@ def grid_points(spec: SweepSpec) -> list[dict]:
     return points * spec.num_samples
 
 
+def arm_dims(spec: SweepSpec, arm: Arm) -> int:
+    """Searched dimensions of an Optuna arm: its searched fields, plus model / seed when it draws them (at least
+    1, so a fixed arm still runs)."""
+    return max(1, len(arm.space) + (len(arm.models) > 1) + (len(spec.seeds) > 1))
+
+
 def suggest(trial, arm: Arm, seeds: list[int]) -> None:
     """Optuna define-by-run space of one arm (each arm has its own study): its model, seed and searched fields."""
     if len(arm.models) > 1:
@@ -476,6 +498,60 @@ def suggest(trial, arm: Arm, seeds: list[int]) -> None:
             trial.suggest_int(k, int(args[0]), int(args[1]), log=kind == "logint")
         else:
             trial.suggest_categorical(k, args)
+
+
+def arm_seed(sweep_seed: int, label: str) -> int:
+    """An arm's own sampler seed, derived from the sweep seed and the arm's label (stable across runs and
+    machines: sha256, not Python's salted hash). One seed for every arm made arms with equal ranges draw equal
+    learning rates (issue 24)."""
+    return int.from_bytes(hashlib.sha256(f"{int(sweep_seed)}/{label}".encode()).digest()[:4], "big") % 2 ** 31
+
+
+def space_filling_count(n: int) -> int:
+    """How many of an arm's `n` trials come from the space-filling (QMC) start: all of them up to 4, else half
+    (at least 4); the evolutionary / TPE phase takes the rest."""
+    return n if n <= 4 else max(4, n // 2)
+
+
+def space_filling_points(spec: SweepSpec, arm: Arm, n: int, seed: int) -> list[dict]:
+    """The first `n` points of a scrambled Sobol sequence (scipy.stats.qmc, seeded) mapped onto the arm's Optuna
+    space (the parameter names `suggest` uses): in every dimension the first 2^m points fall one into each of the
+    2^m equal slices (log-slices for log distributions), so even 3–4 trials span an arm's lr range. Optuna's own
+    QMCSampler is not used: it draws a study's first trial with its random independent sampler."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import qmc
+    dims = []  # (name, kind, args)
+    if len(arm.models) > 1:
+        dims.append(("model", "choice", arm.models))
+    if len(spec.seeds) > 1:
+        dims.append(("seed", "choice", spec.seeds))
+    dims += [(k, *next(iter(d.items()))) for k, d in arm.space.items()]
+    if n <= 0 or not dims:
+        return []
+    m = max(0, math.ceil(math.log2(n)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about a 1-point Sobol "sequence"
+        u = qmc.Sobol(d=len(dims), scramble=True, seed=seed).random_base2(m)[:n]
+    points = []
+    for row in u:
+        p = {}
+        for (name, kind, args), x in zip(dims, row):
+            if kind == "choice":
+                p[name] = args[min(int(x * len(args)), len(args) - 1)]
+            elif kind in ("int", "logint"):
+                lo, hi = int(args[0]), int(args[1])
+                v = (lo + x * (hi - lo + 1)) if kind == "int" else math.exp(
+                    math.log(lo) + x * (math.log(hi + 1) - math.log(lo)))
+                p[name] = int(min(hi, max(lo, math.floor(v))))
+            else:
+                lo, hi = float(args[0]), float(args[1])
+                v = lo + x * (hi - lo) if kind == "uniform" else math.exp(
+                    math.log(lo) + x * (math.log(hi) - math.log(lo)))
+                p[name] = float(np.clip(v, lo, hi))
+        points.append(p)
+    return points
 
 
 def point_from_optuna(arm: Arm, seeds: list[int], params: dict) -> dict:

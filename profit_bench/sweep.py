@@ -38,8 +38,9 @@ from pathlib import Path
 import yaml
 
 from profit_bench import UserError, safe_name
-from profit_bench.spec import (SweepSpec, corner_configs, grid_points, load_spec, make_point, point_from_optuna,
-                               resolved_config, run_name, suggest, trial_dict)
+from profit_bench.spec import (SweepSpec, arm_seed, corner_configs, grid_points, load_spec, make_point,
+                               point_from_optuna, resolved_config, run_name, space_filling_count,
+                               space_filling_points, suggest, trial_dict)
 
 FAIL_ENV = "PROFIT_BENCH_FAIL_ARM"  # test hook: trials of this arm label raise before training
 __all__ = ["Options", "run_sweep", "main", "load_spec", "grid_points"]
@@ -49,6 +50,7 @@ __all__ = ["Options", "run_sweep", "main", "load_spec", "grid_points"]
 @dataclass(frozen=True)
 class Options:
     num_samples: int | None = None
+    trials_per_dim: int | None = None
     max_concurrent: int | None = None
     gpus_per_trial: float | None = None
     cpus_per_trial: float | None = None
@@ -71,7 +73,8 @@ class Options:
 
 def check_options(opts: Options) -> None:
     """CLI values a user can get wrong, refused before anything starts."""
-    for name, low in (("num_samples", 1), ("max_concurrent", 1), ("confirm_seeds", 0), ("seed", 0)):
+    for name, low in (("num_samples", 1), ("trials_per_dim", 1), ("max_concurrent", 1), ("confirm_seeds", 0),
+                      ("seed", 0)):
         v = getattr(opts, name)
         if v is not None and v < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
@@ -90,8 +93,14 @@ def resolve_spec(name: str, opts: Options) -> SweepSpec:
 def apply_options(spec: SweepSpec, opts: Options) -> SweepSpec:
     if opts.seed is not None:
         spec.seeds = [opts.seed]
+    if opts.num_samples is not None and opts.trials_per_dim is not None:
+        raise UserError("--num-samples and --trials-per-dim are alternatives; give one")
     if opts.num_samples is not None:
-        spec.num_samples = opts.num_samples
+        spec.num_samples, spec.trials_per_dim = opts.num_samples, None
+    if opts.trials_per_dim is not None:
+        if spec.search != "optuna":
+            raise UserError(f"--trials-per-dim needs an optuna search; {spec.name} is a {spec.search} sweep")
+        spec.trials_per_dim = opts.trials_per_dim
     if opts.confirm_seeds is not None:
         spec.confirm_seeds = opts.confirm_seeds
     if opts.no_confirm:
@@ -235,8 +244,13 @@ def _picklable(sampler):
 
 
 class ArmSearch(_searcher_base()):
-    """One Optuna study per arm behind one Tune searcher: every arm gets exactly `num_samples` trials
-    (suggestions go to the arm with the fewest so far), each study sees only its own arm's results."""
+    """One Optuna study per arm behind one Tune searcher: every arm gets exactly `spec.arm_trials(arm)` trials
+    (suggestions go to the arm with the fewest so far), each study sees only its own arm's results.
+
+    Search design (issue 24): each arm's sampler has its own seed (spec.arm_seed: sweep seed × arm label), and its
+    first space_filling_count(n) trials are scrambled-Sobol points of its space (spec.space_filling_points),
+    enqueued into its study, so a small budget still covers the arm's whole range. They are NSGA-II's first
+    generation (population = that count) or TPE's startup trials; the sampler proposes the rest."""
 
     def __init__(self, spec: SweepSpec, metric, mode, storage_url: str, study_prefix: str):
         import functools
@@ -244,31 +258,35 @@ class ArmSearch(_searcher_base()):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
         super().__init__(metric=metric, mode=mode)
-        self.spec, self.counts, self.owner = spec, {a.label: 0 for a in spec.arms}, {}
-        seed = spec.seeds[0]
-        # NSGA-II samples its first generation at random: keep generations small enough to evolve.
-        population = max(4, min(50, spec.num_samples // 2))
+        self.spec, self.counts, self.owner, self.index = spec, {a.label: 0 for a in spec.arms}, {}, {}
+        self.budget = {a.label: spec.arm_trials(a) for a in spec.arms}
         self.subs = {}
         for a in spec.arms:
-            sampler = _picklable(optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-                                 if spec.sampler == "nsga2" else optuna.samplers.TPESampler(seed=seed))
+            seed = arm_seed(spec.seeds[0], a.label)
+            start = space_filling_count(self.budget[a.label])
+            sampler = _picklable(optuna.samplers.NSGAIISampler(population_size=max(2, min(50, start)), seed=seed)
+                                 if spec.sampler == "nsga2" else
+                                 optuna.samplers.TPESampler(seed=seed, n_startup_trials=start))
             self.subs[a.label] = OptunaSearch(
                 space=functools.partial(_define, arm=a, seeds=spec.seeds), metric=metric, mode=mode,
                 sampler=sampler, storage=optuna.storages.RDBStorage(storage_url),
-                study_name=f"{study_prefix}/{a.label}")
+                study_name=f"{study_prefix}/{a.label}",
+                points_to_evaluate=space_filling_points(spec, a, start, seed) or None)
 
     def suggest(self, trial_id: str):
         label = self.owner.get(trial_id)
         if label is None:
-            open_ = [a.label for a in self.spec.arms if self.counts[a.label] < self.spec.num_samples]
+            open_ = [a.label for a in self.spec.arms if self.counts[a.label] < self.budget[a.label]]
             if not open_:
                 return self.FINISHED
             label = min(open_, key=lambda k: self.counts[k])
             self.counts[label] += 1
-            self.owner[trial_id] = label
+            self.owner[trial_id], self.index[trial_id] = label, self.counts[label]
         params = self.subs[label].suggest(trial_id)
         arm = next(a for a in self.spec.arms if a.label == label)
-        return {"point": point_from_optuna(arm, self.spec.seeds, params)}
+        # search_index: the trial's place in its arm's study (1, 2, ...), the order the saturation check reads
+        return {"point": {**point_from_optuna(arm, self.spec.seeds, params),
+                          "search_index": self.index.get(trial_id, 0)}}
 
     def on_trial_result(self, trial_id: str, result: dict):
         if trial_id in self.owner:
@@ -319,7 +337,7 @@ def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
         from ray.tune.schedulers import ASHAScheduler
         scheduler = ASHAScheduler(metric=metric, mode=mode, grace_period=1)
     # reuse_actors: a fresh actor pays seconds of imports (torch, Ray) per trial.
-    return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=spec.num_samples * len(spec.arms),
+    return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=search_total(spec, None),
                            max_concurrent_trials=concurrent, reuse_actors=True)
 
 
@@ -687,11 +705,32 @@ def stage_frame(trials, higher_is_better: bool):
         rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
                                                "chance_old", "chance_new", "status", "diverged_reason")},
                      "arm": p["arm"], "model": p["model"], "seed": p["seed"], "config_key": p["config_key"],
-                     "params": p["params"], "trial_id": t.trial_id})
+                     "params": p["params"], "trial_id": t.trial_id,
+                     "order": p.get("search_index", 0)})
     if not rows:
         return pd.DataFrame()
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).sort_values("order", kind="stable")
     return pd.concat([protocol.mark_diverged(g, higher_is_better) for _, g in df.groupby("model", dropna=False)])
+
+
+def arm_saturation(df, higher_is_better: bool) -> dict:
+    """protocol.saturation per arm of a search-stage frame (stage_frame: `order` = search_index, `diverged`),
+    against the sweep's validation reference point as the report draws it (protocol.reference_point, chance
+    included for accuracy); diverged trials count as trials that added nothing."""
+    import pandas as pd
+
+    from profit_bench import protocol
+    if df.empty:
+        return {}
+    chance = tuple(float(pd.to_numeric(df[c], errors="coerce").median()) if c in df else None
+                   for c in ("chance_old", "chance_new"))
+    ref = protocol.reference_point(df, higher_is_better, chance if higher_is_better else None)
+    out = {}
+    for arm, g in df.sort_values("order", kind="stable").groupby("arm", sort=True):
+        pts = g[["old_val", "new_val"]].to_numpy(dtype=float, copy=True)
+        pts[g["diverged"].to_numpy(bool)] = float("nan")
+        out[arm] = protocol.saturation(pts, ref, higher_is_better)
+    return out
 
 
 def confirm_rows(df, spec: SweepSpec, higher_is_better: bool):
@@ -738,6 +777,20 @@ def ablation_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
     return points
 
 
+def flag_unsaturated(sweep, sats: dict) -> None:
+    """The saturation check's verdict on the sweep parent (tag `unsaturated_arms`, comma-separated, "" when every
+    judged arm saturated) and on the console."""
+    from profit_bench.tracking import _retry
+    bad = sorted(a for a, s in sats.items() if s["saturated"] is False)
+    _retry(sweep.client.set_tag, sweep.parent_id, "unsaturated_arms", ",".join(bad))
+    if bad:
+        from profit_bench.protocol import SATURATION_GAIN
+        print(f"search not saturated (validation hypervolume still grew ≥ {SATURATION_GAIN:.0%} over the last "
+              f"third of trials): "
+              + ", ".join(f"{a} +{100 * sats[a]['gain_share']:.0f} %" for a in bad)
+              + "; more trials (--num-samples) could change these arms' choices", flush=True)
+
+
 def planned_trials(spec: SweepSpec, n_search: int) -> int:
     """An upper bound of a sweep's trials before its search has run (choices may coincide; a knee may sit on a
     grid value of the ablation)."""
@@ -752,7 +805,8 @@ def planned_trials(spec: SweepSpec, n_search: int) -> int:
 
 
 def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> dict:
-    """Parent metrics: counts per stage and status, validation hypervolume per arm (search stage)."""
+    """Parent metrics: counts per stage and status, validation hypervolume per arm (search stage), and per arm
+    the saturation check (protocol.SATURATION_RULE): saturated.<arm> 1/0, hv_gain_last_third.<arm> (a share)."""
     from profit_bench import protocol
     out = {}
     for r in sweep_children:
@@ -764,6 +818,11 @@ def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> 
         for arm, g in ok.groupby("arm"):
             out[f"hypervolume_val.{_metric_name(arm)}"] = protocol.hypervolume(
                 g[["old_val", "new_val"]].to_numpy(dtype=float), ref, (higher_is_better, higher_is_better))
+        if "order" in df:
+            for arm, sat in arm_saturation(df, higher_is_better).items():
+                if sat["saturated"] is not None:
+                    out[f"saturated.{_metric_name(arm)}"] = float(sat["saturated"])
+                    out[f"hv_gain_last_third.{_metric_name(arm)}"] = sat["gain_share"]
     return out
 
 
@@ -842,7 +901,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
                      {**{f"cli.{k}": v for k, v in asdict(opts).items() if k not in ("dry_run", "verbose")},
                       "cpus_per_trial": cpus, "gpus_per_trial": gpus, "max_concurrent": concurrent,
                       "objectives": ",".join(spec.objectives), "modes": ",".join(modes), "num_trials": total,
-                      "trials_per_arm": total // len(spec.arms), "data_sizes": json.dumps(sizes)}, device, tags)
+                      "trials_per_arm": trials_per_arm_text(spec, total), "data_sizes": json.dumps(sizes)},
+                     device, tags)
         wall_before = 0.0
 
     t_start = time.perf_counter()
@@ -857,7 +917,7 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     args = (spec, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
     try:
         later_bound = meter.planned[workload] - total
-        say(meter, f"sweep {spec.name}: {total} search trials ({total // len(spec.arms)} per arm)"
+        say(meter, f"sweep {spec.name}: {total} search trials ({trials_per_arm_text(spec, total)} per arm)"
                    + (f" + at most {later_bound} confirmation/ablation trials" if later_bound else "")
                    + f", {concurrent} at once, {cpus:g} CPU + {gpus:g} GPU each → {exp_dir}")
         # Every seed's checkpoint up front (the confirmation's fresh seeds are known now): one parallel batch.
@@ -873,6 +933,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         df = stage_frame(trials, higher_is_better)
         for _, row in df[df["diverged"]].iterrows() if not df.empty else []:
             logger.tag_diverged(row["trial_id"], row["diverged_reason"])
+        if spec.search == "optuna":
+            flag_unsaturated(sweep, arm_saturation(df, higher_is_better))
         later = [("confirm", confirm_points(df, spec, higher_is_better)),
                  ("ablation", ablation_points(df, spec, higher_is_better))]
         planned = total + sum(len(p) for _, p in later)
@@ -993,9 +1055,17 @@ def search_points(spec: SweepSpec) -> list[dict] | None:
     return grid_points(spec) if spec.search == "grid" else None
 
 
+def trials_per_arm_text(spec: SweepSpec, total: int) -> str:
+    """Search trials per arm: one number when every arm has the same, else "min-max"."""
+    if spec.search == "grid":
+        return str(total // len(spec.arms))
+    n = sorted({spec.arm_trials(a) for a in spec.arms})
+    return str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+
+
 def search_total(spec: SweepSpec, points: list[dict] | None) -> int:
-    """Search trials: the grid's points, or num_samples per arm."""
-    return len(points) if points is not None else spec.num_samples * len(spec.arms)
+    """Search trials: the grid's points, or each arm's Optuna budget (spec.arm_trials)."""
+    return len(points) if points is not None else sum(spec.arm_trials(a) for a in spec.arms)
 
 
 def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:
@@ -1152,9 +1222,14 @@ def dry_run(spec, opts, points, total, experiment, uri) -> int:
         for p in points:
             print(f"  {p['arm']} model={p['model']} seed={p['seed']} {p['params']}")
     else:
-        print(f"{total} search trials ({spec.num_samples} per arm, {spec.sampler}, seeds {spec.seeds}):")
+        per = (f"{spec.num_samples} per arm" if spec.trials_per_dim is None else
+               f"{spec.trials_per_dim} per searched dimension")
+        print(f"{total} search trials ({per}, {spec.sampler}, sampler seed per arm from seed {spec.seeds[0]} and "
+              f"the arm label, a scrambled-Sobol start; seeds {spec.seeds}):")
         for a in spec.arms:
-            print(f"  {a.label} on {a.models}: fixed {a.fixed}, search {a.space}")
+            n = spec.arm_trials(a)
+            print(f"  {a.label} on {a.models}: {n} trials ({space_filling_count(n)} Sobol, seed "
+                  f"{arm_seed(spec.seeds[0], a.label)}), fixed {a.fixed}, search {a.space}")
     print(f"confirmation: {spec.confirm_seeds} fresh seeds per chosen configuration"
           if spec.confirm_seeds else "confirmation: off")
     return 0
@@ -1182,6 +1257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="edit the spec: dotted key, YAML value (repeatable)")
     p.add_argument("--num-samples", type=int, help="Optuna trials per arm (grid: repeats of the grid)")
+    p.add_argument("--trials-per-dim", type=int, help="Optuna: every arm gets N × its searched dimensions trials "
+                                                      "(equal budget per dimension) instead of --num-samples")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: spec, else CPUs / cpus-per-trial)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (0.25 = 4 per GPU); "
                                                          "default: the cluster's GPUs shared by concurrent trials")

@@ -374,6 +374,8 @@ class MlflowLogger(Callback):
             tags["choice"] = point["choice"]
         if point.get("ablation_knob"):
             tags["ablation_knob"] = point["ablation_knob"]
+        if point.get("search_index"):  # the trial's place in its arm's Optuna study (the saturation check's order)
+            tags["search_index"] = str(point["search_index"])
         self.stage[trial.trial_id] = tags["stage"]
         if trial.trial_id in self.finished:
             return

@@ -563,23 +563,69 @@ def test_pretrain_section_flags_a_curve_still_improving(base):
 
 
 # ---------------------------------------------------------------------------------------------- suites and summary
-def test_wins_section_reads_the_paired_intervals(base):
+def test_wins_section_reads_the_paired_intervals_and_holm(base):
     md, runs = base["md"], pd.read_csv(base["out"] / "runs.csv")
-    wins = section(md, "## Where PROFIT wins, ties or loses (paired, test)")
+    wins = section(md, "## Where PROFIT wins, loses or is not separated (paired, test, Holm-adjusted)")
     conf = runs[(runs["experiment"] == "table1") & (runs["stage"] == "confirm")]
     for choice in ("best-old,knee", "best-new"):
         got = _row(wins, f"| table1 | 2-D toy regression sin(10\\|x\\|) — MLP | profit | full | {choice} |")
-        for col, m in ((5, "old_test"), (6, "new_test")):
+        for col, m in ((6, "old_test"), (9, "new_test")):
             c = conf[conf["choice"] == choice]
             d = (c[c["arm"] == "profit"].set_index("seed")[m] - c[c["arm"] == "full"].set_index("seed")[m]).to_numpy()
             lo, hi = scipy.stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy.stats.sem(d))
-            want = "≈" if lo <= 0 <= hi else "PROFIT better" if hi < 0 else "PROFIT worse"  # MSE: lower is better
-            assert got[col] == want, (choice, m)
+            want = "not separated" if lo <= 0 <= hi else "PROFIT better" if hi < 0 else "PROFIT worse"
+            assert got[col] == want, (choice, m)  # the raw verdict: the interval alone
+            raw_p = scipy.stats.ttest_1samp(d, 0.0).pvalue
+            assert got[col + 1].startswith(f"{raw_p:.3f} → " if raw_p >= 1e-3 else "<0.001 → ")
+    # Holm over the report's whole family: every printed "raw → Holm" pair, adjusted by hand.
+    data = [line for line in wins.splitlines() if line.startswith(("| table1 |", "| vit_ablation |", "| boom |"))]
+    pairs = [[c.strip(" |") for c in line.split(" | ")][i].split(" → ") for line in data for i in (7, 10)]
+    raw = [float(a) for a, b in pairs if a not in ("—", "<0.001")]
+    assert raw and all(b in ("—", "<0.001") or float(b) >= float(a) - 1e-3
+                       for a, b in pairs if a not in ("—", "<0.001"))
+    for line in wins.splitlines():
+        if not line.startswith(("| table1 |", "| vit_ablation |", "| boom |")):
+            continue
+        cells = [c.strip(" |") for c in line.split(" | ")]
+        for holm_v, ps in ((cells[5], cells[7]), (cells[8], cells[10])):
+            holm_p = ps.split(" → ")[1]
+            if holm_p == "—":
+                continue
+            separated = holm_p == "<0.001" or float(holm_p) < 0.05
+            assert (holm_v != "not separated") == separated, line
     for exp in ("table1", "vit_ablation", "boom"):
-        cells = [c for line in wins.splitlines() if line.startswith(f"| {exp} |") for c in line.split(" | ")[-2:]]
-        counts = [sum(c.strip(" |") == v for c in cells) for v in ("PROFIT better", "≈", "PROFIT worse")]
-        assert (f"- **{exp}**: wins {counts[0]}, ties {counts[1]}, losses {counts[2]} of {len(cells)} comparisons"
-                in wins), exp
+        rows = [[c.strip(" |") for c in line.split(" | ")] for line in wins.splitlines()
+                if line.startswith(f"| {exp} |")]
+        holm_cells = [r[i] for r in rows for i in (5, 8)]
+        counts = [sum(c == v for c in holm_cells) for v in ("PROFIT better", "not separated", "PROFIT worse")]
+        assert (f"- **{exp}**: Holm: wins {counts[0]}, not separated {counts[1]}, losses {counts[2]}" in wins), exp
+
+
+def test_holm_matches_a_hand_computation():
+    from analysis.stats import holm
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 → ×4, ×3, ×2, ×1 = 0.04, 0.06, 0.06, 0.5 (running max), NaN untouched
+    got = holm([0.03, 0.5, float("nan"), 0.01, 0.02])
+    assert got[[3, 4, 0, 1]] == pytest.approx([0.04, 0.06, 0.06, 0.5]) and np.isnan(got[2])
+    # step-down monotonicity: 0.2 × 2 = 0.4, then 0.3 × 1 = 0.3 is raised to the running maximum 0.4
+    assert holm([0.3, 0.2]) == pytest.approx([0.4, 0.4])
+    assert holm([0.6, 0.7]).tolist() == [1.0, 1.0]  # 0.6 × 2 capped at 1
+    assert holm([]).size == 0
+
+
+def test_minimum_detectable_difference_has_80_percent_power_by_simulation():
+    from analysis.stats import min_detectable, paired_difference, paired_p
+    rng = np.random.default_rng(0)
+    for n in (5, 10):
+        mdd = min_detectable(1.0, n)
+        d = rng.normal(mdd, 1.0, size=(20000, n))
+        t = d.mean(1) / (d.std(1, ddof=1) / np.sqrt(n))
+        power = (np.abs(t) > scipy.stats.t.ppf(0.975, n - 1)).mean()
+        assert power == pytest.approx(0.80, abs=0.015), n
+        normal = (scipy.stats.norm.ppf(0.975) + scipy.stats.norm.ppf(0.8)) / np.sqrt(n)
+        assert mdd > normal  # the t-test needs more than the normal approximation at small n
+    assert min_detectable(2.0, 5) == pytest.approx(2 * min_detectable(1.0, 5))
+    a, b = np.array([1.0, 2.0, 3.5, 4.0]), np.array([0.5, 2.5, 2.0, 3.0])
+    assert paired_p(paired_difference(a, b)) == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
 
 
 def test_suite_reports_exactly_the_experiments_whose_latest_sweep_has_the_tag(base, tmp_path, capsys):
@@ -593,7 +639,8 @@ def test_suite_reports_exactly_the_experiments_whose_latest_sweep_has_the_tag(ba
     assert row == ["table1", "toy", "mlp", "old_train 512, old_val 64, new_train 256", "20 steps", "6", "3", "1h02m",
                    "0123456789", "Synthetic CPU", f"`{SUITE_COMMAND}`"]
     assert _row(md, "| vit_ablation |")[1:3] == ["fmnist", "vit_micro"] and "| 1m35s |" in md
-    assert "## Where PROFIT wins, ties or loses (paired, test)" in md and "## Pretrained backbones" in md
+    assert "## Where PROFIT wins, loses or is not separated (paired, test, Holm-adjusted)" in md
+    assert "## Pretrained backbones" in md
     assert main(["--suite", "nope", "--tracking-uri", base["uri"], "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "suite=nope" in err[0] and SUITE in err[0] and "other" in err[0]

@@ -117,3 +117,23 @@ def test_confirm_choices_judge_a_configuration_once_over_its_seeds():
     assert ch["config_key"].tolist() == ["x"]
     assert ch["choice"].iloc[0] == "best-old,best-new,knee"
     assert ch["old_val"].iloc[0] == pytest.approx(0.3)
+
+
+def test_saturation_flags_a_front_still_growing_and_passes_a_flat_one():
+    ref = (0.0, 0.0)
+    # Still improving: the last third (trials 5-6) adds a point far beyond the earlier front.
+    growing = [(0.2, 0.2), (0.3, 0.1), (0.1, 0.3), (0.25, 0.25), (0.3, 0.3), (0.6, 0.6)]
+    s = P.saturation(growing, ref, higher_is_better=True)
+    # first 4: (0.25,0.25) square 0.0625 + the slivers of (0.3,0.1) and (0.1,0.3), 0.005 each
+    assert s["saturated"] is False and s["gain"] == pytest.approx(0.36 - 0.0725)
+    # Flat: the best point came early; the last third adds dominated points and one diverged (NaN) trial.
+    flat = [(0.6, 0.6), (0.3, 0.1), (0.1, 0.3), (0.5, 0.5), (0.2, 0.2), (np.nan, np.nan)]
+    s = P.saturation(flat, ref, higher_is_better=True)
+    assert s["saturated"] is True and s["gain"] == 0.0 and s["final"] == pytest.approx(0.36)
+    # Just under / over the 1 % rule (lower-is-better metrics: reference is the worst corner).
+    base = [(0.5, 0.5), (0.6, 0.6), (0.7, 0.7)]
+    small = base + [(0.5 - 0.001, 0.5)]  # n = 4: last third = the last 2 trials
+    assert P.saturation(small, (1.0, 1.0), higher_is_better=False)["saturated"] is True
+    assert P.saturation(base + [(0.4, 0.4)], (1.0, 1.0), higher_is_better=False)["saturated"] is False
+    assert P.saturation(base[:2], ref, True)["saturated"] is None  # fewer than 3 trials: not judged
+    assert "last third" in P.SATURATION_RULE and f"{P.SATURATION_GAIN:.0%}" in P.SATURATION_RULE

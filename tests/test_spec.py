@@ -22,7 +22,8 @@ def test_grid_expansion_overrides_and_table_key():
     assert len(points) == 3 * 4 * 3 and spec.table == "9"
     assert {p["params"]["ratio"] for p in points} == {10, 100, 1000, 10000}
     small = load_spec("table9_ratio", ["budget.epochs=1", "seeds=[0]", "trial.limit=100"])
-    assert small.budget == {"epochs": 1} and small.trial == {"limit": 100} and len(grid_points(small)) == 12
+    assert small.budget == {"epochs": 1} and small.trial == {"limit": 100, "warmup_epochs": 0}
+    assert len(grid_points(small)) == 12
     assert load_spec("table8_nref", data_dir="/data").task == "cifar"
     assert load_spec("toy").table == ""
 
@@ -148,3 +149,80 @@ def test_method_knobs_sit_beside_trial_fields_and_become_method_args(tmp_path):
         validate_spec(dict(raw, methods={"ewc": {"lora_r": 4}}))
     with pytest.raises(UserError, match="lora_r"):
         validate_spec(dict(raw, methods={"lora": {"lora_r": 2.5}}))  # an int knob
+
+
+# ---------------------------------------------------------------------------------------------- search design
+def _log_quartile(v, lo, hi):
+    import math
+    return min(3, int(4 * (math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))))
+
+
+def test_space_filling_start_puts_one_lr_in_each_log_quartile_and_arms_draw_differently():
+    from profit_bench.spec import arm_seed, space_filling_points
+    spec = load_spec("digits")
+    lrs = {}
+    for arm in spec.arms:
+        lo, hi = arm.space["lr"]["loguniform"]
+        pts = space_filling_points(spec, arm, 4, arm_seed(0, arm.label))
+        assert sorted(_log_quartile(p["lr"], lo, hi) for p in pts) == [0, 1, 2, 3]
+        for k, dist in arm.space.items():  # every value inside its distribution, of the right type
+            kind, args = next(iter(dist.items()))
+            for p in pts:
+                if kind == "choice":
+                    assert p[k] in args
+                else:
+                    assert args[0] <= p[k] <= args[1] and isinstance(p[k], int) == (kind in ("int", "logint"))
+        lrs[arm.label] = tuple(p["lr"] for p in pts)
+    assert len(set(lrs.values())) == len(lrs)  # no two arms share their lr draws
+    assert len({arm_seed(0, a.label) for a in spec.arms}) == len(spec.arms)
+    assert arm_seed(0, "profit") == arm_seed(0, "profit") != arm_seed(1, "profit")  # derived, deterministic
+
+
+def test_trials_per_dim_gives_each_arm_n_per_searched_dimension(tmp_path, capsys):
+    from profit_bench.sweep import apply_options, search_total
+    spec = apply_options(load_spec("digits"), Options(trials_per_dim=2))
+    per_arm = {a.label: spec.arm_trials(a) for a in spec.arms}
+    assert per_arm["full"] == 2 and per_arm["profit"] == 2 * 3 and per_arm["lwf"] == 2 * 3
+    assert search_total(spec, None) == sum(per_arm.values())
+    text = BASE + "trials_per_dim: 3\nmethods: {full: {lr: {loguniform: [1.0e-4, 1.0e-2]}}}\n"
+    assert load_spec(write_spec(tmp_path, text)).arm_trials(load_spec("toy").arms[0]) == 3
+    with pytest.raises(UserError, match="trials_per_dim"):
+        load_spec(write_spec(tmp_path, BASE + "trials_per_dim: 3\nnum_samples: 4\nmethods: {full: {}}\n"))
+    assert main(["digits", "--dry-run", "--trials-per-dim", "2", "--num-samples", "3"]) == 2
+    assert main(["table2", "--dry-run", "--trials-per-dim", "2"]) == 2
+    assert "alternatives" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- PROFIT as in the paper
+def _profit_arms(spec):
+    return [a for a in spec.arms if resolved_config(trial_dict(spec, {"arm": a.label, "model": a.models[0],
+                                                                      "seed": 0, "params": {}})).profit]
+
+
+@pytest.mark.parametrize("name", ["table2", "table8_nref", "table9_ratio"])
+def test_tables_2_8_9_run_profit_without_warmup(name):
+    spec = load_spec(name)
+    arms = _profit_arms(spec)
+    assert arms
+    for a in arms:
+        d = trial_dict(spec, {"arm": a.label, "model": a.models[0], "seed": 0, "params": {}})
+        assert d["warmup_epochs"] == 0 and "warmup_epochs" not in a.space
+
+
+def test_suite_profit_has_no_warmup_and_warmup_is_its_own_arm():
+    from profit_bench.spec import load_suite
+    for w, spec in load_suite("suite_cpu").workloads.items():
+        arms = {a.label: a for a in spec.arms}
+        assert "warmup_epochs" not in arms["profit"].space and not arms["profit"].fixed.get("warmup_epochs")
+        if "profit_warmup" in arms:
+            assert arms["profit_warmup"].space["warmup_epochs"]["int"][0] >= 1
+        assert spec.ablate["arm"] == "profit"  # the ablation varies the no-warm-up arm
+        assert set(spec.confirm_choices) == {"best-old", "knee", "best-new"}
+    assert set(load_spec("digits").confirm_choices) == {"best-old", "knee", "best-new"}
+
+
+def test_an_ablation_around_a_warmup_arm_is_refused(tmp_path):
+    text = ("task: digits\nbudget: {epochs: 4}\nablate: {arm: p}\n"
+            "methods: {p: {method: profit, lr: 1.0e-3, warmup_epochs: {int: [0, 2]}}}\n")
+    with pytest.raises(UserError, match="warm-up"):
+        load_spec(write_spec(tmp_path, text))

@@ -33,10 +33,13 @@ def test_suite_file_lists_every_workload_and_method_family():
         assert len({a.label: None for a in s.arms}) == len(s.arms)
         # equal budgets: one study per arm of num_samples trials
         assert search_points(s) is None and search_total(s, None) == s.num_samples * len(s.arms)
-    # warm-up epochs are a searched PROFIT dimension wherever the budget is in epochs
-    for w in SUITE_WORKLOADS[1:]:
-        profit = next(a for a in suite.workloads[w].arms if a.label == "profit")
-        assert "warmup_epochs" in profit.space, w
+    # PROFIT as Tables 2/8/9 run it (no warm-up); Table 13's AdamW warm-up is its own arm, searched, on epochs budgets
+    for w in SUITE_WORKLOADS:
+        arms_w = {a.label: a for a in suite.workloads[w].arms}
+        assert "warmup_epochs" not in arms_w["profit"].space, w
+        assert ("profit_warmup" in arms_w) == (w != "toy"), w
+        if w != "toy":
+            assert arms_w["profit_warmup"].space["warmup_epochs"]["int"][0] >= 1
 
 
 def test_suite_overrides_reach_one_or_every_workload():
@@ -87,7 +90,7 @@ def _search_frame(spec, rows):
 
 def test_ablation_varies_one_knob_around_the_knee_on_the_first_confirmation_seeds():
     spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
-    knee = {"lr": 1e-3, "ratio": 100.0, "n_ref": 2, "warmup_epochs": 1}
+    knee = {"lr": 1e-3, "ratio": 100.0, "n_ref": 2}
     df = _search_frame(spec, [("profit", knee, 0.9, 0.9),
                               ("profit", {**knee, "lr": 1e-2}, 0.5, 0.95),  # best-new, not the knee
                               ("adam", {"lr": 1e-3}, 0.8, 0.9)])
@@ -280,3 +283,21 @@ def test_suite_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["suite_cpu", "--experiment", "x", "--dry-run"]) == 2
     assert main(["suite_cpu", "--dry-run", "--workloads", "toy"]) == 0
     assert "workload toy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workload", ["digits", "fmnist_vit"])
+def test_confirmation_runs_best_old_knee_and_best_new_of_every_arm(workload):
+    from profit_bench.sweep import confirm_points
+    spec = load_suite("suite_cpu", ["confirm_seeds=10"], only=[workload]).workloads[workload]
+    rows = []
+    for arm in ("adam", "profit"):  # a three-point front per arm: old-heavy, balanced, new-heavy
+        # (pretrained old 1.0, new 0.2: the knee's old axis is scaled by 0.05, its new axis by 0.75)
+        rows += [(arm, {"lr": 1e-5}, 0.95, 0.60), (arm, {"lr": 1e-4}, 0.94, 0.90), (arm, {"lr": 1e-2}, 0.60, 0.95),
+                 (arm, {"lr": 3e-3}, 0.50, 0.50)]  # dominated: never confirmed
+    pts = confirm_points(_search_frame(spec, rows), spec, higher_is_better=True)
+    seeds = fresh_seeds(spec.seeds, 10)
+    for arm in ("adam", "profit"):
+        mine = [p for p in pts if p["arm"] == arm]
+        assert {p["choice"] for p in mine} == {"best-old", "knee", "best-new"}
+        assert {p["params"]["lr"] for p in mine} == {1e-5, 1e-4, 1e-2}
+        assert sorted(p["seed"] for p in mine) == sorted(seeds * 3)  # 10 fresh seeds (--confirm-seeds 10)
