@@ -89,7 +89,8 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
                      *sweep_args(tmp_path, cache_dir)]) == 0
     assert watch.pids == set()  # no worker (nor any other process) ever opened the sqlite store
     out = capsys.readouterr().out
-    assert len(re.findall(r"^\[\d/6\] search (full|head|profit) .*\| ok ", out, re.M)) == 6
+    # every search trial settled (PROFIT's Sobol corner lr 2.7e-3 explodes on this tiny budget: diverged, counted)
+    assert len(re.findall(r"^\[\d/6\] search (full|head|profit) .*\| (ok|diverged) ", out, re.M)) == 6
     # The console by default: the project's lines only, no Ray Tune status table (--verbose 1 brings it back).
     assert "== Status ==" not in out and "Number of trials" not in out
 
