@@ -1,7 +1,8 @@
 """The project's one training loop, used by pretraining, fine-tuning trials and the epoch benchmark.
 
 Budgets count *main* steps: a PROFIT main step closes a cycle of n_ref reference steps + 1 main step (n_ref + 1
-batches); a plain optimizer's every step is a main step. The lr schedule advances once per main step.
+batches); a plain optimizer's every step is a main step. The lr schedule advances once per main step (or, with
+lr_per_batch, once per batch: PROFIT's reference batches count too).
 No Ray, no MLflow, no knowledge of tasks beyond a `Split` (x, y tensors on the device).
 """
 from __future__ import annotations
@@ -34,15 +35,17 @@ def make_lr_factor(scheduler: str, step_size: int, gamma: float, total_main_step
 
 
 def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, generator: torch.Generator,
-                augment, state: LoopState, lr_factor, max_main_steps=None, max_epochs=None, eval_every=None,
-                on_eval=None, dtype="fp32", channels_last=False, penalty=None, on_main_step=None) -> LoopState:
+                augment, state: LoopState, lr_factor, lr_per_batch=False, max_main_steps=None, max_epochs=None,
+                eval_every=None, on_eval=None, dtype="fp32", channels_last=False, penalty=None,
+                on_main_step=None) -> LoopState:
     """Train `model(x, task=head)` on `split` until `state` reaches max_main_steps or max_epochs (absolute counts).
 
     Each epoch draws a fresh permutation from `generator` (on the data's device) and slices batches from the
     device tensors; `augment(x, generator)` runs batched on the device. The loss of a batch is
     `loss_fn(out, y)`, plus `penalty(x, out, y)` when a method gives one (L2-SP, EWC, LwF). After a main step
     (any step of a plain optimizer; PROFIT's `is_main_step`), the lr of every group becomes
-    initial_lr × lr_factor(main_steps). `on_eval(opt, state, mean_train_loss) -> bool` runs every `eval_every`
+    initial_lr × lr_factor(main_steps); with lr_per_batch, after every batch, initial_lr × lr_factor(batches).
+    `on_eval(opt, state, mean_train_loss) -> bool` runs every `eval_every`
     main steps, or after each epoch when eval_every is None; returning False (e.g. non-finite metrics) stops the
     loop with state.diverged set. `on_main_step(state)`, when given, runs after every main step (a progress bar).
 
@@ -65,7 +68,7 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
         g.setdefault("initial_lr", g["lr"])
 
     def set_lr():
-        f = lr_factor(state.main_steps)
+        f = lr_factor(state.batches if lr_per_batch else state.main_steps)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * f
 
@@ -106,6 +109,8 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
             opt.step()
             opt.zero_grad(set_to_none=True)
             state.batches += 1
+            if lr_per_batch:
+                set_lr()
             if cuda:
                 events[-1][1].record()
             else:
@@ -117,7 +122,8 @@ def train_steps(model, opt, split, *, head: str, loss_fn, batch_size: int, gener
                 return state
             if main:
                 state.main_steps += 1
-                set_lr()
+                if not lr_per_batch:
+                    set_lr()
                 if on_main_step is not None:
                     on_main_step(state)
                 if eval_every and state.main_steps % eval_every == 0:

@@ -21,10 +21,29 @@ VIT_SIZE = 32
 MLP_WIDTH = 500
 
 
-def mlp_backbone(in_dim: int, width: int = MLP_WIDTH) -> nn.Sequential:
-    """The paper's toy MLP minus its last layer: LayerNorm after every layer except the (head) last one."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_dim, width), nn.LayerNorm(width), nn.ReLU(),
-                         nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU())
+# The MLP's readings of C.1, which names neither the activation nor whether "LayerNorm after every layer except the
+# last" sits before or after it. The first value of each is the project's original choice (Linear → LN → ReLU).
+MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+MLP_LAYERNORMS = ("before_act", "after_act", "none")  # Linear → LN → act | Linear → act → LN | Linear → act
+MLP_DEFAULTS = dict(activation="relu", layernorm="before_act")
+
+
+def mlp_backbone(in_dim: int, width: int = MLP_WIDTH, activation: str = "relu",
+                 layernorm: str = "before_act") -> nn.Sequential:
+    """The paper's toy MLP minus its last layer (the head): two Linear layers, each followed by the activation
+    and, per `layernorm`, a LayerNorm before or after it (or none). PyTorch's default init (C.1 names PyTorch's
+    RMSProp defaults, so the default init is the natural reading)."""
+    if activation not in MLP_ACTIVATIONS:
+        raise UserError(f"unknown activation {activation!r}; choose one of {', '.join(MLP_ACTIVATIONS)}")
+    if layernorm not in MLP_LAYERNORMS:
+        raise UserError(f"unknown layernorm {layernorm!r}; choose one of {', '.join(MLP_LAYERNORMS)}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    for d_in in (in_dim, width):
+        block = [nn.Linear(d_in, width), MLP_ACTIVATIONS[activation]()]
+        if layernorm != "none":
+            block.insert(1 if layernorm == "before_act" else 2, nn.LayerNorm(width))
+        layers += block
+    return nn.Sequential(*layers)
 
 
 def resnet18_backbone(in_chans: int) -> nn.Module:
@@ -123,9 +142,9 @@ def freeze_batchnorm_stats(backbone: nn.Module) -> int:
     return n
 
 
-def _build_backbone(name: str, task: TaskData) -> tuple[nn.Module, int]:
+def _build_backbone(name: str, task: TaskData, mlp: dict) -> tuple[nn.Module, int]:
     if name == "mlp":
-        return mlp_backbone(math.prod(task.in_shape)), MLP_WIDTH
+        return mlp_backbone(math.prod(task.in_shape), MLP_WIDTH, **mlp), MLP_WIDTH
     if len(task.in_shape) != 3:
         raise UserError(f"model {name!r} needs an image task (C, H, W input); task {task.name!r} has input shape "
                         f"{task.in_shape}; use model 'mlp' for it")
@@ -141,13 +160,19 @@ def _build_backbone(name: str, task: TaskData) -> tuple[nn.Module, int]:
     return net, (net.net if isinstance(net, PadTo) else net).num_features
 
 
-def build_model(name: str, task: TaskData, seed: int) -> TaskModel:
-    """Freshly initialised model for `task`, seeded by `seed` without touching the global RNG; on the task's device."""
+def build_model(name: str, task: TaskData, seed: int, mlp: dict | None = None) -> TaskModel:
+    """Freshly initialised model for `task`, seeded by `seed` without touching the global RNG; on the task's device.
+    `mlp`: the MLP's activation / layernorm (MLP_DEFAULTS where missing); other models take none."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    mlp = {**MLP_DEFAULTS, **(mlp or {})}
+    if name != "mlp" and mlp != MLP_DEFAULTS:
+        changed = {k: v for k, v in mlp.items() if MLP_DEFAULTS[k] != v}
+        raise UserError(f"{', '.join(f'{k} {v!r}' for k, v in changed.items())}: only the mlp model has these "
+                        f"knobs, not {name!r}")
     with torch.random.fork_rng(devices=[]):  # init runs on CPU, so only the CPU RNG needs restoring
         torch.manual_seed(seed)
-        backbone, feat_dim = _build_backbone(name, task)
+        backbone, feat_dim = _build_backbone(name, task, mlp)
         model = TaskModel(backbone, feat_dim, task.n_old, task.n_new, shared_head=task.kind == "regression",
                           model_name=name)
     return model.to(task.device)

@@ -58,6 +58,8 @@ class PretrainConfig:
     weight_decay: float = 0.0
     limit: int | None = None      # the task's subsample size: different data, different weights
     dtype: str = "fp32"
+    activation: str = "relu"      # the mlp's activation and LayerNorm placement (models.MLP_*): the model
+    layernorm: str = "before_act"  # pretrained is a different one, so they are part of the key
 
 
 def default_pretrain_config(task_name: str, **overrides) -> PretrainConfig:
@@ -73,18 +75,29 @@ def default_pretrain_config(task_name: str, **overrides) -> PretrainConfig:
 
 
 def pretrain_config_for(cfg) -> PretrainConfig:
-    """The PretrainConfig a TrialConfig's trial loads (its pretrain_steps/epochs, limit and dtype)."""
+    """The PretrainConfig a TrialConfig's trial loads (its pretrain_* overrides, limit, dtype and the mlp's
+    activation / layernorm); `cfg` resolved by trial.resolve, which fills them in from its toy_variant."""
     return default_pretrain_config(cfg.task, steps=cfg.pretrain_steps, epochs=cfg.pretrain_epochs,
                                    lr=cfg.pretrain_lr, scheduler=cfg.pretrain_scheduler, limit=cfg.limit,
-                                   dtype=cfg.dtype)
+                                   dtype=cfg.dtype, batch_size=cfg.pretrain_batch_size,
+                                   activation=cfg.activation, layernorm=cfg.layernorm)
+
+
+def mlp_options(pcfg: PretrainConfig) -> dict:
+    return dict(activation=pcfg.activation, layernorm=pcfg.layernorm)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PROFIT_BENCH_CACHE", Path.home() / ".cache" / "profit_bench"))
 
 
+# Fields added after checkpoints were cached: left out of the hash at their default, so those keys stay valid.
+HASH_IF_CHANGED = {"activation": "relu", "layernorm": "before_act"}
+
+
 def config_hash(pcfg: PretrainConfig) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, **asdict(pcfg)}, sort_keys=True)
+    d = {k: v for k, v in asdict(pcfg).items() if HASH_IF_CHANGED.get(k, object()) != v}
+    blob = json.dumps({"v": CACHE_VERSION, **d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -311,14 +324,14 @@ def load_or_pretrain(task: TaskData, model_name: str, seed: int, pcfg: PretrainC
     from profit_bench.models import build_model  # imports timm (seconds): keep it off the CLI's error paths
 
     path = cache_path(task.name, model_name, seed, pcfg, cache_dir)
-    model = build_model(model_name, task, seed).to(task.device)
+    model = build_model(model_name, task, seed, mlp_options(pcfg)).to(task.device)
     meta_want = dict(task=task.name, model=model_name, seed=seed, hash=config_hash(pcfg))
     if path.is_file():
         reason = _load_checkpoint(path, model, meta_want)
         if reason is None:
             return model
         _move_aside([path, path.with_suffix(".json")], reason)
-        model = build_model(model_name, task, seed).to(task.device)  # load_state_dict never ran: still fresh
+        model = build_model(model_name, task, seed, mlp_options(pcfg)).to(task.device)  # load never ran: fresh
     if not build:
         raise UserError(f"no pretrained checkpoint {path}; run the sweep's pretraining stage (or a trial with "
                         f"pretrain_if_missing=True) to build it")

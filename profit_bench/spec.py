@@ -54,6 +54,9 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
 SWEEP_OWNED = {"task", "model", "seed", "device", "data_dir", "cache_dir", "steps", "epochs", "pretrain_if_missing"}
 NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit",
                                 "dtype", "method", "method_args"}
+# Knobs that change the pretrained model: a grid sweep pretrains every grid point's checkpoint up front, an Optuna
+# search (whose points appear while it runs) cannot, so they are searched by grids only.
+GRID_ONLY = {"toy_variant", "activation", "layernorm", "pretrain_batch_size"}
 # PROFIT-only TrialConfig fields: logged and shown only for runs that train through PROFIT.
 PROFIT_FIELDS = ("ratio", "n_ref", "profit_memory", "profit_delta", "ref_optimizer", "ref_kwargs")
 LOOKAHEAD_FIELDS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
@@ -287,6 +290,9 @@ def _dist_values(where: str, key: str, value, search: str) -> list | None:
     kind, args = next(iter(value.items()))
     if key in NOT_SEARCHABLE:
         raise UserError(f"{where}.{key} cannot be searched; fix it in `trial:` / `budget:` instead")
+    if key in GRID_ONLY and kind != "grid":
+        raise UserError(f"{where}.{key} changes the pretrained model: vary it with `{{grid: [...]}}` in a grid "
+                        f"sweep (search: grid), not by {kind}")
     if kind == "grid" and search != "grid":
         raise UserError(f"{where}.{key}: `grid` values need `search: grid` (this sweep uses {search})")
     if kind != "grid" and search == "grid":

@@ -33,14 +33,15 @@ import torch
 from profit_bench import UserError, protocol
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
-from profit_bench.models import MODELS, uses_channels_last
+from profit_bench.models import MLP_ACTIVATIONS, MLP_DEFAULTS, MLP_LAYERNORMS, MODELS, uses_channels_last
 from profit_bench.optim import DELTA_MODES, MEMORY_MODES, PROFIT, REF_OPTIMIZERS
 from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, fisher_for,
                                    fisher_samples_for, load_or_pretrain, local_cache, pretrain_config_for)
-from profit_bench.tasks import TASKS, ensure_task_data, evaluate, get_task, task_spec
+from profit_bench.tasks import TASKS, TOY_VARIANTS, ensure_task_data, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
 SCHEDULERS = ("none", "step", "cosine")
+SCHEDULE_UNITS = ("main", "batch")
 LOW_MEMORY_OPTIMIZERS = ("sgd", "adam", "adamw", "adan")  # those with a first-moment buffer (optim.LowMemRef)
 
 
@@ -56,9 +57,14 @@ class TrialConfig:
     scheduler: str | None = None        # none | step | cosine; steps once per *main* step
     step_size: int | None = None        # StepLR period in main steps
     gamma: float | None = None          # StepLR decay factor
+    lr_schedule_unit: str | None = None  # "main" (default): step_size counts main steps; "batch": every batch
     steps: int | None = None            # budget in main steps (toy default) ...
     epochs: int | None = None           # ... or in epochs of new-train (image default)
     batch_size: int | None = None
+    toy_variant: str | None = None      # a named reading of C.1 (tasks.TOY_VARIANTS): fills the knobs it names
+    activation: str | None = None       # mlp: relu | tanh | gelu (default relu)
+    layernorm: str | None = None        # mlp: before_act | after_act | none (default before_act)
+    pretrain_batch_size: int | None = None  # override the task's pretraining batch (changes the cache key)
     eval_every: int | None = None       # evaluate + report every N main steps; None → after every epoch
     profit: bool = False                # train through PROFIT(main optimizer); method "profit" forces it
     ratio: float = 100.0                # PROFIT λ_main / λ_ref
@@ -91,11 +97,12 @@ RANGES = {
     "gamma": (0, None, False), "steps": (1, None, True), "epochs": (1, None, True), "batch_size": (1, None, True),
     "eval_every": (1, None, True), "ratio": (0, None, False), "n_ref": (1, None, True),
     "warmup_epochs": (0, None, True), "lookahead_alpha": (0, 1, False), "lookahead_k": (1, None, True),
-    "pretrain_steps": (1, None, True), "pretrain_epochs": (1, None, True), "pretrain_lr": (0, None, False),
+    "pretrain_steps": (1, None, True), "pretrain_batch_size": (1, None, True), "pretrain_epochs": (1, None, True), "pretrain_lr": (0, None, False),
     "limit": (1, None, True),
 }
 CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,
-           "profit_memory": MEMORY_MODES, "profit_delta": DELTA_MODES,
+           "profit_memory": MEMORY_MODES, "profit_delta": DELTA_MODES, "toy_variant": tuple(TOY_VARIANTS),
+           "activation": tuple(MLP_ACTIVATIONS), "layernorm": MLP_LAYERNORMS, "lr_schedule_unit": SCHEDULE_UNITS,
            "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
 
 
@@ -132,7 +139,12 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
     if cfg.steps is not None and cfg.epochs is not None:
         raise UserError("set either steps or epochs, not both")
     budget_given = cfg.steps is not None or cfg.epochs is not None
-    d = {**spec.finetune, "model": spec.default_model}
+    if cfg.toy_variant is not None:  # the variant's values, where the config leaves the knob unset
+        if cfg.task != "toy":
+            raise UserError(f"toy_variant is a reading of the toy task's recipe (C.1), not of {cfg.task!r}")
+        check_value("toy_variant", cfg.toy_variant, str)
+        cfg = replace(cfg, **{k: v for k, v in TOY_VARIANTS[cfg.toy_variant].items() if getattr(cfg, k) is None})
+    d = {**spec.finetune, "model": spec.default_model, **MLP_DEFAULTS, "lr_schedule_unit": "main"}
     filled = {k: v for k, v in d.items()
               if getattr(cfg, k) is None and not (k in ("steps", "epochs") and budget_given)}
     cfg = replace(cfg, **filled)
@@ -141,6 +153,8 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
     cfg = replace(cfg, step_size=cfg.step_size or 1, gamma=1.0 if cfg.gamma is None else cfg.gamma)
     hints = typing.get_type_hints(TrialConfig)
     cfg = replace(cfg, **{f.name: check_value(f.name, getattr(cfg, f.name), hints[f.name]) for f in fields(cfg)})
+    if cfg.model != "mlp" and any(getattr(cfg, k) != v for k, v in MLP_DEFAULTS.items()):
+        raise UserError(f"activation / layernorm are knobs of the mlp model only, not of {cfg.model!r}")
     method = get_method(cfg.method, cfg.model)
     method.resolve_args(cfg.method_args)  # unknown knobs fail here, not after pretraining
     cfg = replace(cfg, profit=cfg.profit or method.profit)  # the recorded config says what actually runs
@@ -279,7 +293,9 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     else:  # warmup batches are main steps of AdamW; the rest run at per_main batches per main step
         total_main = cfg.warmup_epochs * batches_per_epoch + \
             (cfg.epochs - cfg.warmup_epochs) * batches_per_epoch // per_main
-    lr_factor = make_lr_factor(cfg.scheduler, cfg.step_size, cfg.gamma, total_main)
+    per_batch = cfg.lr_schedule_unit == "batch"  # then step_size (and cosine's length) count batches
+    lr_factor = make_lr_factor(cfg.scheduler, cfg.step_size, cfg.gamma,
+                               total_main * per_main if per_batch else total_main)
 
     history = []
 
@@ -297,7 +313,8 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         return all(math.isfinite(v) for v in (old_val_loss, new_val_loss, train_loss))
 
     loop = dict(head="new", loss_fn=task.loss, batch_size=cfg.batch_size, generator=gen, augment=task.augment,
-                lr_factor=lr_factor, eval_every=cfg.eval_every, on_eval=on_eval, dtype=cfg.dtype,
+                lr_factor=lr_factor, lr_per_batch=per_batch, eval_every=cfg.eval_every, on_eval=on_eval,
+                dtype=cfg.dtype,
                 channels_last=channels_last, penalty=prepared.penalty)
     state = LoopState()
     if cfg.warmup_epochs:
@@ -328,8 +345,9 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     sign = 1.0 if task.higher_is_better else -1.0  # positive forgetting = worse on the old task
     profit_bytes = opt.extra_state_bytes() if cfg.profit else 0
     config = asdict(cfg)
-    config["step_unit"] = ("main steps: a PROFIT main step = n_ref reference + 1 main batch; scheduler, steps "
-                           "and eval_every count main steps")
+    config["step_unit"] = ("main steps: a PROFIT main step = n_ref reference + 1 main batch; steps and "
+                           "eval_every count main steps, the scheduler " +
+                           ("batches" if per_batch else "main steps"))
     result = dict(
         status="diverged" if diverged else "ok", diverged_reason=diverged_reason or "",
         **final, **before,
@@ -386,6 +404,13 @@ HELP = {
     "eval_every": "evaluate on validation every N main steps; default: after every epoch",
     "ratio": "PROFIT λ_main / λ_ref",
     "n_ref": "PROFIT reference steps per cycle",
+    "toy_variant": "toy: a named reading of C.1's unstated choices (activation, layernorm, batch sizes, lr "
+                   "schedule unit); knobs set explicitly win",
+    "activation": "mlp activation",
+    "layernorm": "mlp LayerNorm placement: before or after the activation, or none",
+    "lr_schedule_unit": "what the lr schedule's step_size counts: main steps or every batch (PROFIT: reference "
+                        "batches too)",
+    "pretrain_batch_size": "pretraining batch size (default: the task's)",
     "limit": "subsample every split to this many examples (smoke tests)",
     "pretrain_if_missing": "pretrain when the cache has no checkpoint (else: error)",
 }
