@@ -685,3 +685,18 @@ def test_delta_table_pairs_exact_and_weights_by_seed_and_counts_below_chance_run
     text = delta_table(pd.DataFrame(rows))
     # new: (0.3 + s/100) − (0.5 + s/50) = −0.2 − s/100 → −0.21, −0.22, −0.23: mean −22 %, s.e. 0.01/√3 = 0.58 %
     assert "-22.00 ± 0.58 (n=3)" in text and "| 100 | 1e-05 |" in text and "0.00 ± 0.00 (n=3)" in text
+
+
+def test_table1_regime_distance_is_the_mean_abs_log_ratio_to_the_papers_baselines():
+    import math
+
+    import pandas as pd
+
+    from analysis.table1_regime import READING, distances, paper_rows
+    paper = paper_rows()
+    reading = dict(activation="tanh", layernorm="after_act", batch_size=32, pretrain_batch_size=32)
+    rows = [{**reading, "row": r, "old_val": paper[r]["old"] * f, "new_val": paper[r]["new"]}
+            for r, f in (("pretrained", 1.0), ("full", 2.0), ("head", 0.5))]
+    d = distances(pd.DataFrame(rows), "val")
+    assert list(d.columns) == READING + ["distance_val"]
+    assert d["distance_val"].iloc[0] == pytest.approx(2 * math.log(2) / 6)  # two of six off by a factor 2

@@ -226,3 +226,23 @@ def test_an_ablation_around_a_warmup_arm_is_refused(tmp_path):
             "methods: {p: {method: profit, lr: 1.0e-3, warmup_epochs: {int: [0, 2]}}}\n")
     with pytest.raises(UserError, match="warm-up"):
         load_spec(write_spec(tmp_path, text))
+
+
+def test_table1_regime_study_and_table1_default_validate(capsys):
+    from profit_bench.spec import load_suite
+    suite = load_suite("table1_regime")
+    readings = suite.workloads["readings"]
+    points = grid_points(readings)
+    cells = {(p["arm"], p["params"]["activation"], p["params"]["layernorm"]) for p in points}
+    assert len(cells) == 2 * 3 * 2 and {p["seed"] for p in points} == {0, 1, 2, 3, 4}
+    profit = suite.workloads["profit"]
+    assert not set(profit.seeds) & set(readings.seeds)  # stage 2 runs on fresh seeds
+    assert main(["table1_regime", "--dry-run"]) == 0
+    assert main(["table1", "--dry-run"]) == 0
+    assert "toy_variant" in capsys.readouterr().out
+
+
+def test_knobs_that_change_the_pretrained_model_are_grid_only(tmp_path, capsys):
+    text = BASE + "methods: {full: {activation: {choice: [relu, tanh]}}}\n"
+    assert main([write_spec(tmp_path, text), "--dry-run"]) == 2
+    assert "changes the pretrained model" in capsys.readouterr().err

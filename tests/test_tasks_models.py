@@ -471,3 +471,31 @@ def test_vit_micro(cifar):
 def test_channels_last_rule():
     assert uses_channels_last("resnet_small", "cuda") and uses_channels_last("resnet18", "cuda:0")
     assert not uses_channels_last("resnet18", "cpu") and not uses_channels_last("vit_micro", "cuda")
+
+
+# ------------------------------------------------------------------------------------------------ C.1 readings
+
+@pytest.mark.parametrize("activation, act_type", [("relu", nn.ReLU), ("tanh", nn.Tanh), ("gelu", nn.GELU)])
+@pytest.mark.parametrize("layernorm, order", [
+    ("before_act", ["Linear", "LayerNorm", "act"]), ("after_act", ["Linear", "act", "LayerNorm"]),
+    ("none", ["Linear", "act"])])
+def test_mlp_activation_and_layernorm_readings(toy, activation, act_type, layernorm, order):
+    model = build_model("mlp", toy, seed=0, mlp=dict(activation=activation, layernorm=layernorm))
+    names = ["act" if type(m) is act_type else type(m).__name__ for m in model.backbone]
+    assert names == ["Flatten"] + order + order  # the head (last Linear) never gets a norm or an activation
+    ln_params = 0 if layernorm == "none" else 2 * 2 * 500
+    assert sum(p.numel() for p in model.parameters()) == mlp_param_count() - 2 * 2 * 500 + ln_params
+    assert model(toy.old_test.x[:3]).shape == (3, 1)
+
+
+def test_mlp_readings_share_the_linear_init_and_other_models_refuse_them(toy, digits):
+    a = build_model("mlp", toy, seed=3)
+    b = build_model("mlp", toy, seed=3, mlp=dict(activation="tanh", layernorm="after_act"))
+    lin = lambda m: [x.weight for x in m.backbone if isinstance(x, nn.Linear)]  # noqa: E731
+    assert all(torch.equal(p, q) for p, q in zip(lin(a), lin(b)))  # only the module order differs
+    assert [type(m) for m in a.backbone] == [nn.Flatten, nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear,
+                                             nn.LayerNorm, nn.ReLU]  # the default is the original reading
+    with pytest.raises(UserError, match="only the mlp"):
+        build_model("resnet18", digits, seed=0, mlp=dict(activation="tanh"))
+    with pytest.raises(UserError, match="unknown activation"):
+        build_model("mlp", toy, seed=0, mlp=dict(activation="swish"))

@@ -508,3 +508,77 @@ def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, 
     assert r["status"] == "ok"
     with pytest.raises(UserError, match="no pretrained checkpoint"):  # nothing there for another seed
         run_trial(replace(cfg, seed=1, pretrain_if_missing=False))
+
+
+# --------------------------------------------------------------------------------------- C.1 readings (issue 25)
+
+def _main_step_lrs(tmp_path, monkeypatch, **kw) -> list[float]:
+    """The lr of every main-optimizer step of a PROFIT n_ref 1 trial (RMSProp main optimizer)."""
+    import profit_bench.trial as trial
+    lrs = []
+
+    def spy(*a, **k):
+        opt = methods.make_optimizer(*a, **k)
+        step = opt.step
+        opt.step = lambda *sa, **sk: lrs.append(opt.param_groups[0]["lr"]) or step(*sa, **sk)
+        return opt
+    monkeypatch.setattr(trial, "make_optimizer", spy)
+    r = run_trial(tiny(tmp_path, profit=True, n_ref=1, steps=12, step_size=4, gamma=0.5, eval_every=None, **kw))
+    assert r["main_steps"] == 12 and r["batches"] == 24
+    return lrs
+
+
+def test_lr_decay_counting_batches_halves_the_main_steps_between_decays(tmp_path, monkeypatch):
+    main = _main_step_lrs(tmp_path, monkeypatch)
+    batch = _main_step_lrs(tmp_path, monkeypatch, lr_schedule_unit="batch")
+    drops = lambda lrs: [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]  # noqa: E731
+    assert drops(main) == [4, 8]                 # every step_size = 4 main steps
+    assert drops(batch) == [2, 4, 6, 8, 10]      # every 4 batches = 2 PROFIT main steps at n_ref 1
+    # main step k runs after 2k + 1 batches (its reference batch first): 0.5 ** ((2k + 1) // 4)
+    assert batch == pytest.approx([5e-4 * 0.5 ** ((2 * k + 1) // 4) for k in range(12)])
+    assert main == pytest.approx([5e-4 * 0.5 ** (k // 4) for k in range(12)])
+
+
+def test_toy_variant_fills_the_knobs_and_explicit_knobs_win():
+    from profit_bench.tasks import TOY_VARIANTS
+    assert set(TOY_VARIANTS["today"]) == {"activation", "layernorm", "batch_size", "pretrain_batch_size",
+                                          "lr_schedule_unit"}
+    plain = resolve(TrialConfig(task="toy"))
+    today = resolve(TrialConfig(task="toy", toy_variant="today"))
+    assert (plain.activation, plain.layernorm, plain.batch_size, plain.lr_schedule_unit) == \
+        (today.activation, today.layernorm, today.batch_size, today.lr_schedule_unit) == ("relu", "before_act", 32,
+                                                                                          "main")
+    assert pretrain.pretrain_config_for(plain) == pretrain.pretrain_config_for(today)  # same checkpoint
+    big = resolve(TrialConfig(task="toy", toy_variant="batch_256"))
+    assert big.batch_size == 256 and pretrain.pretrain_config_for(big).batch_size == 256
+    assert resolve(TrialConfig(task="toy", toy_variant="batch_256", batch_size=64)).batch_size == 64
+    with pytest.raises(UserError, match="toy_variant"):
+        resolve(TrialConfig(task="digits", toy_variant="today"))
+    with pytest.raises(UserError, match="unknown toy_variant"):
+        resolve(TrialConfig(task="toy", toy_variant="nosuch"))
+    with pytest.raises(UserError, match="mlp model only"):
+        resolve(TrialConfig(task="digits", model="resnet18", layernorm="after_act"))
+
+
+def test_pretraining_cache_key_follows_the_mlp_readings():
+    from dataclasses import asdict
+    base = resolve(TrialConfig(task="toy"))
+    key = lambda **kw: pretrain.config_hash(pretrain.pretrain_config_for(resolve(TrialConfig(task="toy", **kw))))  # noqa: E731
+    keys = {key(), key(activation="tanh"), key(activation="gelu"), key(layernorm="after_act"), key(layernorm="none"),
+            key(pretrain_batch_size=8), key(toy_variant="ln_after")}
+    assert len(keys) == 6  # ln_after = layernorm after_act: the same model, the same key
+    assert key(batch_size=8) == key() and key(lr_schedule_unit="batch") == key()  # fine-tuning only
+    # at the original reading the key is the one computed before these knobs existed (old caches stay valid)
+    import hashlib
+    old = {k: v for k, v in asdict(pretrain.pretrain_config_for(base)).items() if k not in ("activation", "layernorm")}
+    blob = json.dumps({"v": pretrain.CACHE_VERSION, **old}, sort_keys=True)
+    assert key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def test_trial_pretrains_and_fine_tunes_the_reading_it_names(tmp_path):
+    r, model = run_trial(tiny(tmp_path, toy_variant="ln_after", activation="tanh"), return_model=True)
+    assert r["status"] == "ok" and r["config"]["layernorm"] == "after_act" and r["config"]["activation"] == "tanh"
+    assert [type(m).__name__ for m in model.backbone][1:4] == ["Linear", "Tanh", "LayerNorm"]
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
+    run_trial(tiny(tmp_path))  # the original reading: its own checkpoint beside the first
+    assert len(sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))) == len(files) + 1
