@@ -1211,6 +1211,9 @@ def dry_run(spec, opts, points, total, experiment, uri) -> int:
     cpus, gpus, concurrent = plan_resources(opts, spec, cluster)
     print(f"sweep {spec.name}: task {spec.task}, {spec.search} search, objectives "
           f"{', '.join(spec.objectives)}, budget {spec.budget}, trial settings {spec.trial}")
+    if spec.trial.get("toy_variant"):
+        from profit_bench.tasks import TOY_VARIANTS
+        print(f"toy_variant {spec.trial['toy_variant']}: {TOY_VARIANTS.get(spec.trial['toy_variant'])}")
     print(f"resources: {cpus:g} CPU + {gpus:g} GPU per trial, at most {concurrent} at once; "
           f"device {'cuda' if gpus > 0 else 'cpu'}")
     print(f"ray: {opts.storage_path}/{experiment}_<timestamp>; mlflow: {uri} experiment {experiment}")

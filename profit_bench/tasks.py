@@ -456,7 +456,9 @@ TOY_VARIANTS: dict[str, dict] = {
     "ln_after": {**_TODAY, "layernorm": "after_act"},
     "no_ln": {**_TODAY, "layernorm": "none"},
     "tanh": {**_TODAY, "activation": "tanh"},
+    "tanh_ln_after": {**_TODAY, "activation": "tanh", "layernorm": "after_act"},
     "gelu": {**_TODAY, "activation": "gelu"},
+    "gelu_ln_after": {**_TODAY, "activation": "gelu", "layernorm": "after_act"},
     "batch_256": {**_TODAY, "batch_size": 256, "pretrain_batch_size": 256},
     "decay_per_batch": {**_TODAY, "lr_schedule_unit": "batch"},
 }
