@@ -130,6 +130,7 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
     import torch
 
     from profit_bench.trial import TrialConfig, run_trial
+    torch.set_num_threads(1)  # as a sweep's trial: two threads on a busy 2-core machine wait on each other
     base = dict(task="toy", toy_variant=variant, seed=seed, steps=1500, eval_every=100, device="cpu",
                 cache_dir=str(cache_dir), pretrain_if_missing=False)
     models, mses = {}, {}
@@ -139,7 +140,7 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
         r, models[name] = run_trial(TrialConfig(**base, **kw), return_model=True, progress=False)
         mses[name] = (r["old_test"], r["new_test"])
         mses["pretrained"] = (r["old_test_before"], r["new_test_before"])
-    from profit_bench.pretrain import default_cache_dir, load_or_pretrain, pretrain_config_for  # noqa: F401
+    from profit_bench.pretrain import load_or_pretrain, pretrain_config_for
     from profit_bench.tasks import get_task
     from profit_bench.trial import resolve
     cfg = resolve(TrialConfig(**base))
@@ -158,15 +159,15 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
         preds = {k: m.eval()(pts).squeeze(1).numpy() for k, m in models.items()}
         dpreds = {k: m.eval()(diag).squeeze(1).numpy() for k, m in models.items()}
 
-    fig, axes = plt.subplots(2, 5, figsize=(17, 7), gridspec_kw=dict(height_ratios=[1.15, 1]))
+    fig, axes = plt.subplots(2, 5, figsize=(17, 8), gridspec_kw=dict(height_ratios=[1.15, 1], hspace=0.45))
     maps = {"ground truth": truth, **preds}
     for ax, (k, v) in zip(axes[0], maps.items()):
         shown = np.where(inside, v, np.nan).reshape(n, n)
         im = ax.imshow(shown, origin="lower", extent=(-1, 1.5, -1, 1.5), cmap="RdBu_r", vmin=-1.5, vmax=1.5)
         ax.plot([0.8, 1.5, 1.5, 0.8, 0.8], [0.8, 0.8, 1.5, 1.5, 0.8], "k--", lw=0.8)
         ax.plot([-1, 1, 1, -1, -1], [-1, -1, 1, 1, -1], "k:", lw=0.8)
-        title = k if k == "ground truth" else f"{k}\nold {mses[k][0]:.3f} / new {mses[k][1]:.3f} test MSE"
-        ax.set_title(title, fontsize=10)
+        title = k if k == "ground truth" else f"{k}\ntest MSE old {mses[k][0]:.3f}\nnew {mses[k][1]:.3f}"
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([-1, 0, 1.5])
         ax.set_yticks([-1, 0, 1.5])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="f(x)")
@@ -180,7 +181,7 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
         ax.set_ylim(-2, 2)
         ax.set_xlabel("‖x‖ along x₁ = x₂")
         ax.legend(fontsize=8, loc="lower left")
-    axes[1][0].set_ylabel("prediction (blue band: old domain, orange: new)")
+    axes[1][0].set_ylabel("f(x) (blue band: old domain,\norange: new)")
     fig.suptitle(f"Table 1 toy, reading '{variant}', seed {seed} (fresh), PROFIT ratio {ratio:g}, n_ref 1, "
                  f"O_ref SGD, lr decay per {unit}; dashed: new domain [0.8, 1.5]², dotted: old [-1, 1]²",
                  fontsize=11)

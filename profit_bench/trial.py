@@ -97,7 +97,8 @@ RANGES = {
     "gamma": (0, None, False), "steps": (1, None, True), "epochs": (1, None, True), "batch_size": (1, None, True),
     "eval_every": (1, None, True), "ratio": (0, None, False), "n_ref": (1, None, True),
     "warmup_epochs": (0, None, True), "lookahead_alpha": (0, 1, False), "lookahead_k": (1, None, True),
-    "pretrain_steps": (1, None, True), "pretrain_batch_size": (1, None, True), "pretrain_epochs": (1, None, True), "pretrain_lr": (0, None, False),
+    "pretrain_steps": (1, None, True), "pretrain_batch_size": (1, None, True), "pretrain_epochs": (1, None, True),
+    "pretrain_lr": (0, None, False),
     "limit": (1, None, True),
 }
 CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,

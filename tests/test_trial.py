@@ -563,7 +563,8 @@ def test_toy_variant_fills_the_knobs_and_explicit_knobs_win():
 def test_pretraining_cache_key_follows_the_mlp_readings():
     from dataclasses import asdict
     base = resolve(TrialConfig(task="toy"))
-    key = lambda **kw: pretrain.config_hash(pretrain.pretrain_config_for(resolve(TrialConfig(task="toy", **kw))))  # noqa: E731
+    def key(**kw):
+        return pretrain.config_hash(pretrain.pretrain_config_for(resolve(TrialConfig(task="toy", **kw))))
     keys = {key(), key(activation="tanh"), key(activation="gelu"), key(layernorm="after_act"), key(layernorm="none"),
             key(pretrain_batch_size=8), key(toy_variant="ln_after")}
     assert len(keys) == 6  # ln_after = layernorm after_act: the same model, the same key
