@@ -49,8 +49,10 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in ok.iterrows():
         key = {c: r[c] for c in READING} | {"seed": int(r["seed"])}
+        # runs from before issue 27 have no profit_delta: their Δ was θ − θ_ref ("weights")
+        delta = r.get("profit_delta") if isinstance(r.get("profit_delta"), str) else "weights"
         name = r["arm"] if not r["is_profit"] else (f"PROFIT ratio {r['ratio']:g}, lr decay per "
-                                                    f"{r['lr_schedule_unit']}")
+                                                    f"{r['lr_schedule_unit']}, Δ {delta}")
         rows.append({**key, "row": name, **{m: r[m] for m in METRICS}})
         rows.append({**key, "row": "pretrained", **{m: r[f"{m}_before"] for m in METRICS}})
     df = pd.DataFrame(rows).drop_duplicates(subset=READING + ["seed", "row"])
