@@ -2,7 +2,7 @@
 Figure-3-style plot, written to docs/results/table1_regime/.
 
     python -m profit_bench.sweep table1_regime          # the two workloads: readings, then profit
-    python -m analysis.table1_regime                    # → docs/results/table1_regime/*.csv, *.md, figure3.png
+    python -m analysis.table1_regime --figure today 1000 100 main weights  # → docs/results/table1_regime/
 
 Distance of a reading to the paper: the mean over Table 1's six baseline MSEs (pretrained, full, head-only ×
 old, new) of |ln(our mean / paper)|, our means over the seeds on VALIDATION (the readings are chosen there; the
@@ -44,8 +44,9 @@ def reading_name(r) -> str:
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per reading × seed × row (pretrained, full, head[, PROFIT cells]) with its four MSEs."""
     ok = runs[(runs["status"] == "ok") & ~runs["diverged"]].copy()
-    for c in READING:
-        ok[c] = ok[c].fillna(32) if "batch" in c else ok[c]
+    from profit_bench.tasks import TOY_VARIANTS
+    for c in READING:  # a run that did not log a knob ran it at its default: today's reading
+        ok[c] = ok[c].fillna(TOY_VARIANTS["today"][c]) if c in ok else TOY_VARIANTS["today"][c]
     rows = []
     for _, r in ok.iterrows():
         key = {c: r[c] for c in READING} | {"seed": int(r["seed"])}
@@ -123,7 +124,7 @@ def profit_markdown(summary: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- Figure 3
-def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, path: Path) -> str:
+def figure3(variant: str, seed: int, ratio: float, unit: str, delta: str, cache_dir: Path, path: Path) -> str:
     """Ground truth and the predictions of the pretrained, head-only, full and PROFIT models of one seed, as heat
     maps over [-1, 1.5]² (outside both task domains greyed) and along the diagonal x₁ = x₂ against ‖x‖."""
     import matplotlib
@@ -138,7 +139,7 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
     models, mses = {}, {}
     for name, kw in [("head-only", dict(method="head")), ("full", dict(method="full")),
                      ("PROFIT", dict(method="profit", ratio=ratio, n_ref=1, ref_optimizer="sgd",
-                                     lr_schedule_unit=unit))]:
+                                     lr_schedule_unit=unit, profit_delta=delta))]:
         r, models[name] = run_trial(TrialConfig(**base, **kw), return_model=True, progress=False)
         mses[name] = (r["old_test"], r["new_test"])
         mses["pretrained"] = (r["old_test_before"], r["new_test_before"])
@@ -185,7 +186,7 @@ def figure3(variant: str, seed: int, ratio: float, unit: str, cache_dir: Path, p
         ax.legend(fontsize=8, loc="lower left")
     axes[1][0].set_ylabel("f(x) (blue band: old domain,\norange: new)")
     fig.suptitle(f"Table 1 toy, reading '{variant}', seed {seed} (fresh), PROFIT ratio {ratio:g}, n_ref 1, "
-                 f"O_ref SGD, lr decay per {unit}; dashed: new domain [0.8, 1.5]², dotted: old [-1, 1]²",
+                 f"O_ref SGD, lr decay per {unit}, Δ {delta}; dashed: new domain [0.8, 1.5]², dotted: old [-1, 1]²",
                  fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -199,9 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--cache-dir", default="ray_results/pretrain_cache", help="the sweep's pretraining cache")
-    p.add_argument("--figure", nargs=4, metavar=("VARIANT", "SEED", "RATIO", "UNIT"),
+    p.add_argument("--figure", nargs=5, metavar=("VARIANT", "SEED", "RATIO", "UNIT", "DELTA"),
                    help="also draw the Figure-3-style plot for this toy_variant / fresh seed / PROFIT ratio / "
-                        "lr_schedule_unit")
+                        "lr_schedule_unit / profit_delta")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,8 +234,8 @@ def main(argv=None) -> int:
         (out / "profit.md").write_text(profit_markdown(psum))
         print(profit_markdown(psum))
     if args.figure:
-        variant, seed, ratio, unit = args.figure
-        print(figure3(variant, int(seed), float(ratio), unit, Path(args.cache_dir), out / "figure3.png"))
+        variant, seed, ratio, unit, delta = args.figure
+        print(figure3(variant, int(seed), float(ratio), unit, delta, Path(args.cache_dir), out / "figure3.png"))
     return 0
 
 
