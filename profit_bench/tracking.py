@@ -489,10 +489,9 @@ class MlflowLogger(Callback):
 
 
 def compact_params(cfg_dict: dict, spec, point: dict) -> dict:
-    """The params of a trial run: KEY_PARAMS, every knob the sweep's `trial:` block sets (a sweep-wide reading such
-    as `toy_variant` distinguishes it from other sweeps) and every knob some arm fixes or searches (and the
+    """The params of a trial run: KEY_PARAMS and every knob some arm of the sweep fixes or searches (and the
     point's own), where they apply to this run (spec.applicable_params)."""
-    knobs = set(KEY_PARAMS) | set(point.get("params", {})) | set(spec.trial)
+    knobs = set(KEY_PARAMS) | set(point.get("params", {}))
     for a in spec.arms:
         knobs |= set(a.fixed) | set(a.space)
     return {k: v for k, v in applicable_params(cfg_dict).items() if k in knobs}

@@ -259,14 +259,3 @@ def test_arm_search_starts_each_arm_with_its_own_sobol_points_and_pickles(tmp_pa
     path = tmp_path / "searcher.pkl"
     search.save(str(path))
     ArmSearch.restore(search, str(path))
-
-
-def test_compact_params_keep_the_sweep_wide_trial_block():
-    """A knob the sweep's `trial:` block sets for every trial (table1's reading) is a run param, so runs of two
-    sweeps that differ only there stay distinguishable in MLflow's params."""
-    from profit_bench.spec import load_spec, make_point, trial_dict
-    from profit_bench.tracking import compact_params
-    spec = load_spec("table1", ["trial.toy_variant=tanh"])
-    point = make_point(spec.arms[0].label, spec.models[0], spec.seeds[0], {})
-    params = compact_params(trial_dict(spec, point), spec, point)
-    assert params["toy_variant"] == "tanh" and params["task"] == "toy"
