@@ -21,3 +21,15 @@ def private_cache(tmp_path_factory):
         os.environ.pop("PROFIT_BENCH_CACHE", None)
     else:
         os.environ["PROFIT_BENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A small local Ray per test module that runs sweeps in-process (2 CPUs, no dashboard, 100 MB store)."""
+    import os
+
+    import ray
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 ** 2)
+    yield ray
+    ray.shutdown()

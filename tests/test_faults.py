@@ -229,15 +229,6 @@ methods:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 ** 2)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("pretrain_cache")
 

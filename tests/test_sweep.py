@@ -18,15 +18,6 @@ TINY = ["--set", "budget.steps=20", "--set", "trial.eval_every=10", "--set", "tr
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 1024 ** 2)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pretrain_cache")
 
