@@ -1,4 +1,4 @@
-"""MLflow store → one tidy DataFrame, one row per trial run (CONTRACT §3 layout). Nothing here computes statistics.
+"""MLflow store → one tidy DataFrame, one row per trial run (the MLflow layout of docs/architecture.md). Nothing here computes statistics.
 
 Read from each trial run: tags `mlflow.parentRunId`, `stage` (search | confirm | ablation), `arm`, `config_key`,
 `choice`, `status`, `diverged_reason`, `metric_name`, `higher_is_better`, `ablation_knob` (ablation runs: "n_ref" or
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from profit_bench import UserError, protocol
+from profit_bench.methods import canonical
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the same default as profit_bench.sweep
 TRIAL_FILTER = "tags.`profit_bench.role` = 'trial'"
@@ -36,7 +37,6 @@ FINAL_METRICS = [
 BOOKKEEPING = {"seed", "device", "dtype", "data_dir", "cache_dir", "eval_every", "compile", "ray_trial_id",
                "search_index", "sweep.yaml", "task", "model", "method", "optimizer", "profit", "steps", "epochs",
                "limit"}
-ADAPTERS = {"lora", "vpt", "convadapter"}
 SETTLED = ("ok", "diverged")  # statuses whose metrics exist; failed/killed runs are only counted
 
 
@@ -53,15 +53,12 @@ def _parse_param(col: pd.Series) -> pd.Series:
 
 
 def method_label(method, optimizer, profit) -> str:
-    """How a run fine-tuned: "full+adam", "PROFIT(adam)", "lora+PROFIT(adam)"; keys the paper's rows."""
+    """How a run fine-tuned: "full+adam", "PROFIT(adam)", "lora+PROFIT(adam)"; keys the paper's rows. `method` and
+    `profit` as `methods.canonical` gives them (the registry's "profit" method is full with profit on)."""
     main = optimizer if isinstance(optimizer, str) and optimizer else "default"
-    if method == "profit" or (profit is True and method == "full"):
+    if profit is True and method == "full":
         return f"PROFIT({main})"
     return f"{method}+PROFIT({main})" if profit is True else f"{method}+{main}"
-
-
-def is_profit_label(label: str) -> bool:
-    return "PROFIT(" in label
 
 
 def open_client(uri: str):
@@ -141,10 +138,13 @@ def tidy_runs(raw: pd.DataFrame, tables: dict[str, str]) -> pd.DataFrame:
         .isin(["true", "1"])
     for c in ("task", "model", "method", "optimizer", "profit"):  # groupby drops missing keys: name them instead
         df[c] = df[c].fillna("default") if c in df else "default"
+    # The registry's view: a method registered with profit=True is its base method trained through PROFIT.
+    canon = [canonical(m, p is True) for m, p in zip(df["method"], df["profit"])]
+    df["method"], df["profit"] = [m for m, _ in canon], [p for _, p in canon]
     df["label"] = [method_label(m, o, p) for m, o, p in zip(df["method"], df["optimizer"], df["profit"])]
     df["arm"] = df["arm"].fillna(df["label"])
     df["config_key"] = df["config_key"].fillna(df["run_id"])
-    df["is_profit"] = df["label"].map(is_profit_label).astype(bool)
+    df["is_profit"] = df["profit"].astype(bool)
     return df
 
 

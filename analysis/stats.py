@@ -251,7 +251,7 @@ def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
     for key, c in cells.groupby(GROUP, sort=True) if len(cells) else ():
         for _, p in c[c["is_profit"]].iterrows():
             for _, b in c[~c["is_profit"]].iterrows():
-                if "method" in c and p["method"] not in ("full", "profit") and p["method"] != b["method"]:
+                if "method" in c and p["method"] != "full" and p["method"] != b["method"]:
                     continue
                 shared = set(str(p["choice"]).split(",")) & set(str(b["choice"]).split(","))
                 if not shared:

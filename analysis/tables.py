@@ -94,7 +94,7 @@ def paper_ablation_row(paper: dict, knob: str, model: str, value):
 
 def paper_method_key(row) -> str:
     """Which paper row a cell corresponds to: "profit" for the full model through PROFIT, else the method."""
-    return "profit" if row["is_profit"] and row["method"] in ("full", "profit") else str(row["method"])
+    return "profit" if row["is_profit"] and row["method"] == "full" else str(row["method"])
 
 
 def paper_optimizer_key(row) -> str:
@@ -228,11 +228,11 @@ def _pretrained_row(r, runs, paper, key_cols, cols, metric) -> list:
 
 
 def _profit_only(c):
-    return c[c["is_profit"] & c["method"].isin(["full", "profit"])]
+    return c[c["is_profit"] & (c["method"] == "full")]
 
 
 def table2(cells, paper, hyper, runs):
-    return _accuracy_table(2, cells, paper, hyper, select=lambda c: c[c["method"].isin(["full", "profit"])],
+    return _accuracy_table(2, cells, paper, hyper, select=lambda c: c[c["method"] == "full"],
                            key_cols=[], cols=["old", "new"], runs=runs, arm_runs=runs,
                            paper_key=lambda t, r: paper_lookup(t, model=r["model"], optimizer=paper_optimizer_key(r)))
 
@@ -293,7 +293,7 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
     tensors, PROFIT / method state), never process RSS. Table 11 and its figure print these rows."""
     # Not the ablation stage: its n_ref grid changes PROFIT's cost per step away from the configurations compared.
     ok = runs[runs["status"].isin(["ok", "diverged"]) & runs["step_time_median_s"].notna()
-              & runs["method"].isin(["full", "profit"]) & (runs["stage"] != "ablation")]
+              & (runs["method"] == "full") & (runs["stage"] != "ablation")]
     rows = []
     for (task, model, opt), g in ok.groupby(["task", "model", "optimizer"], sort=True):
         if g["is_profit"].nunique() < 2:

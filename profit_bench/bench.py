@@ -62,8 +62,9 @@ def synthetic_task(model: str, n: int, device: str) -> TaskData:
                     True)
 
 
-# The AdamW and PROFIT(AdamW) rows train the `full` method; the built-in `profit` method is that same PROFIT row.
-BASE_METHODS = ("full", "profit")
+# The AdamW and PROFIT(AdamW) rows train the `full` method; a method that is `full` through PROFIT (the registry's
+# `base`, e.g. the built-in `profit`) is that same PROFIT row.
+BASE_METHODS = tuple(m for m, spec in METHODS.items() if spec.base == "full")
 
 
 @dataclass
@@ -373,7 +374,7 @@ def bench_deviation(args) -> None:
         for seed in args.seeds:
             res = {}
             for memory in ("full", alt):
-                cfg = dict(task=task, method="profit", seed=seed, profit_memory=memory, device=args.device,
+                cfg = dict(task=task, method="full", profit=True, seed=seed, profit_memory=memory, device=args.device,
                            optimizer=args.optimizer, model=args.model)
                 if args.steps:
                     cfg["steps"] = args.steps

@@ -52,6 +52,7 @@ class Method:
     profit: bool = False        # True → always trained through PROFIT (the built-in "profit" method)
     args: dict = field(default_factory=dict)  # the method_args it reads, with their defaults
     needs_fisher: bool = False  # EWC: the trial loads (or builds) the old task's Fisher for ctx.fisher
+    base: str = ""              # the method it is without `profit` ("profit" → "full"); "" = itself
 
     def resolve_args(self, given: dict | None) -> dict:
         """The defaults updated by `given`; a key this method does not read is a UserError (a typo would
@@ -68,10 +69,19 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, prepare: Callable, supports: Callable[[str], bool] | None = None, *,
-                    profit: bool = False, args: dict | None = None, needs_fisher: bool = False) -> Method:
+                    profit: bool = False, args: dict | None = None, needs_fisher: bool = False,
+                    base: str | None = None) -> Method:
     METHODS[name] = Method(name, prepare, supports or (lambda model_name: True), profit, dict(args or {}),
-                           needs_fisher)
+                           needs_fisher, base or name)
     return METHODS[name]
+
+
+def canonical(method: str, profit: bool) -> tuple[str, bool]:
+    """(the method's parameters and loss, through PROFIT or not) of a run: a method registered with `profit=True`
+    is its `base` with the flag on, so the analysis and the benchmark compare "profit" and "full + profit" as one.
+    A name the registry does not know (an older run) is returned as it is."""
+    m = METHODS.get(method)
+    return (m.base, bool(profit) or m.profit) if m is not None else (method, bool(profit))
 
 
 def get_method(name: str, model_name: str | None = None) -> Method:
@@ -138,7 +148,7 @@ def prepare_convadapter(model, args: dict, ctx: MethodContext) -> Prepared:
 
 register_method("full", prepare_full)
 register_method("head", prepare_head)
-register_method("profit", prepare_full, profit=True)
+register_method("profit", prepare_full, profit=True, base="full")
 register_method("lora", prepare_lora, args=dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0))  # Linear + Conv2d
 register_method("vpt", prepare_vpt, lambda model_name: model_name in VIT_MODELS,
                 args=dict(vpt_length=10, vpt_deep=False))

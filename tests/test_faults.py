@@ -298,7 +298,8 @@ def test_path_like_experiment_names_are_refused_and_nothing_is_written(tmp_path,
 
 
 def test_cache_keys_and_report_figure_names_stay_in_their_folder(tmp_path):
-    from analysis.report import _fig, default_out
+    from analysis.report import default_out
+    from analysis.sections import _fig
     from profit_bench import UserError
     from profit_bench.pretrain import cache_key, default_pretrain_config
     pcfg = default_pretrain_config("toy", steps=10)

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from profit_bench.optim import DIAGNOSTICS, PROFIT, REF_OPTIMIZERS, _CompactBucket
+from profit_bench.optim import DIAGNOSTICS, PROFIT, REF_OPTIMIZERS
+from profit_bench.theta_ref import _CompactBucket
 from profit_bench.reference import profit_reference
 
 
