@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from profit_bench import UserError, protocol
-from profit_bench.methods import canonical
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the same default as profit_bench.sweep
 TRIAL_FILTER = "tags.`profit_bench.role` = 'trial'"
@@ -138,7 +137,10 @@ def tidy_runs(raw: pd.DataFrame, tables: dict[str, str]) -> pd.DataFrame:
         .isin(["true", "1"])
     for c in ("task", "model", "method", "optimizer", "profit"):  # groupby drops missing keys: name them instead
         df[c] = df[c].fillna("default") if c in df else "default"
-    # The registry's view: a method registered with profit=True is its base method trained through PROFIT.
+    # The registry's view: a method registered with profit=True is its base method trained through PROFIT. Imported
+    # here, not at the top: the registry loads torch and the model zoo (seconds), which the CLI's early checks
+    # (an unreachable tracking server: one line, at once) must not wait for.
+    from profit_bench.methods import canonical
     canon = [canonical(m, p is True) for m, p in zip(df["method"], df["profit"])]
     df["method"], df["profit"] = [m for m, _ in canon], [p for _, p in canon]
     df["label"] = [method_label(m, o, p) for m, o, p in zip(df["method"], df["optimizer"], df["profit"])]
