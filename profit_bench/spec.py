@@ -1,4 +1,5 @@
-"""The sweep YAML: schema, validation, `--set` overrides, and the points a sweep runs. No Ray import here.
+"""The sweep YAML: schema, validation, `--set` overrides, trial dicts. No Ray import here; the points a sweep runs
+are made by plan.py.
 
 Schema (every key but `task`, `budget`, `methods` optional):
 
@@ -31,9 +32,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import itertools
-import json
 import math
 import re
 import typing
@@ -426,7 +424,7 @@ def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
     return Arm(label, fixed, space, arm_models)
 
 
-# ---------------------------------------------------------------------------------------------- points
+# ---------------------------------------------------------------------------------------------- trial dicts
 def trial_dict(spec: SweepSpec, point: dict, *, data_dir=None, cache_dir=None, device="cpu") -> dict:
     """The TrialConfig kwargs of one point {arm, model, seed, params}."""
     arm = next(a for a in spec.arms if a.label == point["arm"])
@@ -457,135 +455,13 @@ def corner_configs(spec: SweepSpec):
                 params[k] = int(args[corner]) if kind in ("int", "logint") else args[corner]
             for m in arm.models:
                 yield {**trial_dict(spec, {"arm": arm.label, "model": m, "seed": spec.seeds[0], "params": params}),
-                       "_arm": arm.label}
-
-
-def config_key(point: dict) -> str:
-    """Hash of a hyperparameter point without its seed: search and confirmation runs of one config share it."""
-    blob = json.dumps({"arm": point["arm"], "model": point["model"], "params": point.get("params", {})},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def make_point(arm: str, model, seed: int, params: dict, stage: str = "search", **extra) -> dict:
-    p = dict(arm=arm, model=model, seed=seed, params=params, stage=stage, **extra)
-    p["config_key"] = config_key(p)
-    return p
-
-
-def grid_points(spec: SweepSpec) -> list[dict]:
-    """Every (arm, model, seed, values) of a grid sweep: each arm gets its whole grid."""
-    points = []
-    for arm in spec.arms:
-        keys = list(arm.space)
-        values = [next(iter(arm.space[k].values())) for k in keys]
-        for model, combo, seed in itertools.product(arm.models, itertools.product(*values), spec.seeds):
-            points.append(make_point(arm.label, model, seed, dict(zip(keys, combo))))
-    return points * spec.num_samples
+                       "_arm": arm.label, "_params": params}
 
 
 def arm_dims(spec: SweepSpec, arm: Arm) -> int:
     """Searched dimensions of an Optuna arm: its searched fields, plus model / seed when it draws them (at least
     1, so a fixed arm still runs)."""
     return max(1, len(arm.space) + (len(arm.models) > 1) + (len(spec.seeds) > 1))
-
-
-def suggest(trial, arm: Arm, seeds: list[int]) -> None:
-    """Optuna define-by-run space of one arm (each arm has its own study): its model, seed and searched fields."""
-    if len(arm.models) > 1:
-        trial.suggest_categorical("model", arm.models)
-    if len(seeds) > 1:
-        trial.suggest_categorical("seed", seeds)
-    for k, dist in arm.space.items():
-        kind, args = next(iter(dist.items()))
-        if kind in ("loguniform", "uniform"):
-            trial.suggest_float(k, float(args[0]), float(args[1]), log=kind == "loguniform")
-        elif kind in ("int", "logint"):
-            trial.suggest_int(k, int(args[0]), int(args[1]), log=kind == "logint")
-        else:
-            trial.suggest_categorical(k, args)
-
-
-def arm_seed(sweep_seed: int, label: str) -> int:
-    """An arm's own sampler seed, derived from the sweep seed and the arm's label (stable across runs and
-    machines: sha256, not Python's salted hash). One seed for every arm made arms with equal ranges draw equal
-    learning rates (issue 24)."""
-    return int.from_bytes(hashlib.sha256(f"{int(sweep_seed)}/{label}".encode()).digest()[:4], "big") % 2 ** 31
-
-
-def space_filling_count(n: int) -> int:
-    """How many of an arm's `n` trials come from the space-filling (QMC) start: all of them up to 4, else half
-    (at least 4); the evolutionary / TPE phase takes the rest."""
-    return n if n <= 4 else max(4, n // 2)
-
-
-def space_filling_points(spec: SweepSpec, arm: Arm, n: int, seed: int) -> list[dict]:
-    """The first `n` points of a scrambled Sobol sequence (scipy.stats.qmc, seeded) mapped onto the arm's Optuna
-    space (the parameter names `suggest` uses): in every dimension the first 2^m points fall one into each of the
-    2^m equal slices (log-slices for log distributions), so even 3–4 trials span an arm's lr range. Optuna's own
-    QMCSampler is not used: it draws a study's first trial with its random independent sampler."""
-    import warnings
-
-    import numpy as np
-    from scipy.stats import qmc
-    dims = []  # (name, kind, args)
-    if len(arm.models) > 1:
-        dims.append(("model", "choice", arm.models))
-    if len(spec.seeds) > 1:
-        dims.append(("seed", "choice", spec.seeds))
-    dims += [(k, *next(iter(d.items()))) for k, d in arm.space.items()]
-    if n <= 0 or not dims:
-        return []
-    m = max(0, math.ceil(math.log2(n)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns about a 1-point Sobol "sequence"
-        u = qmc.Sobol(d=len(dims), scramble=True, seed=seed).random_base2(m)[:n]
-    points = []
-    for row in u:
-        p = {}
-        for (name, kind, args), x in zip(dims, row):
-            if kind == "choice":
-                p[name] = args[min(int(x * len(args)), len(args) - 1)]
-            elif kind in ("int", "logint"):
-                lo, hi = int(args[0]), int(args[1])
-                v = (lo + x * (hi - lo + 1)) if kind == "int" else math.exp(
-                    math.log(lo) + x * (math.log(hi + 1) - math.log(lo)))
-                p[name] = int(min(hi, max(lo, math.floor(v))))
-            else:
-                lo, hi = float(args[0]), float(args[1])
-                v = lo + x * (hi - lo) if kind == "uniform" else math.exp(
-                    math.log(lo) + x * (math.log(hi) - math.log(lo)))
-                p[name] = float(np.clip(v, lo, hi))
-        points.append(p)
-    return points
-
-
-def point_from_optuna(arm: Arm, seeds: list[int], params: dict) -> dict:
-    params = dict(params)
-    model = params.pop("model", arm.models[0])
-    seed = params.pop("seed", seeds[0])
-    return make_point(arm.label, model, seed, params)
-
-
-def run_name(point: dict, cfg) -> str:
-    """`profit r=431 n=3 lr=6.4e-4`: the arm and its key knobs (PROFIT's ratio / n_ref only where they apply)."""
-    parts = [point["arm"]]
-    if cfg.profit:
-        parts += [f"r={cfg.ratio:.0f}" if cfg.ratio >= 10 else f"r={cfg.ratio:.3g}", f"n={cfg.n_ref}"]
-    parts.append(f"lr={fmt_num(cfg.lr)}")
-    parts += [f"{k}={fmt_num(v)}" for k, v in point.get("params", {}).items() if k not in ("lr", "ratio", "n_ref")]
-    if point.get("stage") == "confirm":
-        parts.append(f"s={point['seed']}")
-    return " ".join(parts)
-
-
-def fmt_num(v) -> str:
-    if not isinstance(v, float):
-        return str(v)
-    if v != 0 and not 1e-2 <= abs(v) < 1e4:
-        mantissa, exp = f"{v:.1e}".split("e")
-        return f"{mantissa}e{int(exp)}"
-    return f"{v:.3g}"
 
 
 def applicable_params(cfg_dict: dict) -> dict:

@@ -38,12 +38,13 @@ from pathlib import Path
 import yaml
 
 from profit_bench import UserError, safe_name
-from profit_bench.spec import (SweepSpec, arm_seed, corner_configs, grid_points, load_spec, make_point,
-                               point_from_optuna, resolved_config, run_name, space_filling_count,
-                               space_filling_points, suggest, trial_dict)
+from profit_bench.plan import (Plan, Point, all_done, arm_seed, planned_trials, run_name, search_total,
+                               space_filling_count, space_filling_points, suggest, sweep_seeds, trial_prior_s,
+                               trials_per_arm_text)
+from profit_bench.spec import SweepSpec, load_spec
 
 FAIL_ENV = "PROFIT_BENCH_FAIL_ARM"  # test hook: trials of this arm label raise before training
-__all__ = ["Options", "run_sweep", "main", "load_spec", "grid_points"]
+__all__ = ["Options", "run_sweep", "main", "load_spec"]
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -112,11 +113,8 @@ def apply_options(spec: SweepSpec, opts: Options) -> SweepSpec:
 @dataclass
 class SweepContext:
     """What a trial needs besides its point; shipped to workers through tune.with_parameters. No MLflow."""
-    spec: SweepSpec
-    device: str
+    plan: Plan             # the spec, device, data and cache folders: turns Tune's point dict into a Point
     threads: int
-    data_dir: str | None
-    cache_dir: str
     fail_arm: str | None = None
     done: dict = field(default_factory=dict)  # ray trial id → final result already in MLflow (re-run after a crash)
     code_sha256: str | None = None  # code_fingerprint() when the sweep (or its resume) started: trials check it
@@ -147,13 +145,11 @@ def train_trial(config: dict, ctx: SweepContext):
         return
     t0 = time.perf_counter()
     torch.set_num_threads(ctx.threads)
-    check_data_dir(ctx.data_dir)
-    point = config["point"]
-    d = trial_dict(ctx.spec, point, data_dir=ctx.data_dir, cache_dir=ctx.cache_dir, device=ctx.device)
-    d["pretrain_if_missing"] = False  # the driver's pretraining tasks filled the cache: a trial never pretrains
-    if ctx.fail_arm is not None and point["arm"] == ctx.fail_arm:
+    check_data_dir(ctx.plan.data_dir)
+    point = ctx.plan.from_tune(config["point"])  # its config never pretrains: the driver's tasks filled the cache
+    if ctx.fail_arm is not None and point.arm == ctx.fail_arm:
         raise RuntimeError(f"failure injected by {FAIL_ENV}={ctx.fail_arm}")
-    result = run_trial(d, report=tune.report)
+    result = run_trial(point.config, report=tune.report)
     final = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
     import ray
     tune.report({**final, "trainable_s": time.perf_counter() - t0, "final": True,
@@ -252,13 +248,15 @@ class ArmSearch(_searcher_base()):
     enqueued into its study, so a small budget still covers the arm's whole range. They are NSGA-II's first
     generation (population = that count) or TPE's startup trials; the sampler proposes the rest."""
 
-    def __init__(self, spec: SweepSpec, metric, mode, storage_url: str, study_prefix: str):
+    def __init__(self, plan: Plan, metric, mode, storage_url: str, study_prefix: str):
         import functools
 
         import optuna
         from ray.tune.search.optuna import OptunaSearch
         super().__init__(metric=metric, mode=mode)
-        self.spec, self.counts, self.owner, self.index = spec, {a.label: 0 for a in spec.arms}, {}, {}
+        spec = plan.spec
+        self.plan, self.spec, self.owner, self.index = plan, spec, {}, {}
+        self.counts = {a.label: 0 for a in spec.arms}
         self.budget = {a.label: spec.arm_trials(a) for a in spec.arms}
         self.subs = {}
         for a in spec.arms:
@@ -285,8 +283,7 @@ class ArmSearch(_searcher_base()):
         params = self.subs[label].suggest(trial_id)
         arm = next(a for a in self.spec.arms if a.label == label)
         # search_index: the trial's place in its arm's study (1, 2, ...), the order the saturation check reads
-        return {"point": {**point_from_optuna(arm, self.spec.seeds, params),
-                          "search_index": self.index.get(trial_id, 0)}}
+        return {"point": self.plan.optuna_point(arm, params, self.index.get(trial_id, 0)).to_tune()}
 
     def on_trial_result(self, trial_id: str, result: dict):
         if trial_id in self.owner:
@@ -324,14 +321,15 @@ def objective_modes(spec: SweepSpec, higher_is_better: bool) -> list[str]:
     return [up if o in ("old_val", "new_val") else "min" for o in spec.objectives]
 
 
-def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
+def tune_config(plan: Plan, modes, concurrent: int, exp_dir: Path, points):
     from ray import tune
+    spec = plan.spec
     if points is not None:  # Tune's own grid generator (it honours max_concurrent_trials; a passed one does not)
         return tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent, reuse_actors=True)
     metric = spec.objectives if len(spec.objectives) > 1 else spec.objectives[0]
     mode = modes if len(modes) > 1 else modes[0]
     exp_dir.mkdir(parents=True, exist_ok=True)
-    search = ArmSearch(spec, metric, mode, f"sqlite:///{exp_dir / 'optuna.db'}", exp_dir.name)
+    search = ArmSearch(plan, metric, mode, f"sqlite:///{exp_dir / 'optuna.db'}", exp_dir.name)
     scheduler = None
     if spec.early_stop:
         from ray.tune.schedulers import ASHAScheduler
@@ -342,16 +340,16 @@ def tune_config(spec: SweepSpec, modes, concurrent: int, exp_dir: Path, points):
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
-def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
-    """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it); a Ray task.
-    Returns the checkpoint's path, the id of the node that built it, the seconds it took and its metadata."""
+def _pretrain_one(cfg, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
+    """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it) for the resolved
+    TrialConfig `cfg` (a Point's config); a Ray task. Returns the checkpoint's path, the id of the node that built
+    it, the seconds it took and its metadata."""
     import ray
     import torch
 
     from profit_bench import pretrain
     t0 = time.perf_counter()
-    cfg = resolved_config(cfg_dict)
-    device = "cuda" if cfg_dict["device"] == "cuda" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if cfg.device == "cuda" and torch.cuda.is_available() else "cpu"
     path = pretrain.ensure_pretrained(cfg.task, cfg.model, cfg.seed, pretrain.pretrain_config_for(cfg), cache_dir,
                                       data_dir=cfg.data_dir, device=device, limit=cfg.limit,
                                       fisher_samples=pretrain.fisher_samples_for(cfg), progress=progress)
@@ -361,63 +359,26 @@ def _pretrain_one(cfg_dict: dict, cache_dir: str, progress: bool) -> tuple[str, 
     return str(path), ray.get_runtime_context().get_node_id(), time.perf_counter() - t0, meta
 
 
-def pretrain_keys(dicts, data_dir, device) -> dict:
-    """One trial dict per distinct pretrained checkpoint (+ Fisher) among `dicts` (trial dicts)."""
-    from profit_bench.pretrain import fisher_samples_for, pretrain_config_for
-    keys = {}
-    for d in dicts:
-        d = {**{k: v for k, v in d.items() if not k.startswith("_")}, "data_dir": data_dir, "device": device}
-        cfg = resolved_config(d)
-        keys.setdefault((cfg.task, cfg.model, cfg.seed, pretrain_config_for(cfg), fisher_samples_for(cfg)), d)
-    # One task per checkpoint: the one that also builds a Fisher (EWC) covers the plain key, so two tasks never
-    # race to pretrain the same checkpoint.
-    with_fisher = {k[:4] for k in keys if k[4] is not None}
-    return {k: d for k, d in keys.items() if k[4] is not None or k[:4] not in with_fisher}
-
-
-def trial_prior_s(spec: SweepSpec, metas) -> float | None:
-    """A trial's expected seconds before one has run: its checkpoint's pretraining seconds per epoch (per step) ×
-    the fine-tuning budget. A trial trains on about as much data per epoch as pretraining did; evaluations make
-    it an underestimate, which the measured mean replaces after the first trial."""
-    kind = "epochs" if "epochs" in spec.budget else "steps"
-    per = sorted(m["wall_time_s"] / m["config"][kind] * spec.budget[kind] for m in metas
-                 if m and m.get("wall_time_s") and (m.get("config") or {}).get(kind))
-    return per[len(per) // 2] if per else None
-
-
-def sweep_seeds(spec: SweepSpec) -> list[int]:
-    """Search seeds, then the confirmation's fresh seeds (known before the search: protocol.fresh_seeds)."""
-    from profit_bench.protocol import fresh_seeds
-    return list(spec.seeds) + fresh_seeds(spec.seeds, spec.confirm_seeds)
-
-
-def stage_dicts(spec: SweepSpec, points, seeds=None) -> list[dict]:
-    """Trial dicts covering every checkpoint a stage loads (Optuna: each arm's corners × `seeds`, default the
-    search seeds)."""
-    if points is not None:
-        return [{**trial_dict(spec, p), **({"seed": s} if seeds else {})} for p in points for s in seeds or [None]]
-    return [{**d, "seed": s} for d in corner_configs(spec) for s in (seeds or spec.seeds)]
-
-
 # Rough relative cost of pretraining a backbone: the longest tasks go first so the last slot is not left alone.
 PRETRAIN_ORDER = ("vit_small", "vit_tiny", "resnet18", "vit_micro", "resnet_small")
 
 
 def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, quiet: bool,
                         meter: "Meter | None" = None) -> tuple[float, dict]:
-    """Every checkpoint of `keys` not built yet by this driver (meter.pretrained) as a Ray task with the trials'
-    resources, all in parallel, longest first. Returns (seconds, {key: checkpoint metadata})."""
+    """Every checkpoint of `keys` (Plan.pretrain_keys: key → Point) not built yet by this driver (meter.pretrained)
+    as a Ray task with the trials' resources, all in parallel, longest first. Returns (seconds, {key: checkpoint
+    metadata})."""
     import ray
     t0 = time.perf_counter()
     known = meter.pretrained if meter is not None else {}
     # A checkpoint built with its Fisher also serves the plain key (no Fisher).
     built = {k[:4]: meta for k, meta in known.items()}
     out = {k: known.get(k, built.get(k[:4])) for k in keys if k in known or (k[4] is None and k[:4] in built)}
-    todo = {k: d for k, d in keys.items() if k not in out}
+    todo = {k: p for k, p in keys.items() if k not in out}
     rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
     todo = dict(sorted(todo.items(), key=lambda kv: rank.get(kv[0][1], len(rank))))
     task = ray.remote(_pretrain_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    refs = {task.remote(d, cache_dir, not quiet): k for k, d in todo.items()}
+    refs = {task.remote(p.config, cache_dir, not quiet): k for k, p in todo.items()}
     pending = list(refs)
     while pending:  # in the order they finish: progress shows while the long ones still run
         (ref,), pending = ray.wait(pending, num_returns=1)
@@ -428,10 +389,10 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
             meter.pretrained[k] = meta
             meter.busy_s += seconds
         if not quiet:
-            d = todo[k]
+            p = todo[k]
             old_val = meta.get("old_val", float("nan"))
-            say(meter, f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {d['task']}/{d['model'] or 'default'} "
-                       f"seed {d['seed']} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
+            say(meter, f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {p.config.task}/{p.model or 'default'} "
+                       f"seed {p.seed} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
                        f"{_dur(time.perf_counter() - t0)} elapsed) → {path}")
     return time.perf_counter() - t0, out
 
@@ -605,13 +566,12 @@ class Progress(_progress_base()):
     """One compact line per finished trial: stage, arm and knobs, old/new validation metric, status, time, and
     the command's trials done / planned, elapsed time and ETA."""
 
-    def __init__(self, spec: SweepSpec, total: int, stage: str, meter: Meter, workload: str):
-        self.spec, self.total, self.stage, self.done = spec, total, stage, 0
+    def __init__(self, plan: Plan, total: int, stage: str, meter: Meter, workload: str):
+        self.plan, self.total, self.stage, self.done = plan, total, stage, 0
         self.meter, self.workload = meter, workload
 
     def _name(self, trial) -> str:
-        point = trial.config["point"]
-        return run_name(point, resolved_config(trial_dict(self.spec, point)))
+        return run_name(self.plan.from_tune(trial.config["point"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
@@ -655,11 +615,11 @@ def _metric_name(label: str) -> str:
 class Stage:
     name: str              # "search" | "confirm"
     exp_dir: Path          # the Ray experiment folder
-    points: list | None    # grid / confirm points; None = Optuna
+    points: list[Point] | None  # grid / confirm / ablation points; None = Optuna
     total: int
 
 
-def run_stage(stage: Stage, spec, ctx: SweepContext, logger, opts: Options, modes, cpus, gpus, concurrent,
+def run_stage(stage: Stage, plan: Plan, ctx: SweepContext, logger, opts: Options, modes, cpus, gpus, concurrent,
               meter: Meter, workload: str):
     """One Tuner (new or restored) to the end or to an interrupt; the trials afterwards, or None if interrupted
     before Tune returned."""
@@ -667,18 +627,19 @@ def run_stage(stage: Stage, spec, ctx: SweepContext, logger, opts: Options, mode
     ctx = replace(ctx, done=logger.done_results())
     logger.trials = []  # filled by this stage's callbacks
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": cpus, "gpu": gpus})
-    callbacks = [logger, Progress(spec, stage.total, stage.name, meter, workload)]
+    callbacks = [logger, Progress(plan, stage.total, stage.name, meter, workload)]
     if (stage.exp_dir / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(stage.exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         # restore() keeps the callbacks pickled with the tuner; this driver's logger must be the live one.
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
-        param_space = {"point": tune.grid_search(stage.points)} if stage.points is not None else None
+        param_space = ({"point": tune.grid_search([p.to_tune() for p in stage.points])}
+                       if stage.points is not None else None)
         run_config = tune.RunConfig(name=stage.exp_dir.name, storage_path=str(stage.exp_dir.parent),
                                     callbacks=callbacks, verbose=opts.verbose,
                                     failure_config=tune.FailureConfig(max_failures=0))
         tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=tune_config(spec, modes, concurrent, stage.exp_dir, stage.points),
+                           tune_config=tune_config(plan, modes, concurrent, stage.exp_dir, stage.points),
                            run_config=run_config)
     try:
         results = tuner.fit()
@@ -691,7 +652,7 @@ def run_stage(stage: Stage, spec, ctx: SweepContext, logger, opts: Options, mode
     return logger.trials
 
 
-def stage_frame(trials, higher_is_better: bool):
+def stage_frame(trials, plan: Plan, higher_is_better: bool):
     """Validation results of finished trials, one row each, diverged marked by protocol.mark_diverged."""
     import pandas as pd
 
@@ -701,12 +662,11 @@ def stage_frame(trials, higher_is_better: bool):
         r = t.last_result or {}
         if t.status != "TERMINATED" or not r.get("final"):
             continue
-        p = t.config["point"]
+        p = plan.from_tune(t.config["point"])
         rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
                                                "chance_old", "chance_new", "status", "diverged_reason")},
-                     "arm": p["arm"], "model": p["model"], "seed": p["seed"], "config_key": p["config_key"],
-                     "params": p["params"], "trial_id": t.trial_id,
-                     "order": p.get("search_index", 0)})
+                     "arm": p.arm, "model": p.model, "seed": p.seed, "config_key": p.config_key,
+                     "params": p.params, "trial_id": t.trial_id, "order": p.search_index or 0})
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows).sort_values("order", kind="stable")
@@ -733,50 +693,6 @@ def arm_saturation(df, higher_is_better: bool) -> dict:
     return out
 
 
-def confirm_rows(df, spec: SweepSpec, higher_is_better: bool):
-    """Per arm, the validation choices (protocol.confirm_choices) the spec confirms (`confirm_choices`)."""
-    from profit_bench import protocol
-    chosen = protocol.confirm_choices(df, higher_is_better)
-    wanted = set(spec.confirm_choices)
-    return chosen[[bool(wanted & set(c.split(","))) for c in chosen["choice"]]] if len(chosen) else chosen
-
-
-def confirm_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
-    from profit_bench import protocol
-    if df.empty or spec.confirm_seeds == 0:
-        return []
-    seeds = protocol.fresh_seeds(spec.seeds, spec.confirm_seeds)
-    return [make_point(row["arm"], row["model"], s, row["params"], stage="confirm", choice=row["choice"])
-            for _, row in confirm_rows(df, spec, higher_is_better).iterrows() for s in seeds]
-
-
-def ablation_points(df, spec: SweepSpec, higher_is_better: bool) -> list[dict]:
-    """Tables 8/9 around the ablated arm's confirmed knee: its n_ref over `ablate.n_ref` (ratio kept), then its
-    ratio over `ablate.ratio` (n_ref kept), on the first `ablate.seeds` confirmation seeds. The knee itself is
-    not re-run: its confirmation runs are the centre of both ablations."""
-    from profit_bench import protocol
-    ab = spec.ablate
-    if ab is None or df.empty or spec.confirm_seeds == 0:
-        return []
-    rows = confirm_rows(df, spec, higher_is_better)
-    if rows.empty:  # every trial of every arm diverged
-        return []
-    seeds = protocol.fresh_seeds(spec.seeds, spec.confirm_seeds)[:ab["seeds"] or spec.confirm_seeds]
-    points = []
-    knees = rows[(rows["arm"] == ab["arm"]) & rows["choice"].astype(str).str.contains("knee")]
-    for _, row in knees.iterrows():
-        knee = resolved_config(trial_dict(spec, {"arm": row["arm"], "model": row["model"], "seed": seeds[0],
-                                                 "params": row["params"]}))
-        for knob, values, current in (("n_ref", ab["n_ref"], knee.n_ref), ("ratio", ab["ratio"], knee.ratio)):
-            for v in values:
-                if float(v) == float(current):
-                    continue
-                params = {**row["params"], knob: int(v) if knob == "n_ref" else float(v)}
-                points += [make_point(row["arm"], row["model"], s, params, stage="ablation", choice="ablation",
-                                      ablation_knob=knob) for s in seeds]
-    return points
-
-
 def flag_unsaturated(sweep, sats: dict) -> None:
     """The saturation check's verdict on the sweep parent (tag `unsaturated_arms`, comma-separated, "" when every
     judged arm saturated) and on the console."""
@@ -789,19 +705,6 @@ def flag_unsaturated(sweep, sats: dict) -> None:
               f"third of trials): "
               + ", ".join(f"{a} +{100 * sats[a]['gain_share']:.0f} %" for a in bad)
               + "; more trials (--num-samples) could change these arms' choices", flush=True)
-
-
-def planned_trials(spec: SweepSpec, n_search: int) -> int:
-    """An upper bound of a sweep's trials before its search has run (choices may coincide; a knee may sit on a
-    grid value of the ablation)."""
-    n_models = sum(len(a.models) for a in spec.arms)
-    confirm = n_models * len(spec.confirm_choices) * spec.confirm_seeds
-    ab = spec.ablate
-    ablation = 0
-    if ab and spec.confirm_seeds:
-        arm = next(a for a in spec.arms if a.label == ab["arm"])
-        ablation = len(arm.models) * (len(ab["n_ref"]) + len(ab["ratio"])) * (ab["seeds"] or spec.confirm_seeds)
-    return n_search + confirm + ablation
 
 
 def summary_metrics(sweep_children, df, higher_is_better: bool, chance=None) -> dict:
@@ -852,10 +755,8 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
-    points = search_points(spec)
-    total = search_total(spec, points)
     if opts.dry_run:
-        return dry_run(spec, opts, points, total, experiment, uri)
+        return dry_run(Plan(spec, data_dir=data_dir, cache_dir=cache_dir), opts, experiment, uri)
     from profit_bench.tasks import ensure_task_data
     ensure_task_data(spec.task, data_dir)  # CIFAR on demand: on the driver, before Ray or any MLflow run starts
 
@@ -881,6 +782,9 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     import ray
     cpus, gpus, concurrent = plan_resources(opts, spec, ray.cluster_resources())
     device = "cuda" if gpus > 0 else "cpu"
+    plan = Plan(spec, device=device, data_dir=data_dir, cache_dir=cache_dir)
+    points = plan.search_points()
+    total = search_total(spec, points)
     metric_name, higher_is_better, sizes = task_facts(spec, data_dir)
     modes = objective_modes(spec, higher_is_better)
     workload = suite.workload if suite else spec.name
@@ -908,39 +812,37 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
     t_start = time.perf_counter()
     state.update(sweep=sweep, t0=t_start, wall_before=wall_before)
     sweep.wall_before, sweep.t0 = wall_before, t_start  # sweep.log_wall: the running total as trials finish
-    logger = tracking.MlflowLogger(sweep, spec, metric_name=metric_name, higher_is_better=higher_is_better,
-                                   device=device, data_dir=data_dir)
-    ctx = SweepContext(spec=spec, device=device, threads=max(1, int(cpus)), data_dir=data_dir, cache_dir=cache_dir,
-                       fail_arm=os.environ.get(FAIL_ENV), code_sha256=code)
+    logger = tracking.MlflowLogger(sweep, plan, metric_name=metric_name, higher_is_better=higher_is_better)
+    ctx = SweepContext(plan=plan, threads=max(1, int(cpus)), fail_arm=os.environ.get(FAIL_ENV), code_sha256=code)
     status, df = "KILLED", None
     t_pretrain = 0.0
-    args = (spec, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
+    args = (plan, ctx, logger, opts, modes, cpus, gpus, concurrent, meter, workload)
     try:
         later_bound = meter.planned[workload] - total
         say(meter, f"sweep {spec.name}: {total} search trials ({trials_per_arm_text(spec, total)} per arm)"
                    + (f" + at most {later_bound} confirmation/ablation trials" if later_bound else "")
                    + f", {concurrent} at once, {cpus:g} CPU + {gpus:g} GPU each → {exp_dir}")
         # Every seed's checkpoint up front (the confirmation's fresh seeds are known now): one parallel batch.
-        seconds, metas = pretrain_on_cluster(pretrain_keys(stage_dicts(spec, points, sweep_seeds(spec)), data_dir,
-                                                           device), cache_dir, cpus, gpus, opts.quiet, meter)
+        seconds, metas = pretrain_on_cluster(plan.pretrain_keys(plan.stage_points(points, sweep_seeds(spec))),
+                                             cache_dir, cpus, gpus, opts.quiet, meter)
         t_pretrain += seconds
         meter.prior_s.setdefault(workload, trial_prior_s(spec, metas.values()))
         sweep.log_pretraining(metas)
         meter.start()
         trials = run_stage(Stage("search", exp_dir, points, total), *args)
-        if not _all_done(trials, total):
+        if not all_done(trials, total):
             return interrupted(argv, name)
-        df = stage_frame(trials, higher_is_better)
+        df = stage_frame(trials, plan, higher_is_better)
         for _, row in df[df["diverged"]].iterrows() if not df.empty else []:
             logger.tag_diverged(row["trial_id"], row["diverged_reason"])
         if spec.search == "optuna":
             flag_unsaturated(sweep, arm_saturation(df, higher_is_better))
-        later = [("confirm", confirm_points(df, spec, higher_is_better)),
-                 ("ablation", ablation_points(df, spec, higher_is_better))]
+        later = [("confirm", plan.confirm_points(df, higher_is_better)),
+                 ("ablation", plan.ablation_points(df, higher_is_better))]
         planned = total + sum(len(p) for _, p in later)
         if planned != meter.planned[workload]:  # the plan changed: say why, once (the bar's total follows)
             bound = meter.planned[workload] - total
-            configs = len({p["config_key"] for _, ps in later for p in ps})
+            configs = len({p.config_key for _, ps in later for p in ps})
             say(meter, f"plan: {planned - total} confirmation/ablation trials, not the {bound} bound: {configs} "
                        f"distinct chosen configurations (an arm's best-old / knee / best-new can coincide)")
         meter.planned[workload] = planned
@@ -948,10 +850,10 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         for stage_name, stage_points in later:
             if not stage_points:
                 continue
-            t_pretrain += pretrain_on_cluster(pretrain_keys(stage_dicts(spec, stage_points), data_dir, device),
-                                              cache_dir, cpus, gpus, opts.quiet, meter)[0]
+            t_pretrain += pretrain_on_cluster(plan.pretrain_keys(stage_points), cache_dir, cpus, gpus, opts.quiet,
+                                              meter)[0]
             trials = run_stage(Stage(stage_name, exp_dir / stage_name, stage_points, len(stage_points)), *args)
-            if not _all_done(trials, len(stage_points)):
+            if not all_done(trials, len(stage_points)):
                 return interrupted(argv, name)
         if spec.search == "optuna":
             close_orphan_optuna_trials(f"sqlite:///{exp_dir / 'optuna.db'}")
@@ -998,16 +900,15 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     suite = load_suite(name, list(opts.overrides), data_dir=opts.data_dir, only=opts.workloads)
     specs = {w: apply_options(spec, opts) for w, spec in suite.workloads.items()}
     command = "python -m profit_bench.sweep " + shlex.join(argv)
-    if opts.dry_run:
-        for w, spec in specs.items():
-            print(f"--- workload {w} (experiment {suite.name}_{w})")
-            points = search_points(spec)
-            dry_run(spec, opts, points, search_total(spec, points), f"{suite.name}_{w}", uri)
-        return 0
-    tracking.check_reachable(uri)
     storage = Path(opts.storage_path).resolve()
     cache_dir = resolve_cache_dir(opts, storage)
     data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    if opts.dry_run:
+        for w, spec in specs.items():
+            print(f"--- workload {w} (experiment {suite.name}_{w})")
+            dry_run(Plan(spec, data_dir=data_dir, cache_dir=cache_dir), opts, f"{suite.name}_{w}", uri)
+        return 0
+    tracking.check_reachable(uri)
     for w in specs:
         safe_name(f"{suite.name}_{w}", "suite workload experiment")
     from profit_bench.tasks import ensure_task_data
@@ -1020,16 +921,19 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     init_ray(opts.address)
     install_sigterm(lambda: ACTIVE.get("abort", lambda: interrupted(argv, name))())
     import ray
-    plans = {w: plan_resources(opts, spec, ray.cluster_resources()) for w, spec in specs.items()}
-    meter = Meter(concurrent=max(p[2] for p in plans.values()))
-    meter.planned = {w: planned_trials(spec, search_total(spec, search_points(spec))) for w, spec in specs.items()}
+    resources = {w: plan_resources(opts, spec, ray.cluster_resources()) for w, spec in specs.items()}
+    plans = {w: Plan(spec, device="cuda" if resources[w][1] > 0 else "cpu", data_dir=data_dir, cache_dir=cache_dir)
+             for w, spec in specs.items()}
+    points = {w: plan.search_points() for w, plan in plans.items()}
+    meter = Meter(concurrent=max(r[2] for r in resources.values()))
+    meter.planned = {w: planned_trials(spec, search_total(spec, points[w])) for w, spec in specs.items()}
     print(f"suite {suite.name}: {len(specs)} workloads ({', '.join(specs)}), ~{sum(meter.planned.values())} trials "
           f"at most, {meter.concurrent} at once", flush=True)
     try:
-        wkeys = {w: pretrain_keys(stage_dicts(spec, search_points(spec), sweep_seeds(spec)), data_dir,
-                                  "cuda" if plans[w][1] > 0 else "cpu") for w, spec in specs.items()}
-        cpus, gpus, _ = next(iter(plans.values()))
-        t_pre, metas = pretrain_on_cluster({k: d for ks in wkeys.values() for k, d in ks.items()}, cache_dir, cpus,
+        wkeys = {w: plan.pretrain_keys(plan.stage_points(points[w], sweep_seeds(plan.spec)))
+                 for w, plan in plans.items()}
+        cpus, gpus, _ = next(iter(resources.values()))
+        t_pre, metas = pretrain_on_cluster({k: p for ks in wkeys.values() for k, p in ks.items()}, cache_dir, cpus,
                                            gpus, opts.quiet, meter)
         meter.prior_s = {w: p for w, spec in specs.items()
                          if (p := trial_prior_s(spec, [metas.get(k) for k in wkeys[w]])) is not None}
@@ -1048,24 +952,6 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     except KeyboardInterrupt:
         return interrupted(argv, name)
     return suite_summary(suite.name, command, meter, walls, codes, storage, uri)
-
-
-def search_points(spec: SweepSpec) -> list[dict] | None:
-    """A grid sweep's search points; None for Optuna (its points come from the studies)."""
-    return grid_points(spec) if spec.search == "grid" else None
-
-
-def trials_per_arm_text(spec: SweepSpec, total: int) -> str:
-    """Search trials per arm: one number when every arm has the same, else "min-max"."""
-    if spec.search == "grid":
-        return str(total // len(spec.arms))
-    n = sorted({spec.arm_trials(a) for a in spec.arms})
-    return str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
-
-
-def search_total(spec: SweepSpec, points: list[dict] | None) -> int:
-    """Search trials: the grid's points, or each arm's Optuna budget (spec.arm_trials)."""
-    return len(points) if points is not None else sum(spec.arm_trials(a) for a in spec.arms)
 
 
 def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:
@@ -1091,14 +977,6 @@ def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage
 def _empty():
     import pandas as pd
     return pd.DataFrame()
-
-
-def _all_done(trials, total: int) -> bool:
-    """Every trial of the stage ran to its end (or failed). Tune returns normally after Ctrl-C / SIGTERM, with
-    stopped trials TERMINATED but lacking their final report, and Optuna trials never suggested at all."""
-    ended = [t for t in trials if t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get(
-        "final"))]
-    return len(ended) >= total
 
 
 def pin_code(sweep, previous) -> str:
@@ -1201,8 +1079,11 @@ def ui_link(exp_id, base: str = "http://127.0.0.1:5000") -> str:
     return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
 
 
-def dry_run(spec, opts, points, total, experiment, uri) -> int:
+def dry_run(plan: Plan, opts, experiment, uri) -> int:
     import torch
+    spec = plan.spec
+    points = plan.search_points()
+    total = search_total(spec, points)
     cluster = {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
     if opts.address:
         init_ray(opts.address)
@@ -1223,7 +1104,7 @@ def dry_run(spec, opts, points, total, experiment, uri) -> int:
     if points is not None:
         print(f"{len(points)} search trials (grid, every arm its whole grid):")
         for p in points:
-            print(f"  {p['arm']} model={p['model']} seed={p['seed']} {p['params']}")
+            print(f"  {p.arm} model={p.model} seed={p.seed} {p.params}")
     else:
         per = (f"{spec.num_samples} per arm" if spec.trials_per_dim is None else
                f"{spec.trials_per_dim} per searched dimension")

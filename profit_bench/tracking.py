@@ -28,7 +28,8 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from profit_bench import UserError
-from profit_bench.spec import applicable_params, resolved_config, run_name, trial_dict
+from profit_bench.plan import run_name
+from profit_bench.spec import applicable_params
 
 EVAL_KEYS = ("old_val", "new_val", "old_val_loss", "new_val_loss", "train_loss")
 BEFORE_KEYS = {"old_val": "old_val_before", "new_val": "new_val_before"}  # the step-0 point
@@ -309,17 +310,17 @@ class Sweep:
 class MlflowLogger(Callback):
     """Driver-side Tune callback: one child run per trial, per-evaluation metrics, final metrics, status."""
 
-    def __init__(self, sweep: Sweep, spec, *, metric_name: str, higher_is_better: bool, device: str,
-                 data_dir=None):
-        self.sweep, self.spec = sweep, spec
+    def __init__(self, sweep: Sweep, plan, *, metric_name: str, higher_is_better: bool):
+        """`plan`: the sweep's plan.Plan (its spec, device, folders): Tune's point dicts become Points."""
+        self.sweep, self.plan, self.spec = sweep, plan, plan.spec
+        spec = plan.spec
         self.c = sweep.client
         self.step_key = "main_steps" if "steps" in spec.budget else "epoch"
         self.common_tags = {"mlflow.parentRunId": sweep.parent_id, "profit_bench.role": "trial",
                             "metric_name": metric_name, "higher_is_better": str(higher_is_better),
                             "git_commit": sweep.commit, "mlflow.source.git.commit": sweep.commit,
-                            "device_name": device_name(device), **sweep.code,
+                            "device_name": device_name(plan.device), **sweep.code,
                             **{f"version.{k}": v for k, v in sweep.versions.items()}}
-        self.device, self.data_dir = device, data_dir
         self.runs: dict[str, str] = {}        # ray trial id → MLflow run id
         self.stage: dict[str, str] = {}       # ray trial id → "search" | "confirm"
         self.logged: dict[str, float] = {}    # ray trial id → last evaluation step in the store
@@ -365,17 +366,17 @@ class MlflowLogger(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.trials = trials
-        point = trial.config["point"]
-        cfg = resolved_config(trial_dict(self.spec, point, device=self.device, data_dir=self.data_dir))
-        tags = {**self.common_tags, "ray_trial_id": trial.trial_id, "stage": point.get("stage", "search"),
-                "arm": point["arm"], "config_key": point["config_key"], "status": "running",
-                "mlflow.runName": run_name(point, cfg)}
-        if point.get("choice"):
-            tags["choice"] = point["choice"]
-        if point.get("ablation_knob"):
-            tags["ablation_knob"] = point["ablation_knob"]
-        if point.get("search_index"):  # the trial's place in its arm's Optuna study (the saturation check's order)
-            tags["search_index"] = str(point["search_index"])
+        point = self.plan.from_tune(trial.config["point"])
+        cfg = point.config
+        tags = {**self.common_tags, "ray_trial_id": trial.trial_id, "stage": point.stage,
+                "arm": point.arm, "config_key": point.config_key, "status": "running",
+                "mlflow.runName": run_name(point)}
+        if point.choice:
+            tags["choice"] = point.choice
+        if point.ablation_knob:
+            tags["ablation_knob"] = point.ablation_knob
+        if point.search_index:  # the trial's place in its arm's Optuna study (the saturation check's order)
+            tags["search_index"] = str(point.search_index)
         self.stage[trial.trial_id] = tags["stage"]
         if trial.trial_id in self.finished:
             return
@@ -386,7 +387,7 @@ class MlflowLogger(Callback):
                             run_name=tags["mlflow.runName"]).info.run_id
             self.runs[trial.trial_id], self.logged[trial.trial_id] = run_id, -1
             full = _asdict(cfg)
-            params = {**compact_params(full, self.spec, point), "seed": point["seed"], "profit": cfg.profit}
+            params = {**compact_params(full, self.spec, point.params), "seed": point.seed, "profit": cfg.profit}
             _retry(self.c.log_batch, run_id, params=[Param(k, _param_str(v)) for k, v in sorted(params.items())])
             with contextlib.suppress(Exception):  # an artifact store we cannot write should not stop the sweep
                 self.c.log_text(run_id, json.dumps(applicable_params(full), indent=2, sort_keys=True, default=str),
@@ -488,10 +489,10 @@ class MlflowLogger(Callback):
             _retry(self.c.log_batch, run_id, metrics=ms)
 
 
-def compact_params(cfg_dict: dict, spec, point: dict) -> dict:
+def compact_params(cfg_dict: dict, spec, point_params: dict) -> dict:
     """The params of a trial run: KEY_PARAMS and every knob some arm of the sweep fixes or searches (and the
     point's own), where they apply to this run (spec.applicable_params)."""
-    knobs = set(KEY_PARAMS) | set(point.get("params", {}))
+    knobs = set(KEY_PARAMS) | set(point_params)
     for a in spec.arms:
         knobs |= set(a.fixed) | set(a.space)
     return {k: v for k, v in applicable_params(cfg_dict).items() if k in knobs}

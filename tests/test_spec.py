@@ -2,8 +2,8 @@
 import pytest
 
 from profit_bench import UserError
-from profit_bench.spec import (applicable_params, config_key, grid_points, load_spec, make_point, resolved_config,
-                               run_name, trial_dict, yaml_load)
+from profit_bench.plan import Plan, config_key, run_name
+from profit_bench.spec import applicable_params, load_spec, resolved_config, trial_dict, yaml_load
 from profit_bench.sweep import Options, main
 
 BASE = "task: toy\nbudget: {steps: 10}\n"
@@ -17,13 +17,13 @@ def write_spec(tmp_path, text, name="spec"):
 
 def test_grid_expansion_overrides_and_table_key():
     spec = load_spec("table9_ratio")
-    points = grid_points(spec)
+    points = Plan(spec).search_points()
     # 3 backbones × 4 ratios × 3 seeds, each backbone with its own lr (Table 10)
     assert len(points) == 3 * 4 * 3 and spec.table == "9"
-    assert {p["params"]["ratio"] for p in points} == {10, 100, 1000, 10000}
+    assert {p.params["ratio"] for p in points} == {10, 100, 1000, 10000}
     small = load_spec("table9_ratio", ["budget.epochs=1", "seeds=[0]", "trial.limit=100"])
     assert small.budget == {"epochs": 1} and small.trial == {"limit": 100, "warmup_epochs": 0}
-    assert len(grid_points(small)) == 12
+    assert len(Plan(small).search_points()) == 12
     assert load_spec("table8_nref", data_dir="/data").task == "cifar"
     assert load_spec("toy").table == ""
 
@@ -38,23 +38,22 @@ def test_yaml_reads_1e_minus_3_as_a_number():
 
 
 def test_config_key_ignores_the_seed_only():
-    a = make_point("profit", "mlp", 0, {"lr": 1e-3})
-    assert a["config_key"] == make_point("profit", "mlp", 1000, {"lr": 1e-3}, stage="confirm")["config_key"]
-    assert a["config_key"] != make_point("profit", "mlp", 0, {"lr": 2e-3})["config_key"]
-    assert a["config_key"] == config_key(a)
+    plan = Plan(load_spec("toy"))
+    a = plan.point("profit", "mlp", 0, {"lr": 1e-3})
+    assert a.config_key == plan.point("profit", "mlp", 1000, {"lr": 1e-3}, stage="confirm").config_key
+    assert a.config_key != plan.point("profit", "mlp", 0, {"lr": 2e-3}).config_key
+    assert a.config_key == config_key("profit", "mlp", {"lr": 1e-3})
 
 
 def test_params_that_apply_and_run_names():
-    spec = load_spec("toy")
-    full = resolved_config(trial_dict(spec, make_point("full", "mlp", 0, {"lr": 6.4e-4})))
-    prof = resolved_config(trial_dict(spec, make_point("profit", "mlp", 0, {"lr": 6.4e-4, "ratio": 431.2,
-                                                                             "n_ref": 3})))
+    plan = Plan(load_spec("toy"))
+    full = plan.point("full", "mlp", 0, {"lr": 6.4e-4})
+    prof = plan.point("profit", "mlp", 0, {"lr": 6.4e-4, "ratio": 431.2, "n_ref": 3})
     from dataclasses import asdict
-    assert not {"ratio", "n_ref", "profit_memory"} & set(applicable_params(asdict(full)))
-    assert {"ratio", "n_ref"} <= set(applicable_params(asdict(prof))) and prof.profit
-    assert run_name(make_point("profit", "mlp", 0, {"lr": 6.4e-4, "ratio": 431.2, "n_ref": 3}), prof) == \
-        "profit r=431 n=3 lr=6.4e-4"
-    assert run_name(make_point("full", "mlp", 1001, {"lr": 6.4e-4}, stage="confirm"), full) == "full lr=6.4e-4 s=1001"
+    assert not {"ratio", "n_ref", "profit_memory"} & set(applicable_params(asdict(full.config)))
+    assert {"ratio", "n_ref"} <= set(applicable_params(asdict(prof.config))) and prof.config.profit
+    assert run_name(prof) == "profit r=431 n=3 lr=6.4e-4"
+    assert run_name(plan.point("full", "mlp", 1001, {"lr": 6.4e-4}, stage="confirm")) == "full lr=6.4e-4 s=1001"
 
 
 @pytest.mark.parametrize("text, expect", [
@@ -137,12 +136,12 @@ def test_data_dir_is_checked_on_the_trial_node_and_names_it(tmp_path):
 
 
 def test_method_knobs_sit_beside_trial_fields_and_become_method_args(tmp_path):
-    from profit_bench.spec import grid_points, trial_dict, validate_spec
+    from profit_bench.spec import validate_spec
     raw = dict(task="toy", search="grid", budget={"steps": 10},
                methods={"ewc": {"ewc_lambda": {"grid": [10.0, 1000.0]}, "lr": 1e-3},
                         "lora": {"lora_r": 4}})
     spec = validate_spec(raw)
-    dicts = [trial_dict(spec, p) for p in grid_points(spec)]
+    dicts = [trial_dict(spec, p.to_tune()) for p in Plan(spec).search_points()]
     assert [d["method_args"] for d in dicts] == [{"ewc_lambda": 10.0}, {"ewc_lambda": 1000.0}, {"lora_r": 4}]
     assert all("ewc_lambda" not in d and "lora_r" not in d for d in dicts)
     with pytest.raises(UserError, match=r"unknown keys \['lora_r'\]"):
@@ -158,7 +157,7 @@ def _log_quartile(v, lo, hi):
 
 
 def test_space_filling_start_puts_one_lr_in_each_log_quartile_and_arms_draw_differently():
-    from profit_bench.spec import arm_seed, space_filling_points
+    from profit_bench.plan import arm_seed, space_filling_points
     spec = load_spec("digits")
     lrs = {}
     for arm in spec.arms:
@@ -179,7 +178,8 @@ def test_space_filling_start_puts_one_lr_in_each_log_quartile_and_arms_draw_diff
 
 
 def test_trials_per_dim_gives_each_arm_n_per_searched_dimension(tmp_path, capsys):
-    from profit_bench.sweep import apply_options, search_total
+    from profit_bench.plan import search_total
+    from profit_bench.sweep import apply_options
     spec = apply_options(load_spec("digits"), Options(trials_per_dim=2))
     per_arm = {a.label: spec.arm_trials(a) for a in spec.arms}
     assert per_arm["full"] == 2 and per_arm["profit"] == 2 * 3 and per_arm["lwf"] == 2 * 3
@@ -232,9 +232,10 @@ def test_table1_regime_study_and_table1_default_validate(capsys):
     from profit_bench.spec import load_suite
     suite = load_suite("table1_regime")
     readings = suite.workloads["readings"]
-    points = grid_points(readings)
-    cells = {(p["arm"], p["params"]["activation"], p["params"]["layernorm"]) for p in points}
-    assert len(cells) == 2 * 2 * 2 and {p["seed"] for p in points} == {0, 1, 2, 3, 4}
+    points = Plan(readings).search_points()
+    cells = {(p.arm, p.params["activation"], p.params["layernorm"]) for p in points}
+    assert len(cells) == 2 * 2 * 2 and {p.seed for p in points} == {0, 1, 2, 3, 4}
+    assert {(p.config.activation, p.config.layernorm) for p in points} == {c[1:] for c in cells}
     profit = suite.workloads["profit"]
     assert not set(profit.seeds) & set(readings.seeds)  # stage 2 runs on fresh seeds
     assert main(["table1_regime", "--dry-run"]) == 0

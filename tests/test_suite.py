@@ -5,13 +5,12 @@ import os
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from profit_bench import UserError
-from profit_bench.protocol import fresh_seeds
-from profit_bench.spec import load_spec, load_suite, resolved_config, trial_dict
-from profit_bench.sweep import Meter, ablation_points, main, planned_trials, search_points, search_total
+from profit_bench.plan import Plan, search_total
+from profit_bench.spec import load_spec, load_suite
+from profit_bench.sweep import Meter, main
 
 SUITE_WORKLOADS = ["toy", "digits", "fmnist_mlp", "fmnist_resnet", "fmnist_vit"]
 
@@ -32,7 +31,7 @@ def test_suite_file_lists_every_workload_and_method_family():
         assert s.confirm_seeds == 5 and s.ablate["arm"] == "profit", w
         assert len({a.label: None for a in s.arms}) == len(s.arms)
         # equal budgets: one study per arm of num_samples trials
-        assert search_points(s) is None and search_total(s, None) == s.num_samples * len(s.arms)
+        assert Plan(s).search_points() is None and search_total(s, None) == s.num_samples * len(s.arms)
     # PROFIT as Tables 2/8/9 run it (no warm-up); Table 13's AdamW warm-up is its own arm, searched, on epochs budgets
     for w in SUITE_WORKLOADS:
         arms_w = {a.label: a for a in suite.workloads[w].arms}
@@ -77,71 +76,6 @@ def test_a_suite_is_not_a_sweep_and_unknown_workloads_are_named():
         load_suite("suite_cpu", only=["nope"])
 
 
-# ---------------------------------------------------------------------------------------------- ablation points
-def _search_frame(spec, rows):
-    from profit_bench.spec import make_point
-    out = []
-    for arm, params, old, new in rows:
-        p = make_point(arm, "mlp", 0, params)
-        out.append({"arm": arm, "model": "mlp", "seed": 0, "config_key": p["config_key"], "params": params,
-                    "old_val": old, "new_val": new, "old_val_before": 1.0, "new_val_before": 0.2, "diverged": False})
-    return pd.DataFrame(out)
-
-
-def test_ablation_varies_one_knob_around_the_knee_on_the_first_confirmation_seeds():
-    spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
-    knee = {"lr": 1e-3, "ratio": 100.0, "n_ref": 2}
-    df = _search_frame(spec, [("profit", knee, 0.9, 0.9),
-                              ("profit", {**knee, "lr": 1e-2}, 0.5, 0.95),  # best-new, not the knee
-                              ("adam", {"lr": 1e-3}, 0.8, 0.9)])
-    pts = ablation_points(df, spec, higher_is_better=True)
-    seeds = fresh_seeds(spec.seeds, spec.confirm_seeds)[:3]
-    by_knob = {}
-    for p in pts:
-        assert p["stage"] == "ablation" and p["arm"] == "profit" and p["seed"] in seeds
-        changed = {k for k in set(knee) | set(p["params"]) if p["params"].get(k) != knee.get(k)}
-        assert changed == {p["ablation_knob"]}  # exactly one knob moved, everything else is the knee's
-        by_knob.setdefault(p["ablation_knob"], set()).add(p["params"][p["ablation_knob"]])
-    # the knee's own n_ref (2) and ratio (100) are its confirmation runs, not re-run
-    assert by_knob == {"n_ref": {1, 5}, "ratio": {10.0, 1000.0, 10000.0}}
-    assert len(pts) == 5 * 3
-    n_search = search_total(spec, None)
-    assert planned_trials(spec, n_search) >= n_search + len(spec.arms) * 5 + len(pts)
-
-
-def test_ablation_reads_the_knobs_the_arm_fixes():
-    spec = load_suite("suite_cpu", ["workloads.toy.methods.profit={method: profit, optimizer: adam, n_ref: 5, "
-                                    "ratio: 1000, lr: {loguniform: [1.0e-4, 1.0e-2]}}"], only=["toy"]).workloads["toy"]
-    df = _search_frame(spec, [("profit", {"lr": 1e-3}, 0.1, 0.1)])
-    pts = ablation_points(df, spec, higher_is_better=False)
-    assert {p["params"]["n_ref"] for p in pts if p["ablation_knob"] == "n_ref"} == {1, 2}
-    assert {p["params"]["ratio"] for p in pts if p["ablation_knob"] == "ratio"} == {10.0, 100.0, 10000.0}
-    for p in pts:  # the knee's fixed value of the other knob stays
-        cfg = resolved_config(trial_dict(spec, p))
-        assert (cfg.n_ref, cfg.ratio) == ((p["params"]["n_ref"], 1000.0) if p["ablation_knob"] == "n_ref"
-                                          else (5, p["params"]["ratio"]))
-
-
-def test_no_ablation_when_every_trial_diverged():
-    spec = load_suite("suite_cpu", only=["toy"]).workloads["toy"]
-    df = _search_frame(spec, [("profit", {"lr": 1e-3}, 0.1, 0.1)]).assign(diverged=True)
-    assert ablation_points(df, spec, higher_is_better=False) == []
-
-
-def test_one_pretraining_task_per_checkpoint_even_when_ewc_needs_its_fisher():
-    from profit_bench.sweep import pretrain_keys, stage_dicts, sweep_seeds
-    spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
-    assert sweep_seeds(spec) == [0, 1000, 1001, 1002, 1003, 1004]
-    keys = pretrain_keys(stage_dicts(spec, None, sweep_seeds(spec)), None, "cpu")
-    checkpoints = [k[:4] for k in keys]
-    assert len(checkpoints) == len(set(checkpoints)) == 6  # two tasks on one checkpoint would both pretrain it
-    assert all(k[4] is not None for k in keys)  # the EWC arm's Fisher is built by that one task
-    no_ewc = load_suite("suite_cpu", ["workloads.digits.methods={adam: {method: full, lr: 1.0e-3}}",
-                                      "workloads.digits.ablate=null"],
-                        only=["digits"]).workloads["digits"]
-    assert all(k[4] is None for k in pretrain_keys(stage_dicts(no_ewc, None, sweep_seeds(no_ewc)), None, "cpu"))
-
-
 # ---------------------------------------------------------------------------------------------- progress
 def test_eta_weights_each_workload_by_its_own_trial_time():
     m = Meter(concurrent=2)
@@ -160,17 +94,6 @@ def test_eta_weights_each_workload_by_its_own_trial_time():
     fresh.finished("a", 7.0)
     assert fresh.eta() == pytest.approx(2 * 7 + 2 * 40)  # b, not started yet: its own prior
     assert Meter(planned={"a": 1}).eta() is None
-
-
-def test_trial_prior_scales_the_pretraining_time_to_the_fine_tuning_budget():
-    from profit_bench.sweep import trial_prior_s
-    spec = load_suite("suite_cpu", only=["fmnist_vit"]).workloads["fmnist_vit"]  # 4 epochs
-    metas = [{"wall_time_s": 200.0, "config": {"epochs": 40}}, {"wall_time_s": 220.0, "config": {"epochs": 40}},
-             {"wall_time_s": 210.0, "config": {"epochs": 40}}, None]
-    assert trial_prior_s(spec, metas) == pytest.approx(21.0)  # the median checkpoint: 210 s / 40 × 4
-    toy = load_suite("suite_cpu", only=["toy"]).workloads["toy"]  # 1500 steps
-    assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"steps": 10000, "epochs": None}}]) == 3.0
-    assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"epochs": 3}}]) is None
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -283,21 +206,3 @@ def test_suite_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["suite_cpu", "--experiment", "x", "--dry-run"]) == 2
     assert main(["suite_cpu", "--dry-run", "--workloads", "toy"]) == 0
     assert "workload toy" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("workload", ["digits", "fmnist_vit"])
-def test_confirmation_runs_best_old_knee_and_best_new_of_every_arm(workload):
-    from profit_bench.sweep import confirm_points
-    spec = load_suite("suite_cpu", ["confirm_seeds=10"], only=[workload]).workloads[workload]
-    rows = []
-    for arm in ("adam", "profit"):  # a three-point front per arm: old-heavy, balanced, new-heavy
-        # (pretrained old 1.0, new 0.2: the knee's old axis is scaled by 0.05, its new axis by 0.75)
-        rows += [(arm, {"lr": 1e-5}, 0.95, 0.60), (arm, {"lr": 1e-4}, 0.94, 0.90), (arm, {"lr": 1e-2}, 0.60, 0.95),
-                 (arm, {"lr": 3e-3}, 0.50, 0.50)]  # dominated: never confirmed
-    pts = confirm_points(_search_frame(spec, rows), spec, higher_is_better=True)
-    seeds = fresh_seeds(spec.seeds, 10)
-    for arm in ("adam", "profit"):
-        mine = [p for p in pts if p["arm"] == arm]
-        assert {p["choice"] for p in mine} == {"best-old", "knee", "best-new"}
-        assert {p["params"]["lr"] for p in mine} == {1e-5, 1e-4, 1e-2}
-        assert sorted(p["seed"] for p in mine) == sorted(seeds * 3)  # 10 fresh seeds (--confirm-seeds 10)

@@ -133,7 +133,8 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
     assert parent.data.metrics["n_confirm_ok"] == len(confirm)
     assert {f"hypervolume_val.{a}" for a in ("full", "head", "profit")} <= set(parent.data.metrics)
     # Search design: each arm's two trials are its own scrambled-Sobol points (no two arms share lrs).
-    from profit_bench.spec import arm_seed, load_spec, space_filling_points
+    from profit_bench.plan import arm_seed, space_filling_points
+    from profit_bench.spec import load_spec
     spec = load_spec("toy", ["num_samples=2"])
     lrs = {}
     for arm in spec.arms:
@@ -228,10 +229,11 @@ def test_arm_search_starts_each_arm_with_its_own_sobol_points_and_pickles(tmp_pa
 
     import ray.cloudpickle
 
-    from profit_bench.spec import arm_seed, load_spec, space_filling_points
+    from profit_bench.plan import Plan, arm_seed, space_filling_points
+    from profit_bench.spec import load_spec
     from profit_bench.sweep import ArmSearch
     spec = load_spec("digits", ["num_samples=4"])
-    search = ArmSearch(spec, ["old_val", "new_val"], ["max", "max"], f"sqlite:///{tmp_path / 'o.db'}", "t")
+    search = ArmSearch(Plan(spec), ["old_val", "new_val"], ["max", "max"], f"sqlite:///{tmp_path / 'o.db'}", "t")
     drawn = {}
     for i in range(4 * len(spec.arms)):
         cfg = search.suggest(f"trial_{i:05d}")
