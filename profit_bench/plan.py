@@ -223,6 +223,13 @@ def trial_prior_s(spec: SweepSpec, metas) -> float | None:
     return per[len(per) // 2] if per else None
 
 
+def objective_modes(spec: SweepSpec, higher_is_better: bool) -> list[str]:
+    """Optuna's direction of each objective: validation metrics follow the task's metric, losses and forgetting
+    go down."""
+    up = "max" if higher_is_better else "min"
+    return [up if o in ("old_val", "new_val") else "min" for o in spec.objectives]
+
+
 def all_done(trials, total: int) -> bool:
     """Every trial of the stage ran to its end (or failed). Tune returns normally after Ctrl-C / SIGTERM, with
     stopped trials TERMINATED but lacking their final report, and Optuna trials never suggested at all.
@@ -325,3 +332,44 @@ def fmt_num(v) -> str:
         return f"{mantissa}e{int(exp)}"
     return f"{v:.3g}"
 
+
+# ---------------------------------------------------------------------------------------------- stage results
+def stage_frame(trials, plan: Plan, higher_is_better: bool):
+    """Validation results of finished trials, one row each, diverged marked by protocol.mark_diverged."""
+    import pandas as pd
+
+    from profit_bench import protocol
+    rows = []
+    for t in trials:
+        r = t.last_result or {}
+        if t.status != "TERMINATED" or not r.get("final"):
+            continue
+        p = plan.from_tune(t.config["point"])
+        rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
+                                               "chance_old", "chance_new", "status", "diverged_reason")},
+                     "arm": p.arm, "model": p.model, "seed": p.seed, "config_key": p.config_key,
+                     "params": p.params, "trial_id": t.trial_id, "order": p.search_index or 0})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).sort_values("order", kind="stable")
+    return pd.concat([protocol.mark_diverged(g, higher_is_better) for _, g in df.groupby("model", dropna=False)])
+
+
+def arm_saturation(df, higher_is_better: bool) -> dict:
+    """protocol.saturation per arm of a search-stage frame (stage_frame: `order` = search_index, `diverged`),
+    against the sweep's validation reference point as the report draws it (protocol.reference_point, chance
+    included for accuracy); diverged trials count as trials that added nothing."""
+    import pandas as pd
+
+    from profit_bench import protocol
+    if df.empty:
+        return {}
+    chance = tuple(float(pd.to_numeric(df[c], errors="coerce").median()) if c in df else None
+                   for c in ("chance_old", "chance_new"))
+    ref = protocol.reference_point(df, higher_is_better, chance if higher_is_better else None)
+    out = {}
+    for arm, g in df.sort_values("order", kind="stable").groupby("arm", sort=True):
+        pts = g[["old_val", "new_val"]].to_numpy(dtype=float, copy=True)
+        pts[g["diverged"].to_numpy(bool)] = float("nan")
+        out[arm] = protocol.saturation(pts, ref, higher_is_better)
+    return out

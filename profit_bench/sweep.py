@@ -19,94 +19,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import math
 import os
-import pickle
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 from profit_bench import UserError, safe_name
-from profit_bench.plan import (Plan, Point, all_done, arm_seed, planned_trials, run_name, search_total,
-                               space_filling_count, space_filling_points, suggest, sweep_seeds, trial_prior_s,
-                               trials_per_arm_text)
+from profit_bench.console import Meter, duration, print_plan, report, say, suite_summary
+from profit_bench.faults import (check_code, claim_sweep_dir, disk_full, disk_full_line, install_sigterm, interrupted,
+                                 pin_code, resume_args)
+from profit_bench.options import (Options, apply_options, check_options, plan_resources, resolve_cache_dir,
+                                  resolve_spec)
+from profit_bench.plan import (Plan, Point, all_done, arm_saturation, objective_modes, planned_trials, search_total,
+                               stage_frame, sweep_seeds, trial_prior_s, trials_per_arm_text)
 from profit_bench.spec import SweepSpec, load_spec
 
 FAIL_ENV = "PROFIT_BENCH_FAIL_ARM"  # test hook: trials of this arm label raise before training
 __all__ = ["Options", "run_sweep", "main", "load_spec"]
-
-
-# ---------------------------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class Options:
-    num_samples: int | None = None
-    trials_per_dim: int | None = None
-    max_concurrent: int | None = None
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float | None = None
-    address: str | None = None
-    storage_path: str = "ray_results"
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str | None = None
-    data_dir: str | None = None
-    cache_dir: str | None = None
-    seed: int | None = None
-    confirm_seeds: int | None = None
-    no_confirm: bool = False
-    resume: bool = False
-    dry_run: bool = False
-    quiet: bool = False
-    overrides: tuple = ()
-    verbose: int = 0
-    workloads: list | None = None
-
-
-def check_options(opts: Options) -> None:
-    """CLI values a user can get wrong, refused before anything starts."""
-    for name, low in (("num_samples", 1), ("trials_per_dim", 1), ("max_concurrent", 1), ("confirm_seeds", 0),
-                      ("seed", 0)):
-        v = getattr(opts, name)
-        if v is not None and v < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
-    if opts.gpus_per_trial is not None and not (opts.gpus_per_trial >= 0 and math.isfinite(opts.gpus_per_trial)):
-        raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
-    if opts.cpus_per_trial is not None and not (opts.cpus_per_trial > 0 and math.isfinite(opts.cpus_per_trial)):
-        raise UserError(f"--cpus-per-trial must be > 0, got {opts.cpus_per_trial}")
-    if not 0 <= opts.verbose <= 3:
-        raise UserError(f"--verbose must be 0-3, got {opts.verbose}")
-
-
-def resolve_spec(name: str, opts: Options) -> SweepSpec:
-    return apply_options(load_spec(name, list(opts.overrides), data_dir=opts.data_dir), opts)
-
-
-def apply_options(spec: SweepSpec, opts: Options) -> SweepSpec:
-    if opts.seed is not None:
-        spec.seeds = [opts.seed]
-    if opts.num_samples is not None and opts.trials_per_dim is not None:
-        raise UserError("--num-samples and --trials-per-dim are alternatives; give one")
-    if opts.num_samples is not None:
-        spec.num_samples, spec.trials_per_dim = opts.num_samples, None
-    if opts.trials_per_dim is not None:
-        if spec.search != "optuna":
-            raise UserError(f"--trials-per-dim needs an optuna search; {spec.name} is a {spec.search} sweep")
-        spec.trials_per_dim = opts.trials_per_dim
-    if opts.confirm_seeds is not None:
-        spec.confirm_seeds = opts.confirm_seeds
-    if opts.no_confirm:
-        spec.confirm_seeds = 0
-    return spec
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -154,189 +89,6 @@ def train_trial(config: dict, ctx: SweepContext):
     import ray
     tune.report({**final, "trainable_s": time.perf_counter() - t0, "final": True,
                  "node_id": ray.get_runtime_context().get_node_id()})
-
-
-# ---------------------------------------------------------------------------------------------- code pinning
-CODE_PACKAGES = ("profit_bench", "baselines", "analysis")
-_PROCESS_CODE: dict = {}  # this process's code_fingerprint, taken once: what it imported, not later edits
-
-
-def code_fingerprint(root: Path | None = None) -> str:
-    """sha256 over the .py files of profit_bench/, baselines/ and analysis/ (relative path + bytes, sorted):
-    the code a sweep's trials run. Ray workers import the working tree, so an edit during a sweep would otherwise
-    change what later trials execute under the same recorded commit."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for pkg in CODE_PACKAGES:
-        for f in sorted((root / pkg).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def git_dirty(root: Path | None = None) -> str:
-    """"true" when git sees uncommitted changes in the code packages, "false" when not, "unknown" outside git."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PACKAGES], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return "unknown" if out.returncode else str(bool(out.stdout.strip())).lower()
-
-
-def check_code(expected: str | None) -> None:
-    """A trial refuses to run code other than what its sweep pinned (the worker's fingerprint, taken the first
-    time this process runs a trial, before the trial's own imports)."""
-    if expected is None:
-        return
-    have = _PROCESS_CODE.setdefault("sha256", code_fingerprint())
-    if have != expected:
-        raise UserError(f"code changed since the sweep started: this worker's profit_bench/baselines/analysis hash "
-                        f"{have[:12]} differs from the sweep's {expected[:12]} (files under "
-                        f"{Path(__file__).resolve().parent.parent} edited during the sweep?); restore them and "
-                        f"--resume, or start a new sweep")
-
-
-# ---------------------------------------------------------------------------------------------- search
-def _searcher_base():
-    from ray.tune.search import Searcher
-    return Searcher
-
-
-def _define(trial, arm, seeds):
-    suggest(trial, arm, seeds)
-
-
-class _PicklableLock:
-    """A thread lock that pickles (as a new, unlocked lock). Optuna >= 5.1's NSGA-II sampler holds a plain
-    lock, which Tune cannot pickle into tuner.pkl or the searcher's checkpoint."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self._lock = threading.Lock()
-
-    def __enter__(self):
-        return self._lock.__enter__()
-
-    def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
-
-    def acquire(self, *a, **kw):
-        return self._lock.acquire(*a, **kw)
-
-    def release(self):
-        self._lock.release()
-
-
-def _picklable(sampler):
-    if hasattr(sampler, "_thread_lock"):
-        sampler._thread_lock = _PicklableLock()
-    return sampler
-
-
-class ArmSearch(_searcher_base()):
-    """One Optuna study per arm behind one Tune searcher: every arm gets exactly `spec.arm_trials(arm)` trials
-    (suggestions go to the arm with the fewest so far), each study sees only its own arm's results.
-
-    Search design (issue 24): each arm's sampler has its own seed (spec.arm_seed: sweep seed × arm label), and its
-    first space_filling_count(n) trials are scrambled-Sobol points of its space (spec.space_filling_points),
-    enqueued into its study, so a small budget still covers the arm's whole range. They are NSGA-II's first
-    generation (population = that count) or TPE's startup trials; the sampler proposes the rest."""
-
-    def __init__(self, plan: Plan, metric, mode, storage_url: str, study_prefix: str):
-        import functools
-
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-        super().__init__(metric=metric, mode=mode)
-        spec = plan.spec
-        self.plan, self.spec, self.owner, self.index = plan, spec, {}, {}
-        self.counts = {a.label: 0 for a in spec.arms}
-        self.budget = {a.label: spec.arm_trials(a) for a in spec.arms}
-        self.subs = {}
-        for a in spec.arms:
-            seed = arm_seed(spec.seeds[0], a.label)
-            start = space_filling_count(self.budget[a.label])
-            sampler = _picklable(optuna.samplers.NSGAIISampler(population_size=max(2, min(50, start)), seed=seed)
-                                 if spec.sampler == "nsga2" else
-                                 optuna.samplers.TPESampler(seed=seed, n_startup_trials=start))
-            self.subs[a.label] = OptunaSearch(
-                space=functools.partial(_define, arm=a, seeds=spec.seeds), metric=metric, mode=mode,
-                sampler=sampler, storage=optuna.storages.RDBStorage(storage_url),
-                study_name=f"{study_prefix}/{a.label}",
-                points_to_evaluate=space_filling_points(spec, a, start, seed) or None)
-
-    def suggest(self, trial_id: str):
-        label = self.owner.get(trial_id)
-        if label is None:
-            open_ = [a.label for a in self.spec.arms if self.counts[a.label] < self.budget[a.label]]
-            if not open_:
-                return self.FINISHED
-            label = min(open_, key=lambda k: self.counts[k])
-            self.counts[label] += 1
-            self.owner[trial_id], self.index[trial_id] = label, self.counts[label]
-        params = self.subs[label].suggest(trial_id)
-        arm = next(a for a in self.spec.arms if a.label == label)
-        # search_index: the trial's place in its arm's study (1, 2, ...), the order the saturation check reads
-        return {"point": self.plan.optuna_point(arm, params, self.index.get(trial_id, 0)).to_tune()}
-
-    def on_trial_result(self, trial_id: str, result: dict):
-        if trial_id in self.owner:
-            self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
-        if trial_id in self.owner:
-            self.subs[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
-
-    def save(self, checkpoint_path: str):
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str):
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-
-def close_orphan_optuna_trials(storage_url: str) -> int:
-    """Optuna trials left RUNNING by a driver killed between `ask` and Ray's next checkpoint: no Ray trial will
-    ever `tell` them (Ray suggests that point again under a new id), so they are marked FAIL."""
-    import optuna
-    storage = optuna.storages.RDBStorage(storage_url)
-    n = 0
-    for s in optuna.study.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=s.study_name, storage=storage)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            n += 1
-    return n
-
-
-def objective_modes(spec: SweepSpec, higher_is_better: bool) -> list[str]:
-    up = "max" if higher_is_better else "min"
-    return [up if o in ("old_val", "new_val") else "min" for o in spec.objectives]
-
-
-def tune_config(plan: Plan, modes, concurrent: int, exp_dir: Path, points):
-    from ray import tune
-    spec = plan.spec
-    if points is not None:  # Tune's own grid generator (it honours max_concurrent_trials; a passed one does not)
-        return tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent, reuse_actors=True)
-    metric = spec.objectives if len(spec.objectives) > 1 else spec.objectives[0]
-    mode = modes if len(modes) > 1 else modes[0]
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    search = ArmSearch(plan, metric, mode, f"sqlite:///{exp_dir / 'optuna.db'}", exp_dir.name)
-    scheduler = None
-    if spec.early_stop:
-        from ray.tune.schedulers import ASHAScheduler
-        scheduler = ASHAScheduler(metric=metric, mode=mode, grace_period=1)
-    # reuse_actors: a fresh actor pays seconds of imports (torch, Ray) per trial.
-    return tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=search_total(spec, None),
-                           max_concurrent_trials=concurrent, reuse_actors=True)
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -393,34 +145,11 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
             old_val = meta.get("old_val", float("nan"))
             say(meter, f"pretrained [{len(refs) - len(pending)}/{len(refs)}] {p.config.task}/{p.model or 'default'} "
                        f"seed {p.seed} on node {node[:12]} in {seconds:.0f}s (old val {old_val:.4g}, "
-                       f"{_dur(time.perf_counter() - t0)} elapsed) → {path}")
+                       f"{duration(time.perf_counter() - t0)} elapsed) → {path}")
     return time.perf_counter() - t0, out
 
 
 # ---------------------------------------------------------------------------------------------- driver helpers
-def plan_resources(opts: Options, spec: SweepSpec, cluster: dict) -> tuple[float, float, int]:
-    """(cpus, gpus per trial, max concurrent trials) from the options, or from what the cluster has."""
-    n_cpu, n_gpu = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-    gpus = opts.gpus_per_trial
-    if gpus is not None and gpus > 0 and n_gpu == 0:
-        raise UserError(f"--gpus-per-trial {gpus:g} asked for, but the Ray cluster has no GPUs; drop the option "
-                        f"(or use --address to join a cluster that has GPUs)")
-    if gpus is not None and gpus > n_gpu:
-        raise UserError(f"--gpus-per-trial {gpus:g} exceeds the cluster's {n_gpu:g} GPUs; use a fraction such as "
-                        f"0.25 to share one GPU between trials")
-    concurrent = opts.max_concurrent or spec.max_concurrent
-    cpus = opts.cpus_per_trial
-    if cpus is None:
-        cpus = max(1.0, math.floor(n_cpu / concurrent)) if concurrent else 1.0
-    if cpus > n_cpu:
-        raise UserError(f"--cpus-per-trial {cpus:g} must be in (0, {n_cpu:g}] (the cluster's CPUs)")
-    if concurrent is None:
-        concurrent = max(1, int(n_cpu // cpus))
-    if gpus is None:  # share the GPUs between the concurrent trials; never more than one GPU a trial
-        gpus = min(1.0, n_gpu / concurrent) if n_gpu else 0.0
-    return cpus, gpus, concurrent
-
-
 def init_ray(address: str | None):
     import logging
 
@@ -443,169 +172,6 @@ def task_facts(spec: SweepSpec, data_dir) -> tuple[str, bool, dict]:
     return task.metric, task.higher_is_better, {k: len(getattr(task, k)) for k in SPLITS}
 
 
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _progress_base():
-    from ray import tune
-    return tune.Callback
-
-
-def _dur(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-@dataclass
-class Meter:
-    """Progress and accounting of one command (a sweep, or a suite of them): trials done / planned, elapsed, ETA,
-    and the busy slot-seconds (trials and pretraining tasks) against which the harness overhead is measured.
-    Shown as one live tqdm bar on stderr (only on a terminal); the command's lines go above it (`write`)."""
-    concurrent: int = 1
-    t0: float = field(default_factory=time.perf_counter)
-    planned: dict = field(default_factory=dict)   # workload → trials it will run (upper bound until known)
-    done: dict = field(default_factory=dict)      # workload → trials finished (failed included)
-    trial_s: dict = field(default_factory=dict)   # workload → [seconds of each trial that ran here]
-    busy_s: float = 0.0                           # trial + pretraining seconds run in this process's session
-    pretrained: dict = field(default_factory=dict)  # pretrain key → checkpoint metadata (built or found)
-    prior_s: dict = field(default_factory=dict)   # workload → expected trial seconds before any has run
-    t_trials: float | None = None                 # when the first trial stage started (throughput ETA)
-    done_here: int = 0                            # trials finished since t_trials (replayed ones excluded)
-    bar: object = None                            # the live tqdm display, None until trials start
-
-    def finished(self, workload: str, seconds: float | None):
-        self.done[workload] = self.done.get(workload, 0) + 1
-        if seconds is not None:
-            self.busy_s += seconds
-            self.trial_s.setdefault(workload, []).append(seconds)
-            self.done_here += 1
-        self.refresh()
-
-    def eta(self) -> float | None:
-        """Remaining trials × their workload's mean trial time / concurrent trials (a workload not started yet
-        counts its prior (trial_prior_s), else the mean over every trial so far); once `concurrent` trials have
-        finished here, never less than the remaining trials at the measured throughput (which includes the
-        harness's own time between trials): the first estimate then stops swinging with each trial."""
-        every = [x for v in self.trial_s.values() for x in v]
-        if not every:  # a prior alone (pretraining time) misses Ray's actor start-up and PROFIT's n_ref + 1 cost
-            return None
-        left, remaining = 0.0, 0
-        for w, n in self.planned.items():
-            ts = self.trial_s.get(w)
-            per = sum(ts) / len(ts) if ts else self.prior_s.get(w, sum(every) / len(every) if every else None)
-            if per is None:
-                return None
-            left += max(0, n - self.done.get(w, 0)) * per
-            remaining += max(0, n - self.done.get(w, 0))
-        eta = left / max(1, self.concurrent)
-        if self.t_trials is not None and self.done_here >= self.concurrent:
-            eta = max(eta, remaining * (time.perf_counter() - self.t_trials) / self.done_here)
-        return eta
-
-    def line(self) -> str:
-        done, total = sum(self.done.values()), sum(self.planned.values())
-        eta = self.eta()
-        return (f"{done}/{total} trials, {_dur(time.perf_counter() - self.t0)} elapsed, "
-                f"ETA {'~' + _dur(eta) if eta is not None else '?'}")
-
-    # -- the live display
-    def start(self):
-        """Show the bar (trial stages begin); on a terminal only, refreshed every second so elapsed ticks."""
-        if self.t_trials is None:
-            self.t_trials = time.perf_counter()
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=sum(self.planned.values()), file=sys.stderr, disable=None, dynamic_ncols=True,
-                            bar_format="{desc} |{bar}|", leave=False)
-            if not self.bar.disable:
-                threading.Thread(target=self._tick, daemon=True).start()
-        self.refresh()
-
-    def _tick(self):
-        while self.bar is not None:
-            time.sleep(1.0)
-            with contextlib.suppress(Exception):  # closed meanwhile
-                self.refresh()
-
-    def refresh(self):
-        bar = self.bar
-        if bar is None or bar.disable:
-            return
-        done, total = sum(self.done.values()), sum(self.planned.values())
-        eta = self.eta()
-        bar.total, bar.n = total, done
-        bar.set_description_str(self.line(), refresh=False)
-        bar.refresh()
-
-    def write(self, line: str, file=None):
-        """A line above the bar (plain print when there is none)."""
-        file = file or sys.stdout
-        if self.bar is not None and not self.bar.disable:
-            from tqdm import tqdm
-            tqdm.write(line, file=file)
-            file.flush()
-        else:
-            print(line, file=file, flush=True)
-
-    def close(self):
-        bar, self.bar = self.bar, None
-        if bar is not None:
-            bar.close()
-
-
-def say(meter: "Meter | None", line: str, file=None):
-    """Print a line, above the live progress bar when there is one."""
-    if meter is not None:
-        meter.write(line, file)
-    else:
-        print(line, file=file or sys.stdout, flush=True)
-
-
-class Progress(_progress_base()):
-    """One compact line per finished trial: stage, arm and knobs, old/new validation metric, status, time, and
-    the command's trials done / planned, elapsed time and ETA."""
-
-    def __init__(self, plan: Plan, total: int, stage: str, meter: Meter, workload: str):
-        self.plan, self.total, self.stage, self.done = plan, total, stage, 0
-        self.meter, self.workload = meter, workload
-
-    def _name(self, trial) -> str:
-        return run_name(self.plan.from_tune(trial.config["point"]))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        r = trial.last_result or {}
-        self.meter.finished(self.workload, None if r.get("replayed") else r.get("trainable_s"))
-        self.meter.write(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | old_val "
-                         f"{_fmt(r.get('old_val'))} new_val {_fmt(r.get('new_val'))} | {r.get('status', '?')} "
-                         f"{r.get('wall_time_s', 0):.1f}s | {self.meter.line()}")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        self.meter.finished(self.workload, None)
-        self.meter.write(f"[{self.done}/{self.total}] {self.stage} {self._name(trial)} | FAILED (traceback: "
-                         f"{getattr(trial, 'path', None) or trial.local_path}/error.txt; MLflow tag `error`)")
-
-
-SIGTERM_GRACE_S = 15  # Slurm and Kubernetes send SIGKILL 30 s after SIGTERM
-
-
-def install_sigterm(abort):
-    """SIGTERM (timeout, Slurm, Kubernetes) gets Ctrl-C's clean stop: Tune catches SIGINT during fit. When the
-    signal went to the whole process group, Ray's own processes die with it and Tune cannot stop cleanly; then
-    `abort()` closes the MLflow record and prints the resume line after SIGTERM_GRACE_S, and the driver exits."""
-    def watchdog():
-        time.sleep(SIGTERM_GRACE_S)
-        abort()
-        os._exit(130)
-
-    def handler(signum, frame):
-        threading.Thread(target=watchdog, daemon=True).start()
-        os.kill(os.getpid(), signal.SIGINT)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _metric_name(label: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", label)
 
@@ -624,10 +190,12 @@ def run_stage(stage: Stage, plan: Plan, ctx: SweepContext, logger, opts: Options
     """One Tuner (new or restored) to the end or to an interrupt; the trials afterwards, or None if interrupted
     before Tune returned."""
     from ray import tune
+
+    from profit_bench import raytune
     ctx = replace(ctx, done=logger.done_results())
     logger.trials = []  # filled by this stage's callbacks
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": cpus, "gpu": gpus})
-    callbacks = [logger, Progress(plan, stage.total, stage.name, meter, workload)]
+    callbacks = [logger, raytune.TuneProgress(plan, stage.total, stage.name, meter, workload)]
     if (stage.exp_dir / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(stage.exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         # restore() keeps the callbacks pickled with the tuner; this driver's logger must be the live one.
@@ -639,7 +207,7 @@ def run_stage(stage: Stage, plan: Plan, ctx: SweepContext, logger, opts: Options
                                     callbacks=callbacks, verbose=opts.verbose,
                                     failure_config=tune.FailureConfig(max_failures=0))
         tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=tune_config(plan, modes, concurrent, stage.exp_dir, stage.points),
+                           tune_config=raytune.tune_config(plan, modes, concurrent, stage.exp_dir, stage.points),
                            run_config=run_config)
     try:
         results = tuner.fit()
@@ -650,47 +218,6 @@ def run_stage(stage: Stage, plan: Plan, ctx: SweepContext, logger, opts: Options
     logger.trials = list(results._experiment_analysis.trials)
     logger.reconcile(stage.name)
     return logger.trials
-
-
-def stage_frame(trials, plan: Plan, higher_is_better: bool):
-    """Validation results of finished trials, one row each, diverged marked by protocol.mark_diverged."""
-    import pandas as pd
-
-    from profit_bench import protocol
-    rows = []
-    for t in trials:
-        r = t.last_result or {}
-        if t.status != "TERMINATED" or not r.get("final"):
-            continue
-        p = plan.from_tune(t.config["point"])
-        rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
-                                               "chance_old", "chance_new", "status", "diverged_reason")},
-                     "arm": p.arm, "model": p.model, "seed": p.seed, "config_key": p.config_key,
-                     "params": p.params, "trial_id": t.trial_id, "order": p.search_index or 0})
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows).sort_values("order", kind="stable")
-    return pd.concat([protocol.mark_diverged(g, higher_is_better) for _, g in df.groupby("model", dropna=False)])
-
-
-def arm_saturation(df, higher_is_better: bool) -> dict:
-    """protocol.saturation per arm of a search-stage frame (stage_frame: `order` = search_index, `diverged`),
-    against the sweep's validation reference point as the report draws it (protocol.reference_point, chance
-    included for accuracy); diverged trials count as trials that added nothing."""
-    import pandas as pd
-
-    from profit_bench import protocol
-    if df.empty:
-        return {}
-    chance = tuple(float(pd.to_numeric(df[c], errors="coerce").median()) if c in df else None
-                   for c in ("chance_old", "chance_new"))
-    ref = protocol.reference_point(df, higher_is_better, chance if higher_is_better else None)
-    out = {}
-    for arm, g in df.sort_values("order", kind="stable").groupby("arm", sort=True):
-        pts = g[["old_val", "new_val"]].to_numpy(dtype=float, copy=True)
-        pts[g["diverged"].to_numpy(bool)] = float("nan")
-        out[arm] = protocol.saturation(pts, ref, higher_is_better)
-    return out
 
 
 def flag_unsaturated(sweep, sats: dict) -> None:
@@ -856,6 +383,7 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
             if not all_done(trials, len(stage_points)):
                 return interrupted(argv, name)
         if spec.search == "optuna":
+            from profit_bench.raytune import close_orphan_optuna_trials
             close_orphan_optuna_trials(f"sqlite:///{exp_dir / 'optuna.db'}")
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -873,17 +401,6 @@ def run_sweep(name: str, opts: Options, argv: list[str] | None = None, *, spec: 
         metrics = summary_metrics(children, df if df is not None else _empty(), higher_is_better)
         sweep.finish(status, {**metrics, "wall_time_s": wall, "pretrain_s": t_pretrain}, counts=True)
     return report(children, metrics, exp_dir, experiment, uri, wall)
-
-
-def resolve_cache_dir(opts: Options, storage: Path) -> str:
-    """--cache-dir; else on one machine the cache `trial` uses too ($PROFIT_BENCH_CACHE or ~/.cache/profit_bench),
-    so checkpoints are shared; on a cluster (--address) STORAGE_PATH/pretrain_cache, which every node reads."""
-    if opts.cache_dir is not None and "://" in opts.cache_dir:  # a pyarrow.fs URI (pretrain.local_cache)
-        return opts.cache_dir
-    if opts.cache_dir is None and not opts.address:
-        from profit_bench.pretrain import default_cache_dir
-        return str(Path(default_cache_dir()).resolve())
-    return str(Path(opts.cache_dir or storage / "pretrain_cache").resolve())
 
 
 def run_suite(name: str, opts: Options, argv: list[str]) -> int:
@@ -937,7 +454,7 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
                                            gpus, opts.quiet, meter)
         meter.prior_s = {w: p for w, spec in specs.items()
                          if (p := trial_prior_s(spec, [metas.get(k) for k in wkeys[w]])) is not None}
-        print(f"suite {suite.name}: {len(metas)} pretrained checkpoints ready in {_dur(t_pre)}", flush=True)
+        print(f"suite {suite.name}: {len(metas)} pretrained checkpoints ready in {duration(t_pre)}", flush=True)
         codes, walls = {}, {}
         for w, spec in specs.items():
             t = time.perf_counter()
@@ -954,168 +471,22 @@ def run_suite(name: str, opts: Options, argv: list[str]) -> int:
     return suite_summary(suite.name, command, meter, walls, codes, storage, uri)
 
 
-def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:
-    meter.close()
-    wall = time.perf_counter() - meter.t0
-    capacity = wall * meter.concurrent
-    share = max(0.0, 1 - meter.busy_s / capacity) if capacity > 0 else 0.0
-    out = {"suite": name, "command": command, "wall_s": wall, "concurrent": meter.concurrent,
-           "busy_s": meter.busy_s, "harness_share": share, "workload_wall_s": walls,
-           "trials": dict(meter.done), "exit_codes": codes}
-    storage.mkdir(parents=True, exist_ok=True)
-    path = storage / f"{name}_summary_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"\nsuite {name}: {sum(meter.done.values())} trials in {_dur(wall)} wall "
-          f"({', '.join(f'{w} {_dur(s)}' for w, s in walls.items())})")
-    print(f"harness overhead: {100 * share:.1f}% of {meter.concurrent} slots × {_dur(wall)} (busy in trials and "
-          f"pretraining: {_dur(meter.busy_s)} slot-time; the rest is Ray/actor start-up, MLflow, stage barriers "
-          f"and idle slots) → {path}")
-    print(f"report: python -m analysis.report --suite {name} --tracking-uri {uri}")
-    return max(codes.values(), default=0)
-
-
 def _empty():
     import pandas as pd
     return pd.DataFrame()
 
 
-def pin_code(sweep, previous) -> str:
-    """The code fingerprint this driver's trials must run (tags `code_sha256`, `git_dirty` on the parent and every
-    child). On --resume after an edit: one warning line and the parent tag `code_changed_on_resume`; trials from
-    then on run (and record) the new code."""
-    code = code_fingerprint()
-    sweep.code = {"code_sha256": code, "git_dirty": git_dirty()}
-    started = previous.data.tags.get("code_sha256") if previous is not None else None
-    if started and started != code:
-        print(f"warning: the code changed since this sweep started (code_sha256 {started[:12]} → {code[:12]}); "
-              f"the trials run from now on use the new code and record its hash", file=sys.stderr, flush=True)
-        sweep.code["code_changed_on_resume"] = "true"
-    return code
-
-
-def resume_args(argv, name) -> list[str]:
-    args = list(argv if argv is not None else sys.argv[1:]) or [name]
-    if "--resume" not in args:
-        args.append("--resume")
-    return args
-
-
-def interrupted(argv, name) -> int:
-    print(f"interrupted; continue with: python -m profit_bench.sweep {shlex.join(resume_args(argv, name))}",
-          file=sys.stderr, flush=True)
-    return 130
-
-
-# ---------------------------------------------------------------------------------------------- faults
-def claim_sweep_dir(storage: Path, experiment: str, now: datetime | None = None) -> Path:
-    """A new folder for one sweep, created atomically (os.mkdir fails when it exists): two launches of one
-    experiment in the same second get `NAME_<time>` and `NAME_<time>-2`, never one shared Ray folder and Optuna
-    db. The folder's name is the sweep's identity (parent tag `sweep_dir`, Optuna study prefix)."""
-    storage.mkdir(parents=True, exist_ok=True)
-    base = f"{safe_name(experiment, 'experiment')}_{(now or datetime.now()).strftime('%Y-%m-%d_%H-%M-%S')}"
-    for i in range(1, 1000):
-        path = storage / (base if i == 1 else f"{base}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"{storage}: 999 sweeps of {experiment!r} started in one second; wait a second")
-
-
-DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
-
-
-def disk_full(exc: BaseException) -> OSError | None:
-    """The OSError 'no space left' (or quota exceeded) behind `exc`, following causes, contexts and Ray's
-    wrapped task errors; None when the failure is something else."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and getattr(e, "errno", None) in DISK_FULL_ERRNOS:
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
-
-
-def disk_full_line(err: OSError, fallback: str) -> str:
-    """'disk full writing PATH (N MB free on that file system)'."""
-    import shutil
-    path = Path(err.filename or fallback).resolve()
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = f"{shutil.disk_usage(probe).free / 1024 ** 2:.1f} MB free"
-    except OSError:
-        free = "free space unknown"
-    return f"disk full writing {path} ({free} on that file system; {err.strerror or err})"
-
-
-def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
-    counts = {k[2:]: int(v) for k, v in metrics.items() if k.startswith("n_")}
-    print(f"\n{len(children)} runs in {wall:.0f}s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    print(f"Ray Tune results: {exp_dir}")
-    print(f"MLflow: experiment {experiment!r} in {uri}")
-    if uri.startswith("sqlite:"):
-        exp_id = children[0].info.experiment_id if children else None
-        print(f"  open it: mlflow ui --backend-store-uri {uri}   (then "
-              f"{ui_link(exp_id) if exp_id else 'http://127.0.0.1:5000'})")
-    print(f"  report:  python -m analysis.report --experiment {shlex.quote(experiment)} --tracking-uri {uri}")
-    failed = sum(v for k, v in counts.items() if k.endswith("_failed"))
-    if children and failed == len(children):
-        print(f"error: every trial failed ({failed} of {len(children)}); see the MLflow tag `error`",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def ui_link(exp_id, base: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in `mlflow ui`: MLflow 3.17 opens its GenAI overview unless the URL (or the
-    browser's stored GenAI / Model training switch) says machine_learning; it does not read mlflow.experimentKind."""
-    return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
-
-
 def dry_run(plan: Plan, opts, experiment, uri) -> int:
+    """--dry-run: the resources this sweep would get (the cluster's with --address) and its plan."""
     import torch
     spec = plan.spec
-    points = plan.search_points()
-    total = search_total(spec, points)
     cluster = {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
     if opts.address:
         init_ray(opts.address)
         import ray
         cluster = ray.cluster_resources()
     cpus, gpus, concurrent = plan_resources(opts, spec, cluster)
-    print(f"sweep {spec.name}: task {spec.task}, {spec.search} search, objectives "
-          f"{', '.join(spec.objectives)}, budget {spec.budget}, trial settings {spec.trial}")
-    if spec.trial.get("toy_variant"):
-        from profit_bench.tasks import TOY_VARIANTS
-        print(f"toy_variant {spec.trial['toy_variant']}: {TOY_VARIANTS.get(spec.trial['toy_variant'])}")
-    print(f"resources: {cpus:g} CPU + {gpus:g} GPU per trial, at most {concurrent} at once; "
-          f"device {'cuda' if gpus > 0 else 'cpu'}")
-    print(f"ray: {opts.storage_path}/{experiment}_<timestamp>; mlflow: {uri} experiment {experiment}")
-    from profit_bench.tasks import describe_task_data
-    for line in describe_task_data(spec.task, opts.data_dir):
-        print(line)
-    if points is not None:
-        print(f"{len(points)} search trials (grid, every arm its whole grid):")
-        for p in points:
-            print(f"  {p.arm} model={p.model} seed={p.seed} {p.params}")
-    else:
-        per = (f"{spec.num_samples} per arm" if spec.trials_per_dim is None else
-               f"{spec.trials_per_dim} per searched dimension")
-        print(f"{total} search trials ({per}, {spec.sampler}, sampler seed per arm from seed {spec.seeds[0]} and "
-              f"the arm label, a scrambled-Sobol start; seeds {spec.seeds}):")
-        for a in spec.arms:
-            n = spec.arm_trials(a)
-            print(f"  {a.label} on {a.models}: {n} trials ({space_filling_count(n)} Sobol, seed "
-                  f"{arm_seed(spec.seeds[0], a.label)}), fixed {a.fixed}, search {a.space}")
-    print(f"confirmation: {spec.confirm_seeds} fresh seeds per chosen configuration"
-          if spec.confirm_seeds else "confirmation: off")
+    print_plan(plan, cpus, gpus, concurrent, opts.storage_path, experiment, uri, opts.data_dir)
     return 0
 
 

@@ -253,7 +253,7 @@ def sweep_runs(tmp_path, experiment="grid"):
 def test_launches_in_the_same_second_claim_distinct_folders(tmp_path):
     from datetime import datetime
 
-    from profit_bench.sweep import claim_sweep_dir
+    from profit_bench.faults import claim_sweep_dir
     now = datetime(2026, 1, 2, 3, 4, 5)
     with ThreadPoolExecutor(8) as pool:  # eight launches of one experiment, one second
         dirs = list(pool.map(lambda _: claim_sweep_dir(tmp_path, "toy", now), range(8)))
@@ -265,13 +265,13 @@ def test_launches_in_the_same_second_claim_distinct_folders(tmp_path):
 def test_a_sweep_never_shares_a_folder_taken_in_the_same_second(ray_session, tmp_path, shared_cache, monkeypatch):
     from datetime import datetime
 
-    from profit_bench import sweep as sweep_mod
+    from profit_bench import faults
 
     class Frozen(datetime):
         @classmethod
         def now(cls, tz=None):
             return datetime(2026, 1, 2, 3, 4, 5)
-    monkeypatch.setattr(sweep_mod, "datetime", Frozen)
+    monkeypatch.setattr(faults, "datetime", Frozen)
     taken = tmp_path / "ray" / "grid_2026-01-02_03-04-05"  # the other launch of this second
     taken.mkdir(parents=True)
     (taken / "optuna.db").write_text("the other sweep's")
@@ -517,7 +517,7 @@ def test_the_readme_small_cpu_flags_work_on_every_sweep(capsys):
 def test_code_fingerprint_sees_an_edit(tmp_path):
     import shutil
 
-    from profit_bench.sweep import CODE_PACKAGES, code_fingerprint
+    from profit_bench.faults import CODE_PACKAGES, code_fingerprint
     root = Path(__file__).parent.parent
     for pkg in CODE_PACKAGES:
         shutil.copytree(root / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -531,14 +531,14 @@ def test_a_trial_refuses_code_other_than_its_sweep_started_with(ray_session, tmp
                                                                  capsys):
     import shutil
 
-    from profit_bench import sweep as sweep_mod
+    from profit_bench import faults
     root = Path(__file__).parent.parent
     started = tmp_path / "started"  # the code as it was when the sweep started; the working tree was edited after
-    for pkg in sweep_mod.CODE_PACKAGES:
+    for pkg in faults.CODE_PACKAGES:
         shutil.copytree(root / pkg, started / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (started / "profit_bench" / "loop.py").write_text((root / "profit_bench" / "loop.py").read_text() + "# old\n")
-    real = sweep_mod.code_fingerprint
-    monkeypatch.setattr(sweep_mod, "code_fingerprint", lambda root=None: real(started))  # the driver's view
+    real = faults.code_fingerprint
+    monkeypatch.setattr(faults, "code_fingerprint", lambda root=None: real(started))  # the driver's view
     assert main(grid_args(tmp_path, shared_cache)) == 1  # every trial refused
     _, parents, children = sweep_runs(tmp_path)
     assert parents[0].data.tags["code_sha256"] == real(started) != real(root)

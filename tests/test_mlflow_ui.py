@@ -61,7 +61,7 @@ def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow ui did not start")
-        from profit_bench.sweep import ui_link
+        from profit_bench.console import ui_link
         url = ui_link(exp_id, base)
         assert url.endswith("?workflowType=machine_learning")
         shot = os.environ.get("PROFIT_BENCH_UI_SHOT")  # a path: also save a screenshot (README images)

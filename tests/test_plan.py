@@ -270,9 +270,12 @@ def test_confirmation_runs_best_old_knee_and_best_new_of_every_arm(workload):
 
 
 # ---------------------------------------------------------------------------------------------- no Ray
-def test_the_plan_imports_without_ray():
-    code = ("import json, sys; import profit_bench.plan; "
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))")
+@pytest.mark.parametrize("module, banned", [("profit_bench.plan", "ray"), ("profit_bench.console", "ray"),
+                                             ("profit_bench.options", "ray"), ("profit_bench.faults", "ray"),
+                                             ("profit_bench.sweep", "ray.tune")])
+def test_the_plan_and_the_console_import_without_ray(module, banned):
+    code = (f"import json, sys; import {module}; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m == {banned!r} or m.startswith({banned!r} + '.'))))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120,
                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

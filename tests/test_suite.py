@@ -10,7 +10,8 @@ import pytest
 from profit_bench import UserError
 from profit_bench.plan import Plan, search_total
 from profit_bench.spec import load_spec, load_suite
-from profit_bench.sweep import Meter, main
+from profit_bench.console import Meter
+from profit_bench.sweep import main
 
 SUITE_WORKLOADS = ["toy", "digits", "fmnist_mlp", "fmnist_resnet", "fmnist_vit"]
 

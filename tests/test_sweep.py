@@ -230,8 +230,8 @@ def test_arm_search_starts_each_arm_with_its_own_sobol_points_and_pickles(tmp_pa
     import ray.cloudpickle
 
     from profit_bench.plan import Plan, arm_seed, space_filling_points
+    from profit_bench.raytune import ArmSearch
     from profit_bench.spec import load_spec
-    from profit_bench.sweep import ArmSearch
     spec = load_spec("digits", ["num_samples=4"])
     search = ArmSearch(Plan(spec), ["old_val", "new_val"], ["max", "max"], f"sqlite:///{tmp_path / 'o.db'}", "t")
     drawn = {}
