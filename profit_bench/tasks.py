@@ -418,7 +418,7 @@ class TaskSpec:
 
 
 # Fine-tuning: toy = paper C.1: RMSProp 5e-4, ×0.95 every 100 steps, 1500 steps, batch 32 (the paper does not give
-# the batch size; 32 reproduces its baseline rows). Images = C.2.5's Adam 1e-4 with CPU-sized epochs. digits is not
+# the batch size; 32 does not reproduce its baseline rows: results.md). Images = C.2.5's Adam 1e-4, CPU epochs. digits is not
 # in the paper: a tiny offline CI task; its numbers are sized so a trial takes seconds on one CPU core.
 # Pretraining: toy = C.1: RMSProp 1e-2, ×0.9 every 500 steps, 10 000 steps, batch 32. Images = C.2.5: Adam 1e-4
 # for 200-400 epochs (CPU-sized here). digits (~720 old-train images) converges in seconds at Adam 1e-3.
