@@ -51,7 +51,7 @@ def header(runs: pd.DataFrame, tracking_uri: str, parents: pd.DataFrame | None =
         lines += experiments_table(runs, parents, suite, without_runs)
     lines += [f"{len(runs)} trial runs ({count_text}). Tracking URI: `{tracking_uri}`. Per-run data: `runs.csv`; "
               f"the report's selection: `selection.csv`.", "",
-              f"**Selection rule.** {protocol.SELECTION_RULE}", "",
+              f"**Selection rule.** {protocol.SELECTION_RULE} {protocol.TIE_BREAK_RULE}", "",
               f"**Divergence.** {protocol.TRIAL_DIVERGENCE_RULE} {protocol.DIVERGENCE_RULE} Diverged runs are counted here and kept out of every "
               f"front, selection and hypervolume reference point; failed/killed runs are counted only.", "",
               f"**Search saturation.** {protocol.SATURATION_RULE} Shown per arm in the selection section as the "

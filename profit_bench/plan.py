@@ -348,7 +348,8 @@ def stage_frame(trials, plan: Plan, higher_is_better: bool):
         rows.append({**{k: r.get(k) for k in ("old_val", "new_val", "old_val_before", "new_val_before",
                                                "chance_old", "chance_new", "status", "diverged_reason")},
                      "arm": p.arm, "model": p.model, "seed": p.seed, "config_key": p.config_key,
-                     "params": p.params, "trial_id": t.trial_id, "order": p.search_index or 0})
+                     "params": p.params, "trial_id": t.trial_id, "order": p.search_index or 0,
+                     "search_index": p.search_index or 0})  # protocol.TIE_BREAK_RULE reads it
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows).sort_values("order", kind="stable")

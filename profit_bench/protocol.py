@@ -17,7 +17,8 @@ import pandas as pd
 __all__ = ["SELECTION_RULE", "DIVERGENCE_RULE", "MSE_BLOWUP", "TRIAL_BLOWUP", "TRIAL_DIVERGENCE_RULE",
            "trial_divergence_reason", "divergence_reason", "mark_diverged", "to_maximize",
            "pareto_mask", "hypervolume", "knee_index", "confirm_choices", "fresh_seeds", "reference_point",
-           "SATURATION_RULE", "SATURATION_GAIN", "hypervolume_trace", "saturation"]
+           "SATURATION_RULE", "SATURATION_GAIN", "hypervolume_trace", "saturation", "TIE_BREAK_RULE",
+           "canonical_order"]
 
 MSE_BLOWUP = 10.0  # a lower-is-better metric this many times worse than both anchors has diverged
 
@@ -26,6 +27,15 @@ SELECTION_RULE = (
     "non-diverged search trials gives up to three configurations: best old-task, best new-task, and the knee "
     "(the point closest to the ideal after scaling each axis by |pretrained − best|). Each is re-run on fresh "
     "seeds never used in the search; only those confirmation runs give the test numbers reported.")
+
+TIE_DIGITS = 12  # validation values equal to this many significant digits are a tie (float noise is not a ranking)
+
+TIE_BREAK_RULE = (
+    f"Ties (validation values equal to {TIE_DIGITS} significant digits: accuracies on a small validation split "
+    f"tie often) are broken by the other objective, then by the earlier search trial (lower search_index, the "
+    f"trial's place in its arm's study; none = 0), then by the smaller config_key, then the smaller seed. The sweep "
+    f"(choosing what to confirm) and the report (checking it) apply this one order, whatever order their rows come "
+    f"in.")
 
 DIVERGENCE_RULE = (
     f"A trial has diverged when a final validation metric is not finite; for error metrics (MSE) also when it is "
@@ -229,30 +239,61 @@ def knee_index(points: np.ndarray, pretrained: tuple[float, float], higher_is_be
     scale = np.abs(ideal - pre)
     spread = p.max(axis=0) - p.min(axis=0)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.where(spread > 0, spread, 1.0))
-    dist = np.sqrt((((ideal - p) / scale) ** 2).sum(axis=1))
-    return int(np.argmin(dist))
+    dist = settle(np.sqrt((((ideal - p) / scale) ** 2).sum(axis=1)))
+    return int(np.argmin(dist))  # ties: the first point (confirm_choices passes them in TIE_BREAK_RULE's order)
+
+
+def canonical_order(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` in TIE_BREAK_RULE's order (search_index, config_key, seed; columns that are absent are skipped), so
+    that "the first of equal rows" means the same row to the sweep and to the report."""
+    keys = {}
+    if "search_index" in df:
+        keys["_tie_index"] = pd.to_numeric(df["search_index"], errors="coerce").fillna(0)
+    for c in ("config_key", "seed"):
+        if c in df:
+            keys[f"_tie_{c}"] = df[c].astype(str) if c == "config_key" else pd.to_numeric(df[c], errors="coerce")
+    if not keys:
+        return df
+    return df.assign(**keys).sort_values(list(keys), kind="stable").drop(columns=list(keys))
+
+
+def settle(values) -> np.ndarray:
+    """`values` rounded to TIE_DIGITS significant digits (NaN stays NaN): the numbers ties are judged on."""
+    v = np.asarray(values, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(v) & (v != 0), np.floor(np.log10(np.abs(v))), 0.0)
+        scale = 10.0 ** (TIE_DIGITS - 1 - mag)
+        return np.where(np.isfinite(v), np.round(v * scale) / scale, v)
+
+
+def _first_best(primary: np.ndarray, secondary: np.ndarray) -> int:
+    """Index of the largest `primary`, ties broken by the larger `secondary`, then by position (TIE_BREAK_RULE)."""
+    return int(np.lexsort((np.arange(len(primary)), -secondary, -primary))[0])
 
 
 def confirm_choices(df: pd.DataFrame, higher_is_better: bool, arm_col: str = "arm") -> pd.DataFrame:
-    """The configurations to confirm: per arm, on its non-diverged rows (`diverged` column, else all finite
-    rows), the validation Pareto set's best-old, best-new and knee rows, deduplicated. Returns those rows of
-    `df` with a `choice` column ("best-old,knee", ...). Ties keep the first row in `df` order (deterministic).
-    With a `config_key` column, the rows of one configuration (several search seeds) are first averaged."""
+    """The configurations to confirm: per arm (and backbone, with a `model` column), on its non-diverged rows
+    (`diverged` column, else all finite rows), the validation Pareto set's best-old, best-new and knee rows,
+    deduplicated. Returns those rows of `df` with a `choice` column ("best-old,knee", ...). Ties follow
+    TIE_BREAK_RULE, so the answer does not depend on the order of `df`'s rows. With a `config_key` column, the
+    rows of one configuration (several search seeds) are first averaged."""
     ok = df[~df["diverged"].astype(bool)] if "diverged" in df else df
+    ok = canonical_order(ok)
     if "config_key" in ok and len(ok):
         ok = _mean_over_seeds(ok, arm_col)
+    by = [arm_col] + (["model"] if "model" in ok else [])
     picked = []
-    for _, g in ok.groupby(arm_col, sort=True):
-        pts = g[["old_val", "new_val"]].to_numpy(dtype=float)
+    for _, g in ok.groupby(by, sort=True, dropna=False):
+        pts = settle(g[["old_val", "new_val"]].to_numpy(dtype=float))
         front = g[pareto_mask(pts, (higher_is_better, higher_is_better))]
         if front.empty:
             continue
-        fp = front[["old_val", "new_val"]].to_numpy(dtype=float)
+        fp = settle(front[["old_val", "new_val"]].to_numpy(dtype=float))
         m = to_maximize(fp, (higher_is_better, higher_is_better))
         pretrained = (float(np.nanmedian(pd.to_numeric(front.get("old_val_before", np.nan), errors="coerce"))),
                       float(np.nanmedian(pd.to_numeric(front.get("new_val_before", np.nan), errors="coerce"))))
         choices: dict[int, list[str]] = {}
-        for name, idx in (("best-old", int(np.argmax(m[:, 0]))), ("best-new", int(np.argmax(m[:, 1]))),
+        for name, idx in (("best-old", _first_best(m[:, 0], m[:, 1])), ("best-new", _first_best(m[:, 1], m[:, 0])),
                           ("knee", knee_index(fp, pretrained, higher_is_better))):
             choices.setdefault(idx, []).append(name)
         for idx, names in sorted(choices.items()):

@@ -434,6 +434,30 @@ def test_shuffled_test_metrics_leave_every_selection_unchanged(base):
     assert confirmed[0] == confirmed[1]
 
 
+def test_report_selection_and_sweep_choices_agree_on_ties_in_any_row_order():
+    """Issue 29: ties at 1/135 validation resolution were broken by row order, which differs between the sweep
+    (suggestion order) and the report (MLflow's order): the report marked confirmed knees "confirmed: no"."""
+    from profit_bench.sweep import confirm_rows
+    from profit_bench.spec import load_spec
+    k = 1 / 135
+    vals = [(0.9, 0.8), (0.9, 0.8), (0.9, 0.8), (0.5, 0.95), (0.5, 0.95), (0.4, 0.4), (0.9 - k, 0.8 - k)]
+    rows = [dict(arm=arm, model="mlp", config_key=f"{arm}{j}", search_index=i, seed=0, old_val=o, new_val=n,
+                 old_val_before=1.0, new_val_before=0.2, diverged=False, params={})
+            for arm in ("full", "profit") for j, (i, (o, n)) in enumerate(zip([7, 2, 4, 5, 1, 3, 6], vals))]
+    sweep_df = pd.DataFrame(rows)  # as the sweep holds it: suggestion order, search_index an int
+    spec = load_spec("digits")
+    want = confirm_rows(sweep_df, spec, higher_is_better=True)[["arm", "config_key", "choice"]]
+    assert dict(zip(want["config_key"], want["choice"])) == {"full1": "best-old,knee", "full4": "best-new",
+                                                             "profit1": "best-old,knee", "profit4": "best-new"}
+    # as the report reads it from MLflow: another row order, search_index a string tag, status instead of diverged
+    runs = sweep_df.drop(columns=["diverged", "params"]).assign(
+        experiment="digits", task="digits", stage="search", status="ok", higher_is_better=True,
+        search_index=lambda d: d["search_index"].astype(str))
+    for seed in range(5):
+        got = stats.selection(runs.sample(frac=1.0, random_state=seed))
+        assert dict(zip(got["config_key"], got["choice"])) == dict(zip(want["config_key"], want["choice"]))
+
+
 def test_missing_and_empty_experiment_exit_2_with_one_line(base, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     empty_store = f"sqlite:///{tmp_path}/empty.db"

@@ -119,6 +119,47 @@ def test_confirm_choices_judge_a_configuration_once_over_its_seeds():
     assert ch["old_val"].iloc[0] == pytest.approx(0.3)
 
 
+def _tied_search():
+    """Digits-like search rows at 1/135 validation resolution: three configurations tie on the whole point
+    (0.9, 0.8) (the front's best-old and its knee) and two on (0.5, 0.95) (best-new); a float-noise copy of a
+    tie (0.8 + 1e-16) must count as a tie too."""
+    k = 1 / 135
+    rows = [("a", 7, 0.9, 0.8), ("b", 2, 0.9, 0.8), ("c", 4, 0.9, 0.8 + 1e-16), ("d", 5, 0.5, 0.95),
+            ("e", 1, 0.5, 0.95), ("f", 3, 0.4, 0.4), ("g", 6, 0.9 - k, 0.8 - k)]
+    return pd.DataFrame([dict(arm="profit", model="mlp", config_key=c, search_index=i, seed=0, old_val=o,
+                              new_val=n, old_val_before=1.0, new_val_before=0.2, diverged=False)
+                         for c, i, o, n in rows])
+
+
+def test_ties_are_broken_by_one_rule_whatever_the_row_order():
+    df = _tied_search()
+    want = {"best-old,knee": "b", "best-new": "e"}  # the earlier search trial of each tie (search_index 2, 1)
+    for seed in range(20):
+        shuffled = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+        ch = P.confirm_choices(shuffled, higher_is_better=True)
+        assert dict(zip(ch["choice"], ch["config_key"])) == want, seed
+    # no search_index (grid sweeps, old stores): the smaller config_key decides
+    ch = P.confirm_choices(df.drop(columns="search_index").sample(frac=1.0, random_state=1), higher_is_better=True)
+    assert dict(zip(ch["choice"], ch["config_key"])) == {"best-old,knee": "a", "best-new": "d"}
+
+
+def test_best_old_ties_break_on_the_other_objective_before_the_row():
+    df = pd.DataFrame(dict(arm="a", config_key=["x", "y"], search_index=[1, 2], old_val=[0.9, 0.9],
+                           new_val=[0.5, 0.6], old_val_before=[1.0, 1.0], new_val_before=[0.1, 0.1]))
+    # (0.9, 0.5) is dominated by (0.9, 0.6): only y is on the front, whatever came first
+    ch = P.confirm_choices(df, higher_is_better=True)
+    assert ch["config_key"].tolist() == ["y"]
+    assert P._first_best(np.array([1.0, 1.0, 0.5]), np.array([0.2, 0.3, 0.9])) == 1
+    assert P._first_best(np.array([1.0, 1.0]), np.array([0.3, 0.3])) == 0
+
+
+def test_choices_are_per_backbone_as_the_report_groups_them():
+    df = pd.DataFrame(dict(arm="a", model=["m1", "m2"], config_key=["x", "y"], old_val=[0.9, 0.5],
+                           new_val=[0.9, 0.5], old_val_before=[1.0, 1.0], new_val_before=[0.1, 0.1]))
+    ch = P.confirm_choices(df, higher_is_better=True)
+    assert sorted(ch["config_key"]) == ["x", "y"]  # m2's own front, not dominated away by m1's run
+
+
 def test_saturation_flags_a_front_still_growing_and_passes_a_flat_one():
     ref = (0.0, 0.0)
     # Still improving: the last third (trials 5-6) adds a point far beyond the earlier front.
