@@ -34,8 +34,8 @@ FINAL_METRICS = [
     "profit_state_bytes", "extra_state_bytes", "main_steps", "batches"]
 # Not hyperparameters: they do not change what is learned, so they never distinguish two configurations.
 BOOKKEEPING = {"seed", "device", "dtype", "data_dir", "cache_dir", "eval_every", "compile", "ray_trial_id",
-               "search_index", "sweep.yaml", "task", "model", "method", "optimizer", "profit", "steps", "epochs",
-               "limit"}
+               "search_index", "sweep.yaml", "task", "model", "method", "optimizer", "profit", "steps", "limit"}
+# (`epochs` is not bookkeeping: an arm may search its own epoch count, and then it tells configurations apart.)
 SETTLED = ("ok", "diverged")  # statuses whose metrics exist; failed/killed runs are only counted
 
 

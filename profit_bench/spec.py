@@ -17,13 +17,14 @@ Schema (every key but `task`, `budget`, `methods` optional):
     objectives: [old_val, new_val]  # validation only; directions come from the task (mse ↓, accuracy ↑)
     confirm_seeds: 5                # fresh seeds for the confirmation stage (0: no confirmation)
     early_stop: false               # ASHA; only with one objective
-    budget: {steps: 1500}           # the fixed per-trial budget: steps or epochs
+    budget: {steps: 1500}           # the fixed per-trial budget: steps or epochs (epochs: the cap of arms' own)
     trial: {eval_every: 100}        # TrialConfig values for every trial
     methods:                        # label (= arm) → TrialConfig values; {loguniform|uniform|int|logint|choice: ..}
       profit: {lr: {loguniform: [1e-5, 1e-2]}, ratio: {loguniform: [10, 10000]}, n_ref: {int: [1, 5]}}
       adam+profit: {method: full, optimizer: adam, profit: true, lr: 1e-4}   # grid: {grid: [...]}
       vit: {method: profit, models: [vit_tiny], lr: 1e-4}   # an arm's own backbones
       ewc: {lr: 1e-3, ewc_lambda: {loguniform: [1e2, 1e5]}}  # a method's own knobs (method_args) sit beside them
+      adam: {lr: 1e-4, epochs: {int: [5, 20]}}   # an arm's own epochs (fixed or searched), ≤ budget.epochs
 
 Every field is checked for type and range before anything runs (`--dry-run` included): a searched value's
 bounds and every grid value go through the same per-field check as a fixed value.
@@ -50,7 +51,10 @@ OBJECTIVES = ("old_val", "new_val", "forgetting_val", "old_val_loss", "new_val_l
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "grid")
 # TrialConfig fields the sweep owns: set from the spec's top level, the CLI or the budget, never per method.
 SWEEP_OWNED = {"task", "model", "seed", "device", "data_dir", "cache_dir", "steps", "epochs", "pretrain_if_missing"}
-NOT_SEARCHABLE = SWEEP_OWNED | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit",
+# ... except an arm's own `epochs` (fixed or searched, ≤ the sweep's `budget: {epochs: cap}`): the paper tunes
+# the epoch count per method (Table 10); the budget stays the cap, and the headline can keep it for every arm.
+ARM_BUDGET = {"epochs"}
+NOT_SEARCHABLE = (SWEEP_OWNED - ARM_BUDGET) | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit",
                                 "dtype", "method", "method_args"}
 # Knobs that change the pretrained model: a grid sweep pretrains every grid point's checkpoint up front, an Optuna
 # search (whose points appear while it runs) cannot, so they are searched by grids only.
@@ -185,6 +189,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         if parts[0] == "budget" and len(parts) == 2:
             raw["budget"] = {parts[1]: value}
+            fit_epochs_to_cap(raw)
             continue
         node = raw
         for p in parts[:-1]:
@@ -376,6 +381,40 @@ def fit_warmup_to_budget(raw: dict) -> None:
             entry["warmup_epochs"] = {"int": [min(dist["int"][0], epochs), epochs]}
 
 
+def fit_epochs_to_cap(raw: dict) -> None:
+    """`--set budget.epochs=E` (the README's small CPU version) lowers every arm's own epochs to at most E, so one
+    override works on every sweep; in the YAML itself an arm's epochs above the cap is an error (`_arm_epochs`)."""
+    cap = (raw.get("budget") or {}).get("epochs") if isinstance(raw.get("budget"), dict) else None
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1 or not isinstance(raw.get("methods"), dict):
+        return
+    for entry in raw["methods"].values():
+        v = entry.get("epochs") if isinstance(entry, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool):
+            entry["epochs"] = min(v, cap)
+        elif isinstance(v, dict) and len(v) == 1 and isinstance(next(iter(v.values())), list):
+            kind, args = next(iter(v.items()))
+            entry["epochs"] = {kind: [min(a, cap) if isinstance(a, int) else a for a in args]}
+
+
+def _arm_epochs(where: str, arm: "Arm", budget: dict) -> None:
+    """An arm's own epochs: only under an epochs budget, never above it (the cap), never below its warm-up."""
+    if "epochs" not in arm.fixed and "epochs" not in arm.space:
+        return
+    cap = budget.get("epochs")
+    dist = arm.space.get("epochs")
+    values = [arm.fixed["epochs"]] if dist is None else [int(v) for v in next(iter(dist.values()))]
+    if cap is None:
+        raise UserError(f"{where}.epochs: an arm's own epochs needs an epochs budget (budget: {{epochs: cap}}); "
+                        f"this sweep is budgeted in {', '.join(budget)}")
+    if max(values) > cap:
+        raise UserError(f"{where}.epochs: {max(values)} is above the sweep's cap budget.epochs = {cap}")
+    warm = arm.space.get("warmup_epochs")
+    warm_max = max(next(iter(warm.values()))) if warm else arm.fixed.get("warmup_epochs", 0)
+    if warm_max > min(values):
+        raise UserError(f"{where}: warmup_epochs (up to {warm_max}) can exceed the arm's epochs (from "
+                        f"{min(values)}); keep warm-up below the smallest epoch count")
+
+
 def check_ablation(spec: SweepSpec, where: str) -> None:
     ab = spec.ablate
     arm = next((a for a in spec.arms if a.label == ab["arm"]), None)
@@ -409,7 +448,7 @@ def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
     # The method's own knobs (ewc_lambda, lora_r, ...) sit beside the TrialConfig fields and can be searched;
     # trial_dict folds them into method_args. Their type is their default's.
     hints = {**hints, **{k: type(v) for k, v in knobs.items()}}
-    valid = set(hints) - owned
+    valid = (set(hints) - owned) | ARM_BUDGET
     bad = set(entry) - valid
     if bad:
         raise UserError(f"{where}: methods.{label}: unknown keys {sorted(bad)}; valid: {sorted(valid)}")
@@ -421,14 +460,16 @@ def _arm(where, label, entry, top: _Top, hints, owned, get_method) -> Arm:
         if values is not None:
             space[k] = v
     fixed = {k: v for k, v in entry.items() if k not in space}
-    return Arm(label, fixed, space, arm_models)
+    arm = Arm(label, fixed, space, arm_models)
+    _arm_epochs(f"{where}: methods.{label}", arm, dict(top.budget))
+    return arm
 
 
 # ---------------------------------------------------------------------------------------------- trial dicts
 def trial_dict(spec: SweepSpec, point: dict, *, data_dir=None, cache_dir=None, device="cpu") -> dict:
     """The TrialConfig kwargs of one point {arm, model, seed, params}."""
     arm = next(a for a in spec.arms if a.label == point["arm"])
-    d = {**spec.trial, **arm.fixed, **point.get("params", {}), **spec.budget,
+    d = {**spec.trial, **spec.budget, **arm.fixed, **point.get("params", {}),  # an arm's own epochs ≤ the cap
          "task": spec.task, "model": point["model"], "seed": point["seed"], "device": device,
          "data_dir": data_dir, "cache_dir": cache_dir}
     trial_fields = _trial_hints()

@@ -31,7 +31,9 @@ from profit_bench import UserError
 from profit_bench.plan import run_name
 from profit_bench.spec import applicable_params
 
-EVAL_KEYS = ("old_val", "new_val", "old_val_loss", "new_val_loss", "train_loss")
+# main_steps per evaluation: the axis of the report's equal-main-update view (a PROFIT run makes fewer main updates
+# per batch than a plain optimizer; epochs-budgeted runs are logged per epoch)
+EVAL_KEYS = ("old_val", "new_val", "old_val_loss", "new_val_loss", "train_loss", "main_steps")
 BEFORE_KEYS = {"old_val": "old_val_before", "new_val": "new_val_before"}  # the step-0 point
 REACH_TIMEOUT_S = 5  # a healthy server answers /health in milliseconds
 RAY_KEYS = {*AUTO_RESULT_KEYS, "iterations_since_restore", "time_since_restore", "timesteps_since_restore"}

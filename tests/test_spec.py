@@ -248,3 +248,49 @@ def test_knobs_that_change_the_pretrained_model_are_grid_only(tmp_path, capsys):
     text = BASE + "methods: {full: {activation: {choice: [relu, tanh]}}}\n"
     assert main([write_spec(tmp_path, text), "--dry-run"]) == 2
     assert "changes the pretrained model" in capsys.readouterr().err
+
+
+DIGITS_EPOCHS = ("task: digits\nmodels: [mlp]\nbudget: {epochs: 4}\ntrial: {limit: 32, batch_size: 16, "
+                 "pretrain_epochs: 1}\nmethods:\n  full: {lr: 1.0e-3, epochs: {int: [1, 4]}}\n  head: {lr: 1.0e-3}\n")
+
+
+def test_an_arm_searches_its_own_epochs_under_the_cap_and_the_trial_follows_the_draw(tmp_path):
+    from profit_bench.spec import space_filling_points
+    from profit_bench.trial import run_trial
+    spec = load_spec(write_spec(tmp_path, DIGITS_EPOCHS))
+    full, head = spec.arms
+    assert full.space["epochs"] == {"int": [1, 4]} and spec.arm_trials(full) == spec.num_samples
+    # the Sobol start spreads the epoch counts over [1, 4] like any int knob
+    assert {p["epochs"] for p in space_filling_points(spec, full, 4, seed=1)} == {1, 2, 3, 4}
+    d = trial_dict(spec, {"arm": "full", "model": "mlp", "seed": 0, "params": {"epochs": 3}},
+                   cache_dir=str(tmp_path / "cache"))
+    assert d["epochs"] == 3  # the draw, not the budget's cap
+    assert trial_dict(spec, {"arm": "head", "model": "mlp", "seed": 0, "params": {}})["epochs"] == 4  # the cap
+    r = run_trial(resolved_config(d))
+    # 32 examples → 16 new-train rows (the task's split) in batches of 16: batches per epoch from the task itself
+    one = run_trial(resolved_config({**d, "epochs": 1}))
+    assert r["status"] == one["status"] == "ok"
+    assert r["epochs_done"] == 3 and one["epochs_done"] == 1 and r["batches"] == 3 * one["batches"] > 0
+    assert r["main_steps"] == r["batches"]  # plain Adam: every batch is a main update
+
+
+@pytest.mark.parametrize("methods, expect", [
+    ("full: {epochs: {int: [1, 30]}}", "methods.full.epochs: 30 is above the sweep's cap budget.epochs = 4"),
+    ("full: {epochs: 5}", "methods.full.epochs: 5 is above the sweep's cap budget.epochs = 4"),
+    ("full: {epochs: {loguniform: [1, 4]}}", "methods.full.epochs"),
+    ("profit: {epochs: {int: [1, 4]}, warmup_epochs: 2}", "warmup_epochs (up to 2) can exceed the arm's epochs"),
+])
+def test_epochs_above_the_cap_are_refused_on_one_line(tmp_path, capsys, methods, expect):
+    text = "task: digits\nbudget: {epochs: 4}\nmethods: {" + methods + "}\n"
+    assert main([write_spec(tmp_path, text), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+
+
+def test_arm_epochs_need_an_epochs_budget_and_follow_a_smaller_cap(tmp_path):
+    with pytest.raises(UserError, match="needs an epochs budget"):
+        load_spec(write_spec(tmp_path, BASE + "methods: {full: {epochs: 2}}\n"))
+    with pytest.raises(UserError, match="sweep-owned keys \[.epochs.\]"):  # the trial: block still may not
+        load_spec(write_spec(tmp_path, DIGITS_EPOCHS.replace("limit: 32,", "limit: 32, epochs: {int: [1, 2]},")))
+    small = load_spec(write_spec(tmp_path, DIGITS_EPOCHS), ["budget.epochs=2"])  # the README's small version
+    assert small.arms[0].space["epochs"] == {"int": [1, 2]} and small.budget == {"epochs": 2}
