@@ -393,7 +393,8 @@ def fit_epochs_to_cap(raw: dict) -> None:
             entry["epochs"] = min(v, cap)
         elif isinstance(v, dict) and len(v) == 1 and isinstance(next(iter(v.values())), list):
             kind, args = next(iter(v.items()))
-            entry["epochs"] = {kind: [min(a, cap) if isinstance(a, int) else a for a in args]}
+            args = [min(a, cap) if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
+            entry["epochs"] = args[0] if kind in ("int", "logint") and len(set(args)) == 1 else {kind: args}
 
 
 def _arm_epochs(where: str, arm: "Arm", budget: dict) -> None:

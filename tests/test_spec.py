@@ -294,3 +294,5 @@ def test_arm_epochs_need_an_epochs_budget_and_follow_a_smaller_cap(tmp_path):
         load_spec(write_spec(tmp_path, DIGITS_EPOCHS.replace("limit: 32,", "limit: 32, epochs: {int: [1, 2]},")))
     small = load_spec(write_spec(tmp_path, DIGITS_EPOCHS), ["budget.epochs=2"])  # the README's small version
     assert small.arms[0].space["epochs"] == {"int": [1, 2]} and small.budget == {"epochs": 2}
+    one = load_spec(write_spec(tmp_path, DIGITS_EPOCHS), ["budget.epochs=1"])  # a range of one value: fixed
+    assert "epochs" not in one.arms[0].space and one.arms[0].fixed["epochs"] == 1
