@@ -79,7 +79,19 @@ def _budget_text(spec: dict, g: pd.DataFrame) -> str:
     budget = spec.get("budget") if isinstance(spec.get("budget"), dict) else {}
     if not budget:  # the trials' own params
         budget = {k: g[k].dropna().iloc[0] for k in ("epochs", "steps") if k in g and g[k].notna().any()}
-    return ", ".join(f"{tables.fmt_param(v)} {k}" for k, v in budget.items()) or "—"
+    text = ", ".join(f"{tables.fmt_param(v)} {k}" for k, v in budget.items()) or "—"
+    own = {a: e for a, e in (spec.get("methods") or {}).items() if isinstance(e, dict) and "epochs" in e}
+    if own:  # arms with their own epoch count (spec.py): the budget is their cap
+        text += " (cap; own epochs: " + ", ".join(f"{a} {_epochs_text(e['epochs'])}" for a, e in own.items()) + ")"
+    return text
+
+
+def _epochs_text(v) -> str:
+    """An arm's `epochs:` entry: a count, or a searched range `3–10`."""
+    if isinstance(v, dict) and len(v) == 1 and isinstance(next(iter(v.values())), list):
+        args = next(iter(v.values()))
+        return f"{args[0]}–{args[-1]}" if len(args) == 2 else "/".join(map(str, args))
+    return str(v)
 
 
 def _trials_text(parent, spec: dict, g: pd.DataFrame) -> str:
@@ -145,6 +157,7 @@ def write_report(runs: pd.DataFrame, out: Path, *, tracking_uri=None, curve_runs
             sections.selection_section(runs, chosen, hyper),
             sections.confirmed_section(runs, cells, chosen, hyper, paper, palette, out, figs, tracking_uri),
             sections.paired_section(runs, cells, paired, paper),
+            sections.equal_updates_section(runs, cells, tracking_uri),
             sections.knee_ablation_section(runs, cells, paper, palette, out, figs),
             sections.grid_section(runs, hyper, paper),
             "\n".join(["## Figures", ""] + sections.ablation_section(runs, hyper, palette, out, figs)

@@ -107,8 +107,7 @@ def pretrain_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, figs: 
              f"(mean ± s.e.), the best value of the mean curve over seeds (at which evaluation), the mean curve's "
              f"last 4 evaluations, and its gain over the last {stats.PLATEAU_SPAN} evaluations (final − the value "
              f"{stats.PLATEAU_SPAN} evaluations earlier, positive = better; accuracy in percentage points). "
-             f"plateau = yes when that gain is below {stats.PLATEAU_POINTS} points (accuracy) or "
-             f"{stats.PLATEAU_RELATIVE:.0%} of the earlier value (MSE).", ""]
+             f"**Plateau rule.** {stats.PLATEAU_RULE}", ""]
     body: list[str] = []
     for exp, ce in curves.groupby("experiment", sort=True):
         g = runs[runs["experiment"] == exp]
@@ -214,10 +213,10 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
              "exact 2-D area each method's confirmed points dominate, against the reference point below, with a "
              "percentile bootstrap 95 % CI over confirmation seeds. Budget: batches of new-task data seen and "
              "main-optimizer updates per run (a PROFIT main update costs n_ref + 1 batches; AdamW warm-up batches "
-             "are main updates), mean over seeds. new-task plateau: the mean new_val curve of the confirmation "
-             f"runs gained less than {stats.PLATEAU_POINTS} points (accuracy) / {stats.PLATEAU_RELATIVE:.0%} (MSE) "
-             f"over its last {stats.PLATEAU_SPAN} evaluations, the pretraining rule; 'no' = the budget may have "
-             "stopped it early, a longer run could change its numbers.", ""]
+             "are main updates), mean over seeds; with an arm's own epochs (searched or fixed under the sweep's "
+             "cap) each configuration's own. new-task plateau: the plateau rule of the pretrained backbones "
+             f"applied to the mean new_val curve of the confirmation runs ({stats.PLATEAU_RULE}) 'no' = the "
+             "budget may have stopped it early, a longer run could change its numbers.", ""]
     for key, g in _groups(runs):
         c = cells[(cells[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)] if len(cells) else cells
         title = f"{key[0]}: {group_title(*key[1:])}"
@@ -331,6 +330,41 @@ def paired_section(runs, cells, paired: list[dict] | None = None, paper: dict | 
     return "\n".join(lines + [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "Δ old test",
                                         "old (Holm)", "old p raw → Holm", "old MDD", "Δ new test", "new (Holm)",
                                         "new p raw → Holm", "new MDD"], rows), ""] + note)
+
+
+def equal_updates_section(runs, cells, tracking_uri) -> str:
+    """The secondary view (stats.EQUAL_UPDATES_RULE): every paired comparison at equal main-optimizer updates, from
+    the confirmation runs' per-evaluation validation curves (MLflow histories of main_steps, old_val, new_val)."""
+    conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
+    if tracking_uri is None or conf.empty or not len(cells):
+        return ""
+    hist = load.metric_histories(dict(zip(conf["run_id"], conf["run_id"])), tracking_uri,
+                                 ["main_steps", "old_val", "new_val"])
+    lines = ["## Secondary view: PROFIT vs each baseline at equal main-optimizer updates (validation)", "",
+             f"{stats.EQUAL_UPDATES_RULE} The equal-data comparison above is the headline.", ""]
+    if hist.empty or not (hist["key"] == "main_steps").any():
+        return "\n".join(lines + ["Not available: these runs did not log main_steps per evaluation (runs older "
+                                  "than that metric).", ""])
+    rows, same = [], 0
+    for p in stats.equal_update_rows(runs, cells, hist):
+        if p["equal_ends"]:  # both runs ended at the same count: the headline already compares at equal updates
+            same += 1
+            continue
+        metric, hib = p["metric_name"], p["higher_is_better"]
+        row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"],
+               f"{p['updates'].mean:.0f}", f"{p['read_profit']:.0f} / {p['read_baseline']:.0f}"]
+        for m in ("old_val", "new_val"):
+            row += [stats.fmt_stat(p[m], metric), stats.verdict(p[m], hib, p.get(f"{m}_p_holm", math.nan)) or
+                    "— (n<2)", f"{_p(p.get(f'{m}_p'))} → {_p(p.get(f'{m}_p_holm'))}"]
+        rows.append(row)
+    note = ([f"{same} comparison(s) left out: both runs made the same number of main updates (a budget in main "
+             f"steps), so the headline already compares them at equal updates.", ""] if same else [])
+    if not rows:
+        return "\n".join(lines + note + ["No comparison differs in main updates.", ""])
+    return "\n".join(lines + [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "main updates",
+                                        "read at (PROFIT / baseline)", "Δ old val", "old (Holm)",
+                                        "old p raw → Holm", "Δ new val", "new (Holm)", "new p raw → Holm"], rows),
+                              ""] + note)
 
 
 def grid_section(runs, hyper, paper) -> str:

@@ -240,34 +240,103 @@ def choice_order(choice: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- paired
-def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
-    """PROFIT arm vs each baseline arm of the same experiment × task × backbone, matched by selection choice
-    (PROFIT's knee vs the baseline's knee, ...) and by confirmation seed (same backbone, same data order).
-    Differences are PROFIT − baseline in the metric's own units, for old_test and new_test.
-    An adapter trained through PROFIT (LoRA, VPT, ConvAdapter + PROFIT: Table 7) is compared with the same adapter
-    only; PROFIT on the whole model with every baseline."""
-    conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
-    out = []
+def comparison_pairs(cells: pd.DataFrame):
+    """(group key, PROFIT cell, baseline cell, shared choice) for every comparison the report makes: a PROFIT arm vs
+    each baseline arm of the same experiment × task × backbone, matched by selection choice (PROFIT's knee vs the
+    baseline's knee, ...). An adapter trained through PROFIT (LoRA, VPT, ConvAdapter + PROFIT: Table 7) is
+    compared with the same adapter only; PROFIT on the whole model with every baseline."""
     for key, c in cells.groupby(GROUP, sort=True) if len(cells) else ():
         for _, p in c[c["is_profit"]].iterrows():
             for _, b in c[~c["is_profit"]].iterrows():
                 if "method" in c and p["method"] != "full" and p["method"] != b["method"]:
                     continue
                 shared = set(str(p["choice"]).split(",")) & set(str(b["choice"]).split(","))
-                if not shared:
-                    continue
-                mine = conf[(conf[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
-                pr = per_seed(mine, p["config_key"], ["old_test", "new_test"])
-                br = per_seed(mine, b["config_key"], ["old_test", "new_test"])
-                seeds = sorted(set(pr.index) & set(br.index))
-                row = dict(zip(GROUP, key), profit=p["arm"], baseline=b["arm"],
-                           baseline_method=b.get("method"), baseline_optimizer=b.get("optimizer"),
-                           choice=",".join(sorted(shared, key=choice_order)), seeds=seeds,
-                           metric_name=p["metric_name"], higher_is_better=bool(p["higher_is_better"]))
-                for m in ("old_test", "new_test"):
-                    row[m] = paired_difference(pr.loc[seeds, m], br.loc[seeds, m]) if seeds else mean_ci([])
-                out.append(row)
+                if shared:
+                    yield key, p, b, ",".join(sorted(shared, key=choice_order))
+
+
+def _pair_row(key, p, b, choice, seeds) -> dict:
+    return dict(zip(GROUP, key), profit=p["arm"], baseline=b["arm"], baseline_method=b.get("method"),
+                baseline_optimizer=b.get("optimizer"), choice=choice, seeds=seeds, metric_name=p["metric_name"],
+                higher_is_better=bool(p["higher_is_better"]))
+
+
+def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
+    """Every comparison_pairs comparison matched by confirmation seed (same backbone, same data order).
+    Differences are PROFIT − baseline in the metric's own units, for old_test and new_test."""
+    conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
+    out = []
+    for key, p, b, choice in comparison_pairs(cells):
+        mine = conf[(conf[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
+        pr = per_seed(mine, p["config_key"], ["old_test", "new_test"])
+        br = per_seed(mine, b["config_key"], ["old_test", "new_test"])
+        seeds = sorted(set(pr.index) & set(br.index))
+        row = _pair_row(key, p, b, choice, seeds)
+        for m in ("old_test", "new_test"):
+            row[m] = paired_difference(pr.loc[seeds, m], br.loc[seeds, m]) if seeds else mean_ci([])
+        out.append(row)
     return adjust_family(out)
+
+
+# ---------------------------------------------------------------------------------------------- equal updates
+EQUAL_UPDATES_RULE = (
+    "A secondary view beside the equal-data headline: each paired comparison read at an equal number of "
+    "main-optimizer updates. Per confirmation seed, the count is the smaller of the two runs' final main-update "
+    "counts (a PROFIT main update closes n_ref reference batches + 1, so PROFIT usually makes fewer); each run's "
+    "validation metrics are read at its first evaluation at or past that count (evaluations come once per epoch, "
+    "or every eval_every main steps, so a run may be read a little past it: both reading points are shown). "
+    "Validation metrics of the confirmation runs, because test is measured only at the end of a run; the run with "
+    "more updates is read mid-run (its lr schedule not finished), not a run trained for that budget. Holm over this "
+    "view's own family; the headline's verdicts are the equal-data ones.")
+
+
+def updates_curve(hist: pd.DataFrame) -> pd.DataFrame:
+    """One run's per-evaluation rows (columns key, step, value) as a table indexed by step with columns
+    main_steps, old_val, new_val: only evaluations that logged main_steps (the pretrained step-0 point has none)."""
+    t = hist.pivot_table(index="step", columns="key", values="value", aggfunc="first").sort_index()
+    if "main_steps" not in t:
+        return pd.DataFrame(columns=["main_steps", "old_val", "new_val"])
+    return t[t["main_steps"].notna()].reindex(columns=["main_steps", "old_val", "new_val"])
+
+
+def at_updates(curve: pd.DataFrame, target: float) -> pd.Series | None:
+    """The first evaluation of `curve` (updates_curve) whose main_steps reached `target`, or None."""
+    hit = curve[curve["main_steps"] >= target]
+    return hit.iloc[0] if len(hit) else None
+
+
+def equal_update_rows(runs: pd.DataFrame, cells: pd.DataFrame, histories: pd.DataFrame) -> list[dict]:
+    """EQUAL_UPDATES_RULE for every comparison_pairs comparison. `histories`: per-evaluation metrics of the
+    confirmation runs (columns run = run_id, key in main_steps / old_val / new_val, step, value). Each row: the
+    pair's identity, `updates` (Stat of the per-seed equal count), `read_profit` / `read_baseline` (mean
+    main_steps where each was read), `equal_ends` (both runs ended at the same count on every seed: the headline
+    already compares them at equal updates; left out of the Holm family), and old_val / new_val as paired differences (PROFIT − baseline) with
+    adjust_family's p, Holm p, MDD. Pairs without per-evaluation main_steps are left out."""
+    conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
+    curves = {rid: updates_curve(h) for rid, h in histories.groupby("run")} if len(histories) else {}
+    out = []
+    for key, p, b, choice in comparison_pairs(cells):
+        mine = conf[(conf[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
+        first = {side: mine[mine["config_key"] == c["config_key"]].drop_duplicates("seed").set_index("seed")
+                 for side, c in (("p", p), ("b", b))}
+        reads = []  # per seed: (count, PROFIT reading, baseline reading)
+        for seed in sorted(set(first["p"].index) & set(first["b"].index)):
+            cp, cb = (curves.get(first[s].loc[seed, "run_id"]) for s in ("p", "b"))
+            if cp is None or cb is None or cp.empty or cb.empty:
+                continue
+            ends = cp["main_steps"].max(), cb["main_steps"].max()
+            reads.append((seed, min(ends), at_updates(cp, min(ends)), at_updates(cb, min(ends)), ends[0] == ends[1]))
+        if not reads:
+            continue
+        row = _pair_row(key, p, b, choice, [r[0] for r in reads])
+        row.update(updates=mean_ci([r[1] for r in reads]), equal_ends=all(r[4] for r in reads),
+                   read_profit=float(np.mean([r[2]["main_steps"] for r in reads])),
+                   read_baseline=float(np.mean([r[3]["main_steps"] for r in reads])))
+        for m in ("old_val", "new_val"):
+            row[m] = paired_difference([r[2][m] for r in reads], [r[3][m] for r in reads])
+        out.append(row)
+    adjust_family([r for r in out if not r["equal_ends"]], metrics=("old_val", "new_val"))  # the shown family
+    return out
 
 
 def per_seed(conf: pd.DataFrame, config_key: str, cols: list[str]) -> pd.DataFrame:
@@ -413,6 +482,12 @@ def _text(v) -> str:
 PLATEAU_POINTS = 0.5     # accuracy: a gain below this many percentage points over the last 3 evaluations
 PLATEAU_RELATIVE = 0.02  # other metrics (MSE): a gain below 2 % of the value 3 evaluations earlier
 PLATEAU_SPAN = 3
+PLATEAU_RULE = (
+    f"A curve has reached a plateau when the mean curve over its seeds gained less than {PLATEAU_POINTS} "
+    f"percentage points (accuracy) or {PLATEAU_RELATIVE:.0%} of the earlier value (MSE) over its last "
+    f"{PLATEAU_SPAN} evaluations (final − the value {PLATEAU_SPAN} evaluations earlier, positive = better); "
+    f"fewer than {PLATEAU_SPAN + 1} evaluations: not judged. One rule for the pretrained backbones' old-task curves "
+    f"and the confirmed fine-tuning runs' new-task curves (pretrain_summary).")
 
 
 def pretrain_summary(curves: pd.DataFrame, metric: str, higher_is_better: bool) -> dict | None:

@@ -120,7 +120,7 @@ def _outcome(rng, spec, arm, i, n_points):
 
 
 def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, config_key, choice=None,
-             status="ok", knob=None):
+             status="ok", knob=None, updates=False):
     from mlflow.entities import Metric, Param
     old_v, new_v, old_t, new_t = values
     hib = spec["metric"] != "mse"
@@ -148,6 +148,9 @@ def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, 
         final.update(chance_old=0.2, chance_new=0.2)
     history = [dict(old_val=ob, new_val=nb), dict(old_val=(ob + old_v) / 2, new_val=(nb + new_v) / 2),
                dict(old_val=old_v, new_val=new_v)]
+    if updates:  # per-evaluation main_steps, as the sweep logs them: PROFIT (n_ref 1) half a plain optimizer's
+        for e, h in enumerate(history[1:], 1):
+            h["main_steps"] = float(e * (5 if is_profit else 10))
     if is_profit:
         final["profit_projected_frac"] = 0.4
         for e, h in enumerate(history[1:], 1):
@@ -161,7 +164,7 @@ def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, 
 
 
 def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False, ablate=None, pretrain=None,
-              parent_tags=None, parent_params=None, parent_metrics=None):
+              parent_tags=None, parent_params=None, parent_metrics=None, updates=False):
     """A search stage (2 seeds per grid point), then confirmation runs of protocol.confirm_choices; with `ablate`
     ({arm, seeds, failed}) the ablation stage around that arm's knee: n_ref over {1, 2, 5}, ratio over {10, …,
     10000}, on the first `seeds` confirmation seeds, the knee's own value not re-run (and one failed run when
@@ -227,7 +230,7 @@ def add_sweep(client, name, spec, *, seed=0, explode=False, shuffle_test=False, 
                  values=r["values"], config_key=r["config_key"])
     for r in confirm:
         _log_run(client, exp_id, parent, spec, stage="confirm", arm=r["arm"], seed=r["seed"], params=r["params"],
-                 values=r["values"], config_key=r["config_key"], choice=r["choice"])
+                 values=r["values"], config_key=r["config_key"], choice=r["choice"], updates=updates)
     for r in ablation:
         _log_run(client, exp_id, parent, spec, stage="ablation", arm=r["arm"], seed=r["seed"], params=r["params"],
                  values=r["values"], config_key=r["config_key"], choice="ablation", knob=r["knob"],
@@ -456,6 +459,62 @@ def test_report_selection_and_sweep_choices_agree_on_ties_in_any_row_order():
     for seed in range(5):
         got = stats.selection(runs.sample(frac=1.0, random_state=seed))
         assert dict(zip(got["config_key"], got["choice"])) == dict(zip(want["config_key"], want["choice"]))
+
+
+def test_equal_update_view_reads_each_run_where_both_made_the_same_main_updates():
+    """Hand-made curves: PROFIT makes 5 main updates per epoch, Adam 10; at equal updates (Adam's epoch 2 = 20
+    updates, PROFIT's end) PROFIT is compared with Adam's mid-run validation values, paired by seed."""
+    def curve(run, per_epoch, old, new):
+        return [dict(run=run, key=k, step=e, value=v) for e in range(1, 5)
+                for k, v in (("main_steps", per_epoch * e), ("old_val", old[e - 1]), ("new_val", new[e - 1]))]
+    seeds = [1000, 1001, 1002]
+    hist, runs = [], []
+    for i, s in enumerate(seeds):
+        hist += curve(f"p{s}", 5, [0.9, 0.89, 0.88, 0.87 + 0.01 * i], [0.5, 0.6, 0.7, 0.8 - 0.02 * i])
+        hist += curve(f"a{s}", 10, [0.8, 0.7 + 0.01 * i * i, 0.6, 0.5], [0.7, 0.75 + 0.01 * i, 0.9, 0.95])
+        runs += [dict(run_id=f"{arm[0]}{s}", arm=arm, config_key=arm, seed=s) for arm in ("profit", "adam")]
+    group = dict(experiment="e", task="digits", model="mlp")
+    runs = pd.DataFrame(runs).assign(stage="confirm", status="ok", **group)
+    cells = pd.DataFrame([dict(**group, arm=a, config_key=a, is_profit=a == "profit", method=m, choice="knee",
+                               metric_name="accuracy", higher_is_better=True)
+                          for a, m in (("profit", "profit"), ("adam", "full"))])
+    rows = stats.equal_update_rows(runs, cells, pd.DataFrame(hist))
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["profit"], r["baseline"], r["seeds"]) == ("profit", "adam", seeds)
+    assert r["updates"].mean == 20 and r["read_profit"] == 20 and r["read_baseline"] == 20
+    assert not r["equal_ends"]
+    d_old = [0.87 + 0.01 * i - (0.7 + 0.01 * i * i) for i in range(3)]  # PROFIT's epoch 4 − Adam's epoch 2
+    d_new = [0.8 - 0.02 * i - (0.75 + 0.01 * i) for i in range(3)]
+    for m, d in (("old_val", d_old), ("new_val", d_new)):
+        ref = scipy.stats.ttest_1samp(d, 0.0)
+        assert r[m].mean == pytest.approx(np.mean(d)) and r[m].n == 3
+        assert r[f"{m}_p"] == pytest.approx(ref.pvalue)
+    # Holm over this view's family of 2 (old, new)
+    assert max(r["old_val_p_holm"], r["new_val_p_holm"]) == pytest.approx(
+        max(stats.holm([r["old_val_p"], r["new_val_p"]])))
+    # runs without per-evaluation main_steps: nothing to read
+    assert stats.equal_update_rows(runs, cells, pd.DataFrame(hist).query("key != 'main_steps'")) == []
+
+
+def test_report_shows_the_equal_update_view_as_the_secondary_one(tmp_path_factory):
+    uri, client, d = _store(tmp_path_factory, "updates")
+    logged = add_sweep(client, "updates", OPTUNA, updates=True)
+    md = _report(uri, d / "report", "updates")
+    view = section(md, "## Secondary view: PROFIT vs each baseline at equal main-optimizer updates (validation)")
+    assert "The equal-data comparison above is the headline." in view
+    rows = [r for r in view.splitlines() if r.startswith("| updates |")]
+    assert rows, view
+    # PROFIT made 10 updates (5 per evaluation), full 20: both read where they made 10, full at its mid-run point
+    conf = pd.DataFrame(logged["confirm"])
+    for r in rows:
+        cols = [c.strip() for c in r.split("|")[1:-1]]
+        assert cols[5] == "10" and cols[6] == "10 / 10"
+        p = conf[(conf["arm"] == cols[2]) & conf["choice"].str.contains(cols[4].split(",")[0])]
+        b = conf[(conf["arm"] == cols[3]) & conf["choice"].str.contains(cols[4].split(",")[0])]
+        mid = lambda v, before: (before + v) / 2  # noqa: E731 - the fixture's mid-run evaluation
+        diff = [pv[0] - mid(bv[0], OPTUNA["before"][0]) for pv, bv in zip(p["values"], b["values"])]
+        assert cols[7].startswith(f"{100 * np.mean(diff):.2f} ± "), (cols[7], diff)
 
 
 def test_missing_and_empty_experiment_exit_2_with_one_line(base, tmp_path, capsys):
