@@ -125,7 +125,9 @@ def tidy_runs(raw: pd.DataFrame, tables: dict[str, str]) -> pd.DataFrame:
     metrics = FINAL_METRICS + sorted({c[len("metrics."):] for c in raw if c.startswith("metrics.profit_")}
                                      - set(FINAL_METRICS))
     for m in metrics:
-        df[m] = pd.to_numeric(_col(raw, f"metrics.{m}"), errors="coerce").values
+        # `batches` is a tag of a finished run (tracking.TAG_NUMBERS: no one-point chart), a metric in older stores
+        df[m] = pd.to_numeric(_col(raw, f"metrics.{m}"), errors="coerce").fillna(
+            pd.to_numeric(_col(raw, f"tags.{m}"), errors="coerce")).values
     df["parent_id"] = _col(raw, "tags.mlflow.parentRunId").values
     df["table"] = df["parent_id"].map(tables).fillna("").astype(str)
     df["stage"] = df["stage"].fillna("search")

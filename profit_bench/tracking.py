@@ -493,11 +493,14 @@ class MlflowLogger(Callback):
 
 def compact_params(cfg_dict: dict, spec, point_params: dict) -> dict:
     """The params of a trial run: KEY_PARAMS and every knob some arm of the sweep fixes or searches (and the
-    point's own), where they apply to this run (spec.applicable_params)."""
+    point's own), where they apply to this run (spec.applicable_params). A method's own knobs (l2sp_alpha,
+    ewc_lambda, ...) live in the config's method_args: they are params under their own names, as the spec names
+    them, so the report can tell two configurations of one arm apart."""
     knobs = set(KEY_PARAMS) | set(point_params)
     for a in spec.arms:
         knobs |= set(a.fixed) | set(a.space)
-    return {k: v for k, v in applicable_params(cfg_dict).items() if k in knobs}
+    flat = {**(cfg_dict.get("method_args") or {}), **applicable_params(cfg_dict)}
+    return {k: v for k, v in flat.items() if k in knobs}
 
 
 def _asdict(cfg) -> dict:

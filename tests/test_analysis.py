@@ -130,6 +130,8 @@ def _log_run(client, exp_id, parent, spec, *, arm, stage, seed, params, values, 
             "higher_is_better": str(hib), "ray_trial_id": f"{arm}-{config_key}-{seed}"}
     if choice:
         tags["choice"] = choice
+    if updates:  # batches: a tag of a finished run (tracking.TAG_NUMBERS); PROFIT (n_ref 1) 2 batches per update
+        tags["batches"] = "20"
     if knob:
         tags["ablation_knob"] = knob
     rid = client.create_run(exp_id, tags=tags).info.run_id
@@ -505,6 +507,11 @@ def test_report_shows_the_equal_update_view_as_the_secondary_one(tmp_path_factor
     assert "The equal-data comparison above is the headline." in view
     rows = [r for r in view.splitlines() if r.startswith("| updates |")]
     assert rows, view
+    cells = [r for r in section(md, "## Confirmed results").splitlines() if r.startswith(("| profit |", "| full |"))
+             and "(n=3)" in r and r.count("|") > 12]
+    assert cells  # batches (a tag of the run) / main updates per confirmed configuration
+    for r in cells:
+        assert ("| 20 / 10 |" if r.startswith("| profit |") else "| 20 / 20 |") in r, r
     # PROFIT made 10 updates (5 per evaluation), full 20: both read where they made 10, full at its mid-run point
     conf = pd.DataFrame(logged["confirm"])
     for r in rows:

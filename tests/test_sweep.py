@@ -254,3 +254,16 @@ def test_arm_search_starts_each_arm_with_its_own_sobol_points_and_pickles(tmp_pa
     path = tmp_path / "searcher.pkl"
     search.save(str(path))
     ArmSearch.restore(search, str(path))
+
+
+def test_a_methods_own_knobs_are_params_under_their_own_names():
+    """l2sp_alpha, ewc_lambda, ... live in the config's method_args; as params they keep the spec's names, so the
+    report's config column tells two L2-SP configurations apart (it showed only their lrs)."""
+    from profit_bench.spec import load_spec, resolved_config, trial_dict
+    from profit_bench.tracking import _asdict, compact_params
+    spec = load_spec("digits")
+    point = {"arm": "lwf", "model": "mlp", "seed": 0,
+             "params": {"lr": 1e-3, "lwf_lambda": 0.5, "lwf_temperature": 2.0}}
+    params = compact_params(_asdict(resolved_config(trial_dict(spec, point))), spec, point["params"])
+    assert (params["lr"], params["lwf_lambda"], params["lwf_temperature"]) == (1e-3, 0.5, 2.0)
+    assert "method_args" not in params and "ratio" not in params  # PROFIT's knobs apply to PROFIT runs only
