@@ -479,7 +479,7 @@ def test_equal_update_view_reads_each_run_where_both_made_the_same_main_updates(
     runs = pd.DataFrame(runs).assign(stage="confirm", status="ok", **group)
     cells = pd.DataFrame([dict(**group, arm=a, config_key=a, is_profit=a == "profit", method=m, choice="knee",
                                metric_name="accuracy", higher_is_better=True)
-                          for a, m in (("profit", "profit"), ("adam", "full"))])
+                          for a, m in (("profit", "full"), ("adam", "full"))])  # canonical: PROFIT = full + profit
     rows = stats.equal_update_rows(runs, cells, pd.DataFrame(hist))
     assert len(rows) == 1
     r = rows[0]
