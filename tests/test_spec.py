@@ -290,7 +290,7 @@ def test_epochs_above_the_cap_are_refused_on_one_line(tmp_path, capsys, methods,
 def test_arm_epochs_need_an_epochs_budget_and_follow_a_smaller_cap(tmp_path):
     with pytest.raises(UserError, match="needs an epochs budget"):
         load_spec(write_spec(tmp_path, BASE + "methods: {full: {epochs: 2}}\n"))
-    with pytest.raises(UserError, match="sweep-owned keys \[.epochs.\]"):  # the trial: block still may not
+    with pytest.raises(UserError, match=r"sweep-owned keys \[.epochs.\]"):  # the trial: block still may not
         load_spec(write_spec(tmp_path, DIGITS_EPOCHS.replace("limit: 32,", "limit: 32, epochs: {int: [1, 2]},")))
     small = load_spec(write_spec(tmp_path, DIGITS_EPOCHS), ["budget.epochs=2"])  # the README's small version
     assert small.arms[0].space["epochs"] == {"int": [1, 2]} and small.budget == {"epochs": 2}
