@@ -442,7 +442,7 @@ def test_shuffled_test_metrics_leave_every_selection_unchanged(base):
 def test_report_selection_and_sweep_choices_agree_on_ties_in_any_row_order():
     """Issue 29: ties at 1/135 validation resolution were broken by row order, which differs between the sweep
     (suggestion order) and the report (MLflow's order): the report marked confirmed knees "confirmed: no"."""
-    from profit_bench.sweep import confirm_rows
+    from profit_bench.plan import confirm_rows
     from profit_bench.spec import load_spec
     k = 1 / 135
     vals = [(0.9, 0.8), (0.9, 0.8), (0.9, 0.8), (0.5, 0.95), (0.5, 0.95), (0.4, 0.4), (0.9 - k, 0.8 - k)]

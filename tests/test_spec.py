@@ -255,7 +255,7 @@ DIGITS_EPOCHS = ("task: digits\nmodels: [mlp]\nbudget: {epochs: 4}\ntrial: {limi
 
 
 def test_an_arm_searches_its_own_epochs_under_the_cap_and_the_trial_follows_the_draw(tmp_path):
-    from profit_bench.spec import space_filling_points
+    from profit_bench.plan import space_filling_points
     from profit_bench.trial import run_trial
     spec = load_spec(write_spec(tmp_path, DIGITS_EPOCHS))
     full, head = spec.arms
