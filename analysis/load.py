@@ -212,7 +212,7 @@ NOT_DIAGNOSTICS = {"profit_state_bytes", "profit_memory"}  # a cost metric and a
 
 
 def profit_metric_keys(df: pd.DataFrame) -> list[str]:
-    """PROFIT's diagnostics (CONTRACT §4) present in these runs."""
+    """PROFIT's diagnostics (profit_bench.optim.DIAGNOSTICS) present in these runs."""
     return sorted(c for c in df.columns if c.startswith("profit_") and c not in NOT_DIAGNOSTICS
                   and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any())
 

@@ -454,9 +454,9 @@ def ablation_cells(runs: pd.DataFrame, cells: pd.DataFrame, params: list[str]) -
             for h in params:
                 if h == knob or h not in a:
                     continue
-                mine = {_text(v) for v in a[h]}
-                if mine != {_text(ref[h])}:
-                    differ.append(f"{h} ({', '.join(sorted(mine))} vs the knee's {_text(ref[h])})")
+                mine = {fmt_param(v) for v in a[h]}
+                if mine != {fmt_param(ref[h])}:
+                    differ.append(f"{h} ({', '.join(sorted(mine))} vs the knee's {fmt_param(ref[h])})")
         out.append(dict(zip(GROUP, key), arm=arm, knob=knob, points=points, metric_name=a["metric_name"].iloc[0],
                         higher_is_better=bool(a["higher_is_better"].iloc[0]), knee_found=len(knee) > 0,
                         knee_seeds=sorted(int(x) for x in knee.loc[knee["status"] == "ok", "seed"].unique()),
@@ -472,7 +472,8 @@ def knob_order(v) -> tuple:
         return (1, 0.0, str(v))
 
 
-def _text(v) -> str:
+def fmt_param(v) -> str:
+    """A knob's value as text: numbers with %g, a missing value as —, anything else as str (tables.py uses it too)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)

@@ -13,12 +13,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.stats import choice_order, fmt_num, fmt_stat, mean_ci
+from analysis.stats import choice_order, fmt_num, fmt_param, fmt_stat, mean_ci
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.yaml")
-# Fallbacks while profit_bench.tasks has no TaskSpec.title / .paper_dataset.
-TASK_TITLES = {"toy": "2-D toy regression sin(10|x|)", "cifar": "CIFAR-10 → CIFAR-100",
-               "fmnist": "Fashion-MNIST 0–4 → 5–9", "digits": "sklearn digits 0–4 → 5–9"}
 MODEL_NAMES = {"mlp": "MLP", "resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small"}
 PAPER_SHORT = {"table1": "toy", "table12": "DriveLM"}  # the rest: CIFAR
 # Our backbone → the paper's backbone of the same family (Tables 8/9 rows); the MLP has none.
@@ -34,7 +31,7 @@ def load_paper(path: Path = PAPER_TABLES) -> dict:
 def task_title(task: str) -> str:
     from profit_bench import tasks
     spec = tasks.TASKS.get(task)
-    return getattr(spec, "title", None) or TASK_TITLES.get(task, task)
+    return spec.title if spec is not None else task  # a task no longer registered: its name
 
 
 def paper_dataset(task: str) -> str | None:
@@ -51,12 +48,6 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def fmt_param(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "—"
-    return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)
 
 
 def config_text(row, hyper) -> str:

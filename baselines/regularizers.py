@@ -1,4 +1,4 @@
-"""Anti-forgetting regularisers (issue 18): L2-SP, EWC and LwF as methods of the one training loop.
+"""Anti-forgetting regularisers (issue 18): L2-SP, EWC, MAS and LwF as methods of the one training loop.
 
 Each `prepare_<name>(prepared, args, ctx) -> Prepared` takes `full`'s Prepared (everything but the old head trains;
 for regression the shared head too; methods.py builds it, so this module never imports the registry) and adds a
@@ -6,17 +6,21 @@ penalty that the loop adds to the task loss on every batch:
 
     l2sp: α/2·‖θ_shared − θ_pre‖² + β/2·‖θ_new-head‖²        (Li, Grandvalet, Davoine 2018)
     ewc:  λ/2·Σ_i F_i (θ_i − θ*_i)²  over the shared params     (Kirkpatrick et al. 2017)
+    mas:  λ/2·Σ_i Ω_i (θ_i − θ*_i)², Ω_i = E_x|∂‖f(x)‖²/∂θ_i|  (Aljundi et al. 2018)
     lwf:  λ·T²·KL(p_pre(x)/T ‖ p(x)/T) of the old head on new-task inputs; regression: λ·MSE (Li & Hoiem 2017)
 
 "shared" = every trained parameter that existed in the pretrained model, i.e. all but the new head (which is
 the old head itself for regression, so there β has nothing to act on). None of them reads old data while
-fine-tuning: EWC's Fisher comes from the old task at pretraining time (`diagonal_fisher`, cached by
-profit_bench.pretrain beside the checkpoint) and reaches `prepare` as `ctx.fisher`.
+fine-tuning: EWC's Fisher and MAS's importance come from the old task at pretraining time (`diagonal_fisher`,
+`mas_importance`: the old-task statistics methods.py registers, cached by profit_bench.pretrain beside the
+checkpoint) and reach `prepare` as `ctx.old_stats`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ DEFAULTS = {
     "l2sp": dict(l2sp_alpha=0.1, l2sp_beta=0.01),
     "ewc": dict(ewc_lambda=1000.0, ewc_fisher_samples=1024),
     "lwf": dict(lwf_lambda=1.0, lwf_temperature=2.0),
+    "mas": dict(mas_lambda=1.0, mas_samples=1024),
 }
 
 
@@ -46,6 +51,43 @@ def _scores(out: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     return out, torch.ones_like(out)
 
 
+def _examples(split, n_samples: int, generator: torch.Generator) -> Tensor:
+    """`n_samples` inputs of `split` drawn without replacement by `generator` (all of them if fewer), in order."""
+    n = min(n_samples, len(split))
+    idx = torch.randperm(len(split), generator=generator, device=generator.device)[:n].sort().values
+    return split.x[idx.to(split.x.device)]
+
+
+def _per_example_grads(model: nn.Module, head: str, scalar: Callable, *extra_dims):
+    """vmap(grad(scalar)) over examples of `model(x, task=head)` as a function of its parameters, and the map from
+    the function's parameter names to the model's. `scalar(out[1, K], *extra)` → one example's scalar."""
+    # functional_call restores a module registered under two names (regression: heads.old IS heads.new)
+    # wrongly, leaving plain tensors in place of the parameters; this path holds each module once.
+    net = nn.Sequential(model.backbone, model.heads[head])
+    name_of = {id(p): k for k, p in model.named_parameters()}
+    model_name = {k: name_of[id(p)] for k, p in net.named_parameters()}
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    buffers = {k: b.detach() for k, b in net.named_buffers()}
+
+    def one(p, x, *extra):
+        return scalar(functional_call(net, (p, buffers), (x[None],)).float(), *extra)
+
+    per_example = vmap(grad(one), in_dims=(None, 0, *extra_dims))
+    return (lambda x, *extra: per_example(params, x, *extra)), model_name
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """The pretrained function: eval mode (no dropout, BatchNorm's running statistics), every flag restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def diagonal_fisher(model: nn.Module, split, *, head: str = "old", n_samples: int, batch_size: int = 64,
                     generator: torch.Generator) -> dict[str, Tensor]:
     """Diagonal Fisher of `model(x, task=head)`'s likelihood, averaged over `n_samples` examples of `split`.
@@ -56,39 +98,33 @@ def diagonal_fisher(model: nn.Module, split, *, head: str = "old", n_samples: in
     of `model` (zeros for those the head does not read, e.g. the new head), on the model's device.
     """
     kind = "classification" if split.y.dtype == torch.int64 else "regression"
-    n = min(n_samples, len(split))
-    idx = torch.randperm(len(split), generator=generator, device=generator.device)[:n].sort().values
-    x_all = split.x[idx.to(split.x.device)]
-    # functional_call restores a module registered under two names (regression: heads.old IS heads.new)
-    # wrongly, leaving plain tensors in place of the parameters; this path holds each module once.
-    net = nn.Sequential(model.backbone, model.heads[head])
-    name_of = {id(p): k for k, p in model.named_parameters()}
-    model_name = {k: name_of[id(p)] for k, p in net.named_parameters()}
-    params = {k: p.detach() for k, p in net.named_parameters()}
-    buffers = {k: b.detach() for k, b in net.named_buffers()}
+    x_all = _examples(split, n_samples, generator)
+    grads, model_name = _per_example_grads(model, head, lambda out, k: _scores(out, kind)[0][0, k], None)
     fisher = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-
-    def score(p, x, k):  # one example's k-th score
-        out = functional_call(net, (p, buffers), (x[None],)).float()
-        return _scores(out, kind)[0][0, k]
-
-    per_example_grad = vmap(grad(score), in_dims=(None, 0, None))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        for i in range(0, n, batch_size):
+    with _evaluating(model):
+        for i in range(0, len(x_all), batch_size):
             x = x_all[i:i + batch_size]
             with torch.no_grad():
                 weights = _scores(model(x, task=head).float(), kind)[1]  # [B, K]
             for k in range(weights.shape[1]):
-                g = per_example_grad(params, x, k)
-                w = weights[:, k]
-                for name, gk in g.items():
-                    fisher[model_name[name]] += torch.einsum("b,b...->...", w, gk.square())
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return {k: f / n for k, f in fisher.items()}
+                for name, gk in grads(x, k).items():
+                    fisher[model_name[name]] += torch.einsum("b,b...->...", weights[:, k], gk.square())
+    return {k: f / len(x_all) for k, f in fisher.items()}
+
+
+def mas_importance(model: nn.Module, split, *, head: str = "old", n_samples: int, batch_size: int = 64,
+                   generator: torch.Generator) -> dict[str, Tensor]:
+    """MAS's importance (Aljundi et al. 2018, eq. 2-4): Ω = mean over examples x of |∂‖f(x)‖²/∂θ|, with f the
+    output of `model(x, task=head)` (logits; the regression value). No labels: the sensitivity of the learned
+    function itself. Examples, eval mode and the result's keys as `diagonal_fisher`."""
+    x_all = _examples(split, n_samples, generator)
+    grads, model_name = _per_example_grads(model, head, lambda out: out.square().sum())
+    omega = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    with _evaluating(model):
+        for i in range(0, len(x_all), batch_size):
+            for name, g in grads(x_all[i:i + batch_size]).items():
+                omega[model_name[name]] += g.abs().sum(0)
+    return {k: o / len(x_all) for k, o in omega.items()}
 
 
 # ---------------------------------------------------------------------------------------------- penalties
@@ -159,22 +195,33 @@ def prepare_l2sp(prepared, args: dict, ctx):
                                extra_state_bytes=_nbytes(anchors))
 
 
-def prepare_ewc(prepared, args: dict, ctx):
-    if ctx.fisher is None:
-        raise UserError("method 'ewc' needs the old task's Fisher (MethodContext.fisher is None): build it with "
-                        "pretrain.ensure_pretrained(..., fisher_samples=N), as run_trial does for ewc")
+def _importance_penalty(prepared, args: dict, ctx, strength: str, what: str):
+    """λ/2·Σ_i Ω_i (θ_i − θ*_i)² over the shared parameters, Ω = the old-task statistic the method declared
+    (`ctx.old_stats`, {parameter name: tensor}), λ = args[strength]."""
+    if ctx.old_stats is None:
+        raise UserError(f"this method needs the old task's {what} (MethodContext.old_stats is None): build it with "
+                        f"pretrain.ensure_pretrained(..., old_stats=[(name, n)]), as run_trial does")
     prepared, shared, _ = _split(prepared)
     names = {id(p): k for k, p in prepared.model.named_parameters()}
-    missing = [names[id(p)] for p in shared if names[id(p)] not in ctx.fisher]
+    missing = [names[id(p)] for p in shared if names[id(p)] not in ctx.old_stats]
     if missing:
-        raise UserError(f"the cached Fisher lacks parameters {missing[:3]}...; delete the .fisher file to rebuild it")
-    lam, = _strengths(args, "ewc_lambda")
-    fisher = [ctx.fisher[names[id(p)]].to(p.device, p.dtype) for p in shared]
+        raise UserError(f"the cached {what} lacks parameters {missing[:3]}...; delete its file beside the "
+                        f"checkpoint to rebuild it")
+    lam, = _strengths(args, strength)
+    omega = [ctx.old_stats[names[id(p)]].to(p.device, p.dtype) for p in shared]
     anchors = [p.detach().clone() for p in shared]
-    # λ is folded into the stored weights: one tensor per parameter, as the Fisher itself.
-    weights = [lam * f for f in fisher]
+    # λ is folded into the stored weights: one tensor per parameter, as the statistic itself.
+    weights = [lam * w for w in omega]
     return dataclasses.replace(prepared, penalty=quadratic_penalty(shared, weights, anchors),
                                extra_state_bytes=_nbytes(anchors) + _nbytes(weights))
+
+
+def prepare_ewc(prepared, args: dict, ctx):
+    return _importance_penalty(prepared, args, ctx, "ewc_lambda", "Fisher")
+
+
+def prepare_mas(prepared, args: dict, ctx):
+    return _importance_penalty(prepared, args, ctx, "mas_lambda", "MAS importance")
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, kind: str, temperature: float) -> Tensor:

@@ -1,7 +1,7 @@
 """Speed and memory benchmarks, measured side by side in one process. Never imported by tests for timing.
 
     python -m profit_bench.bench step --model resnet18 --batch-size 512 --dtype bf16 --device cuda
-    python -m profit_bench.bench step --model resnet18 --methods l2sp ewc lwf      (or --methods all)
+    python -m profit_bench.bench step --model resnet18 --methods l2sp ewc mas lwf  (or --methods all)
     python -m profit_bench.bench epoch --model resnet18 --dtype bf16 --device cuda [--compile]
     python -m profit_bench.bench memory --model resnet18 --batch-size 512 --dtype bf16 --memory all
     python -m profit_bench.bench deviation --tasks toy digits --seeds 0 1 2
@@ -21,9 +21,9 @@ state, θ_ref), since the process RSS high-water mark cannot be reset between va
 prepares a fresh model exactly as a trial does (``METHODS[name].prepare``, its default ``method_args``), AdamW
 trains its parameters and its loss term (``Prepared.penalty``: L2-SP, EWC, LwF) is added to every batch's loss as
 in ``loop.train_steps``; these rows run in the same alternating rounds. Their CPU bytes add the method's own state
-(``Prepared.extra_state_bytes``: anchors, Fisher, teacher). EWC's Fisher is computed once, before any variant is
-built and charged to none, with ``baselines.regularizers.diagonal_fisher`` on ``--fisher-samples`` examples of the
-synthetic task's old split (its cost per step does not depend on the sample count).
+(``Prepared.extra_state_bytes``: anchors, Fisher, teacher). The old-task statistic a method declares (EWC's Fisher,
+MAS's importance: ``methods.OLD_TASK_STATS``) is computed once, before any variant is built and charged to none, on
+``--stat-samples`` examples of the synthetic task's old split (its cost per step does not depend on the count).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from torch import nn
 
 from profit_bench import UserError
 from profit_bench.loop import LoopState, train_steps
-from baselines.regularizers import diagonal_fisher
-from profit_bench.methods import METHODS, MethodContext, get_method
+from profit_bench.methods import METHODS, OLD_TASK_STATS, MethodContext, get_method
 from profit_bench.models import MODELS, build_model, uses_channels_last
 from profit_bench.optim import DELTA_MODES, MEMORY_MODES, PROFIT
 from profit_bench.tasks import Split, TaskData
@@ -94,16 +93,17 @@ def bench_methods(args) -> list[str]:
     return asked
 
 
-def method_context(task: TaskData, args, methods) -> MethodContext:
-    """The context every method is prepared with: the task, and for EWC the old task's diagonal Fisher of the
-    (seed-0) model, from --fisher-samples examples of the old split, as pretraining would cache it."""
-    fisher = None
-    if any(METHODS[m].needs_fisher for m in methods):
+def method_contexts(task: TaskData, args, methods) -> dict[str, MethodContext]:
+    """Each method's context: the task, and the old-task statistic it declared, of the (seed-0) model, from
+    --stat-samples examples of the old split, as pretraining would cache it (each statistic computed once)."""
+    stats = {}
+    for name in {METHODS[m].old_task_stat for m in methods} - {None}:
         model = build_model(args.model, task, seed=0)
         gen = torch.Generator(device=task.old_train.x.device).manual_seed(0)
-        fisher = diagonal_fisher(model, task.old_train, head="old", n_samples=args.fisher_samples, generator=gen)
+        stats[name] = OLD_TASK_STATS[name](model, task.old_train, head="old", n_samples=args.stat_samples,
+                                           generator=gen)
         del model
-    return MethodContext(task, fisher)
+    return {m: MethodContext(task, stats.get(METHODS[m].old_task_stat)) for m in methods}
 
 
 def variant_name(memory: str | None, args, method: str = "full", delta: str = "exact",
@@ -212,10 +212,10 @@ def bench_step(args) -> list[dict]:
     torch.manual_seed(0)
     task = synthetic_task(args.model, args.batch_size, args.device)
     methods = bench_methods(args)
-    ctx = method_context(task, args, methods)  # EWC's Fisher: built before any variant, charged to none
+    ctxs = method_contexts(task, args, methods)  # old-task statistics: built before any variant, charged to none
     factories = [lambda m=m, d=d, diag=diag: make_variant(m, args, task, delta=d, diagnostics=diag)
                  for m, d, diag in step_variants(args)]
-    factories += [lambda method=method: make_variant(None, args, task, method, ctx) for method in methods]
+    factories += [lambda method=method: make_variant(None, args, task, method, ctxs[method]) for method in methods]
     return measure_step(factories, task, args)
 
 
@@ -453,15 +453,16 @@ def main(argv=None) -> int:
     st.add_argument("--methods", nargs="+", default=[],
                     choices=[*(m for m in METHODS if m not in BASE_METHODS), "all"],
                     help="fine-tuning methods of the registry to add as rows, each trained by AdamW with its loss "
-                         "term (l2sp ewc lwf; all: every method the model supports)")
+                         "term (l2sp ewc mas lwf; all: every method the model supports)")
     st.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or this thread's CPU time (CPU with --threads 1 on a shared machine)")
     st.add_argument("--delta", nargs="+", choices=DELTA_MODES, default=list(DELTA_MODES),
                     help="PROFIT's Δ in the PROFIT rows: exact (the library default) and/or weights")
     st.add_argument("--diagnostics", choices=["on", "off", "both"], default="off",
                     help="PROFIT's diagnostics in the PROFIT rows (off: the library default; on: as trials run; both)")
-    st.add_argument("--fisher-samples", type=int, default=32,
-                    help="old-split examples for EWC's Fisher (computed once, before timing)")
+    st.add_argument("--stat-samples", type=int, default=32,
+                    help="old-split examples for the old-task statistic a method declares (EWC's Fisher, MAS's "
+                         "importance; computed once, before timing)")
     ep = sub.add_parser("epoch", help="fine-tune epoch time (images/s): AdamW vs PROFIT(AdamW)")
     ep.add_argument("--model", choices=[m for m in MODELS if m != "mlp"], default="resnet18")
     ep.add_argument("--n-images", type=int, default=None, help="default: 50000 on cuda (CIFAR-size), 1024 on cpu")

@@ -26,9 +26,10 @@ from profit_bench.tasks import TaskData
 # ---------------------------------------------------------------------------------------------- interfaces
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method may read besides the model: the task (kind, heads) and, for EWC, the old task's Fisher."""
+    """What a method may read besides the model: the task (kind, heads) and the old-task statistic it declared
+    (`Method.old_task_stat`: EWC's Fisher, MAS's importance), {parameter name: tensor}, computed at pretraining."""
     task: TaskData
-    fisher: dict[str, Tensor] | None = None
+    old_stats: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -51,8 +52,11 @@ class Method:
     supports: Callable[[str], bool] = lambda model_name: True
     profit: bool = False        # True → always trained through PROFIT (the built-in "profit" method)
     args: dict = field(default_factory=dict)  # the method_args it reads, with their defaults
-    needs_fisher: bool = False  # EWC: the trial loads (or builds) the old task's Fisher for ctx.fisher
     base: str = ""              # the method it is without `profit` ("profit" → "full"); "" = itself
+    # A key of OLD_TASK_STATS: computed once from the pretrained model on `args[stat_samples_arg]` old-train examples,
+    # cached beside the checkpoint, handed to prepare as ctx.old_stats.
+    old_task_stat: str | None = None
+    stat_samples_arg: str | None = None
 
     def resolve_args(self, given: dict | None) -> dict:
         """The defaults updated by `given`; a key this method does not read is a UserError (a typo would
@@ -64,16 +68,36 @@ class Method:
             raise UserError(f"method {self.name!r} takes no method_args {sorted(unknown)}; it reads: {known}")
         return {k: type(v)(given[k]) if k in given else v for k, v in self.args.items()}
 
+    def old_task_request(self, method_args: dict | None) -> tuple[str, int] | None:
+        """(statistic, old-train examples) this method needs from pretraining, or None."""
+        if self.old_task_stat is None:
+            return None
+        return self.old_task_stat, int(self.resolve_args(method_args)[self.stat_samples_arg])
+
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, prepare: Callable, supports: Callable[[str], bool] | None = None, *,
-                    profit: bool = False, args: dict | None = None, needs_fisher: bool = False,
-                    base: str | None = None) -> Method:
+                    profit: bool = False, args: dict | None = None, base: str | None = None,
+                    old_task_stat: tuple[str, str] | None = None) -> Method:
+    """`old_task_stat`: (a key of OLD_TASK_STATS, the method arg holding its number of old-train examples)."""
+    stat, samples_arg = old_task_stat or (None, None)
+    if stat is not None and (stat not in OLD_TASK_STATS or samples_arg not in (args or {})):
+        raise ValueError(f"method {name!r}: old_task_stat {old_task_stat!r} needs a registered statistic "
+                         f"({', '.join(OLD_TASK_STATS)}) and a method arg holding its sample count")
     METHODS[name] = Method(name, prepare, supports or (lambda model_name: True), profit, dict(args or {}),
-                           needs_fisher, base or name)
+                           base or name, stat, samples_arg)
     return METHODS[name]
+
+
+# Old-task statistics a method can declare: name → compute(model, old_train split, *, head, n_samples, generator)
+# → {parameter name: tensor}. pretrain.py computes the declared one after pretraining and caches it beside the
+# checkpoint as <stem>.<name>-n<N>.pt; it knows statistics by these names only, never by method.
+OLD_TASK_STATS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "fisher": regularizers.diagonal_fisher,
+    "mas": regularizers.mas_importance,
+}
 
 
 def canonical(method: str, profit: bool) -> tuple[str, bool]:
@@ -160,7 +184,10 @@ def _on_full(add_penalty: Callable) -> Callable:
 
 
 register_method("l2sp", _on_full(regularizers.prepare_l2sp), args=regularizers.DEFAULTS["l2sp"])
-register_method("ewc", _on_full(regularizers.prepare_ewc), args=regularizers.DEFAULTS["ewc"], needs_fisher=True)
+register_method("ewc", _on_full(regularizers.prepare_ewc), args=regularizers.DEFAULTS["ewc"],
+                old_task_stat=("fisher", "ewc_fisher_samples"))
+register_method("mas", _on_full(regularizers.prepare_mas), args=regularizers.DEFAULTS["mas"],
+                old_task_stat=("mas", "mas_samples"))
 register_method("lwf", _on_full(regularizers.prepare_lwf), args=regularizers.DEFAULTS["lwf"])
 
 
@@ -189,8 +216,8 @@ def _adan(params, lr, wd):
 
 def _lookahead(params, lr, wd, *, lookahead_alpha=0.5, lookahead_k=1, lookahead_base="adam"):
     from timm.optim import Lookahead
-    if lookahead_base == "lookahead":
-        raise UserError("lookahead_base cannot be 'lookahead'; use adam, adamw, sgd, rmsprop or adan")
+    if lookahead_base not in LOOKAHEAD_BASES:
+        raise UserError(f"unknown lookahead_base {lookahead_base!r}; choose one of {', '.join(LOOKAHEAD_BASES)}")
     base = make_optimizer(lookahead_base, params, lr=lr, weight_decay=wd)
     # C.2.5 uses alpha=0.5, k=1 to match PROFIT's n_ref=1. Note: with k=1 the slow weights are pulled
     # halfway to the fast ones after every step, i.e. the base optimizer at half its step size (from the
@@ -202,17 +229,24 @@ OPTIMIZERS: dict[str, Callable] = {
     "sgd": _sgd, "adam": _adam, "adamw": _adamw, "rmsprop": _rmsprop, "lookahead": _lookahead, "adan": _adan,
 }
 LOOKAHEAD_OPTS = ("lookahead_alpha", "lookahead_k", "lookahead_base")
+LOOKAHEAD_BASES = tuple(k for k in OPTIMIZERS if k != "lookahead")  # what Lookahead may wrap
+# The weight decay an optimizer gets when the config leaves it unset (None); the only place it is decided.
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2}
+
+
+def default_weight_decay(name: str) -> float:
+    return DEFAULT_WEIGHT_DECAY.get(name, 0.0)
 
 
 def make_optimizer(name: str, params, *, lr: float, weight_decay: float | None = None, **opts):
-    """The main optimizer `name` over `params`. weight_decay None → 0 (adamw: its own default 1e-2).
+    """The main optimizer `name` over `params`. weight_decay None → default_weight_decay(name) (adamw 1e-2, else 0).
     `opts` are lookahead_alpha / lookahead_k / lookahead_base (read by lookahead only)."""
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     unknown = set(opts) - set(LOOKAHEAD_OPTS)
     if unknown:
         raise TypeError(f"make_optimizer got unknown options {sorted(unknown)}")
-    wd = (1e-2 if name == "adamw" else 0.0) if weight_decay is None else float(weight_decay)
+    wd = default_weight_decay(name) if weight_decay is None else float(weight_decay)
     if name == "lookahead":
         return _lookahead(list(params), lr, wd, **opts)
     return OPTIMIZERS[name](list(params), lr, wd)

@@ -159,17 +159,18 @@ class Plan:
 
     # -- pretraining
     def pretrain_keys(self, points: list[Point]) -> dict:
-        """One Point per distinct pretrained checkpoint (+ EWC Fisher) among `points`: key (task, model, seed,
-        PretrainConfig, Fisher samples or None)."""
-        from profit_bench.pretrain import fisher_samples_for, pretrain_config_for
-        keys = {}
+        """One Point per distinct pretrained checkpoint among `points`: key (task, model, seed, PretrainConfig,
+        the sorted (statistic, n) old-task statistics its points' methods declared, () for none)."""
+        from profit_bench.pretrain import old_stat_request_for, pretrain_config_for
+        first, stats = {}, {}
         for p in points:
             cfg = p.config
-            keys.setdefault((cfg.task, cfg.model, cfg.seed, pretrain_config_for(cfg), fisher_samples_for(cfg)), p)
-        # One task per checkpoint: the one that also builds a Fisher (EWC) covers the plain key, so two tasks never
-        # race to pretrain the same checkpoint.
-        with_fisher = {k[:4] for k in keys if k[4] is not None}
-        return {k: p for k, p in keys.items() if k[4] is not None or k[:4] not in with_fisher}
+            ckpt = (cfg.task, cfg.model, cfg.seed, pretrain_config_for(cfg))
+            first.setdefault(ckpt, p)
+            stats.setdefault(ckpt, set()).update(filter(None, [old_stat_request_for(cfg)]))
+        # One task per checkpoint, building every statistic its trials need (EWC's Fisher, MAS's importance), so
+        # two tasks never race to pretrain the same checkpoint.
+        return {(*ckpt, tuple(sorted(stats[ckpt]))): p for ckpt, p in first.items()}
 
 
 def confirm_rows(df, spec: SweepSpec, higher_is_better: bool):

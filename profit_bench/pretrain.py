@@ -1,23 +1,24 @@
 """A model converged on the old task, trained once and cached on disk for every trial that needs it.
 
 Cache file: `<cache_dir>/<task>-<model>-s<seed>-<hash(PretrainConfig)>.pt` (a state_dict, loaded with
-`weights_only=True`) plus a `.json` beside it with the config and the old-task metric it reached; EWC's diagonal
-Fisher of the old task, when asked for, as `<stem>.fisher-n<N>.pt`. Every file is written to a temp file in the
-same folder (mode 0644, so a shared cache works for everyone) and `os.replace`d, so a concurrent reader sees either
-nothing or the whole file; two processes pretraining the same key at once both succeed and the last rename wins
-(the files are identical: pretraining is seeded).
+`weights_only=True`) plus a `.json` beside it with the config and the old-task metric it reached; the old-task
+statistic a method declares (methods.OLD_TASK_STATS, by name: EWC's Fisher, MAS's importance), when asked for, as
+`<stem>.<statistic>-n<N>.pt`. Every file is written to a temp file in the same folder (mode 0644, so a shared cache
+works for everyone) and `os.replace`d, so a concurrent reader sees either nothing or the whole file; two processes
+pretraining the same key at once both succeed and the last rename wins (the files are identical: pretraining is
+seeded).
 
 The cache heals itself: a file that fails to load, or whose metadata or tensors do not match its key and model, is
 reported on stderr (path, reason), moved aside as `<name>.corrupt-<time>` and rebuilt. A cache folder that cannot
 be written is reported before any pretraining starts.
 
-Content hashes tie each file to its metadata: the checkpoint's `.json` holds the sha256 of the `.pt`'s bytes; the
-Fisher has a `<stem>.fisher-n<N>.json` with its own sha256 and the checkpoint's; the before-metrics file holds the
-checkpoint's sha256 and a sha256 of its numbers. A mismatch (another key's checkpoint copied over this one, a file
-changed in place) is reported, moved aside and rebuilt like any corrupt file. Files written before hashes existed
-(no `sha256` in the metadata) are rebuilt once, not re-hashed: a re-hash would bless whatever bytes are there,
-which is exactly the failure hashes exist to catch, and pretraining is seeded, so the rebuild gives the same
-weights.
+Content hashes tie each file to its metadata: the checkpoint's `.json` holds the sha256 of the `.pt`'s bytes; an
+old-task statistic has a `<stem>.<statistic>-n<N>.json` with its own sha256 and the checkpoint's; the before-metrics
+file holds the checkpoint's sha256 and a sha256 of its numbers. A mismatch (another key's checkpoint copied over
+this one, a file changed in place) is reported, moved aside and rebuilt like any corrupt file. Files written before
+hashes existed (no `sha256` in the metadata) are rebuilt once, not re-hashed: a re-hash would bless whatever bytes
+are there, which is exactly the failure hashes exist to catch, and pretraining is seeded, so the rebuild gives the
+same weights.
 
 Pretraining is the one training loop (`loop.train_steps`) on old-train, training backbone + old head.
 """
@@ -38,7 +39,7 @@ import torch
 
 from profit_bench import UserError, safe_name
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
-from profit_bench.methods import make_optimizer
+from profit_bench.methods import OLD_TASK_STATS, get_method, make_optimizer
 from profit_bench.tasks import TaskData, evaluate, get_task, task_spec
 
 CACHE_VERSION = 2  # bump when pretraining code changes in a way the config hash cannot see (2: val carved out)
@@ -102,7 +103,7 @@ def config_hash(pcfg: PretrainConfig) -> str:
 
 
 def cache_key(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig) -> str:
-    """The file stem of one checkpoint; its .json, .pt and .fisher-n<N>.pt files all start with it."""
+    """The file stem of one checkpoint; its .json, .pt and .<statistic>-n<N>.pt files all start with it."""
     safe_name(task_name, "task")
     safe_name(model_name, "model")
     return f"{task_name}-{model_name}-s{int(seed)}-{config_hash(pcfg)}"
@@ -148,8 +149,10 @@ def local_cache(cache_dir, key: str):
                           destination_filesystem=remote)
 
 
-def fisher_path(ckpt: Path, n_samples: int) -> Path:
-    return Path(ckpt).with_name(f"{Path(ckpt).stem}.fisher-n{n_samples}.pt")
+def stat_path(ckpt: Path, stat: str, n_samples: int) -> Path:
+    """Where the old-task statistic `stat` over `n_samples` examples of checkpoint `ckpt` is cached."""
+    safe_name(stat, "old-task statistic")
+    return Path(ckpt).with_name(f"{Path(ckpt).stem}.{stat}-n{int(n_samples)}.pt")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -386,47 +389,44 @@ def before_metrics(model, task: TaskData, ckpt: Path) -> dict:
     return values
 
 
-# ---------------------------------------------------------------------------------------------- EWC Fisher
-def fisher_for(model, task: TaskData, ckpt: Path, n_samples: int, seed: int, *, build=True) -> dict:
-    """The old task's diagonal Fisher of the pretrained `model` (loaded from ckpt), cached as <stem>.fisher-n<N>.pt.
-
-    Computed on old-train right after pretraining/loading, never from new-task data; a missing or unusable file
-    is rebuilt from the checkpoint (build=False: a UserError instead).
-    """
-    from baselines.regularizers import diagonal_fisher  # the regulariser's own code; heavy imports (torch.func)
-
-    path = fisher_path(ckpt, n_samples)
+# ---------------------------------------------------------------------------------------------- old-task statistics
+def old_stat(model, task: TaskData, ckpt: Path, stat: str, n_samples: int, seed: int, *, build=True) -> dict:
+    """The old-task statistic `stat` (a key of methods.OLD_TASK_STATS: a method declares which one it needs) of the
+    pretrained `model` (loaded from ckpt), cached as <stem>.<stat>-n<N>.pt with a .json holding its sha256 and the
+    checkpoint's. Computed on old-train right after pretraining/loading, never from new-task data; a missing or
+    unusable file is rebuilt from the checkpoint (build=False: a UserError instead)."""
+    path = stat_path(ckpt, stat, n_samples)
     like = dict(model.named_parameters())
     ckpt_sha = checkpoint_sha256(ckpt)
     if path.is_file():
-        fisher, reason = None, _fisher_meta_reason(path, ckpt_sha)
+        values, reason = None, _stat_meta_reason(path, ckpt_sha)
         if reason is None:
-            fisher, reason = _load_tensors(path, like, _fisher_meta(path)["sha256"])
+            values, reason = _load_tensors(path, like, _stat_meta(path)["sha256"])
         if reason is None:
-            return fisher
+            return values
         _move_aside([path, path.with_suffix(".json")], reason)
     if not build:
-        raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., fisher_samples="
-                        f"{n_samples})")
+        raise UserError(f"no old-task statistic {path}; build it with pretrain.ensure_pretrained(..., "
+                        f"old_stats=[({stat!r}, {n_samples})])")
     check_writable(path.parent)
     gen = torch.Generator(device=task.device).manual_seed(seed)
-    fisher = diagonal_fisher(model, task.old_train, head="old", n_samples=n_samples, generator=gen)
-    data = _tensor_bytes(fisher)
+    values = OLD_TASK_STATS[stat](model, task.old_train, head="old", n_samples=n_samples, generator=gen)
+    data = _tensor_bytes(values)
     _write_json(path.with_suffix(".json"), {"sha256": sha256_bytes(data), "checkpoint_sha256": ckpt_sha,
-                                            "n_samples": n_samples})
+                                            "stat": stat, "n_samples": n_samples})
     _write_bytes(path, data)
-    return fisher
+    return values
 
 
-def _fisher_meta(path: Path):
+def _stat_meta(path: Path):
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.with_suffix(".json").read_text())
     return None
 
 
-def _fisher_meta_reason(path: Path, ckpt_sha: str | None) -> str | None:
-    """Why the Fisher at `path` cannot be trusted from its metadata alone (None: go on to its bytes)."""
-    meta = _fisher_meta(path)
+def _stat_meta_reason(path: Path, ckpt_sha: str | None) -> str | None:
+    """Why the statistic at `path` cannot be trusted from its metadata alone (None: go on to its bytes)."""
+    meta = _stat_meta(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
         return "no content hash (sha256) in its .json metadata: written before content hashes, rebuilt once"
     if meta.get("checkpoint_sha256") != ckpt_sha:
@@ -434,44 +434,22 @@ def _fisher_meta_reason(path: Path, ckpt_sha: str | None) -> str | None:
     return None
 
 
-def load_fisher(ckpt, n_samples: int, map_location="cpu") -> dict[str, torch.Tensor]:
-    """The cached Fisher beside checkpoint `ckpt`, checked against its content hash and its checkpoint's (not
-    against a model: see fisher_for)."""
-    path = fisher_path(Path(ckpt), n_samples)
-    if not path.is_file():
-        raise UserError(f"no EWC Fisher {path}; build it with pretrain.ensure_pretrained(..., "
-                        f"fisher_samples={n_samples})")
-    reason = _fisher_meta_reason(path, checkpoint_sha256(ckpt))
-    if reason is None:
-        data = path.read_bytes()
-        if sha256_bytes(data) != _fisher_meta(path)["sha256"]:
-            reason = "content hash does not match its metadata"
-        else:
-            try:
-                return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                reason = f"cannot be loaded ({type(e).__name__})"
-    raise UserError(f"EWC Fisher {path}: {reason}; delete it to rebuild")
-
-
 def ensure_pretrained(task_name: str, model_name: str, seed: int, pcfg: PretrainConfig, cache_dir, *,
-                      data_dir=None, device="cpu", limit=None, fisher_samples: int | None = None,
-                      progress=True) -> Path | str:
-    """Make sure the checkpoint (and, with fisher_samples, the EWC Fisher) for this key is in the cache, building
-    or healing it as needed; return the checkpoint's path. Plain arguments only, so a Ray task can run it."""
+                      data_dir=None, device="cpu", limit=None, old_stats=(), progress=True) -> Path | str:
+    """Make sure the checkpoint (and each old-task statistic of `old_stats`, (name, n_samples) pairs) for this key
+    is in the cache, building or healing it as needed; return the checkpoint's path. Plain arguments only, so a
+    Ray task can run it."""
     task = get_task(task_name, data_dir=data_dir, device=device, seed=seed, limit=limit)
     key = cache_key(task_name, model_name, seed, pcfg)
     with local_cache(cache_dir, key) as local:
         model = load_or_pretrain(task, model_name, seed, pcfg, local, progress=progress)
         before_metrics(model, task, cache_path(task_name, model_name, seed, pcfg, local))
-        if fisher_samples is not None:
-            fisher_for(model, task, cache_path(task_name, model_name, seed, pcfg, local), fisher_samples, seed)
+        for stat, n_samples in old_stats:
+            old_stat(model, task, cache_path(task_name, model_name, seed, pcfg, local), stat, n_samples, seed)
     return f"{str(cache_dir).rstrip('/')}/{key}.pt" if is_uri(cache_dir) else cache_path(task_name, model_name,
                                                                                          seed, pcfg, cache_dir)
 
 
-def fisher_samples_for(cfg) -> int | None:
-    """How many old-train examples the trial's EWC Fisher uses, or None when its method needs no Fisher."""
-    from profit_bench.methods import get_method
-    method = get_method(cfg.method)
-    return method.resolve_args(cfg.method_args)["ewc_fisher_samples"] if method.needs_fisher else None
+def old_stat_request_for(cfg) -> tuple[str, int] | None:
+    """(statistic, old-train examples) the trial's method declared (methods.Method.old_task_stat), or None."""
+    return get_method(cfg.method).old_task_request(cfg.method_args)

@@ -92,9 +92,9 @@ def train_trial(config: dict, ctx: SweepContext):
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
-def _pretrain_one(cfg, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
-    """One (task, model, seed, config) checkpoint (+ EWC Fisher where the method needs it) for the resolved
-    TrialConfig `cfg` (a Point's config); a Ray task. Returns the checkpoint's path, the id of the node that built
+def _pretrain_one(cfg, old_stats: tuple, cache_dir: str, progress: bool) -> tuple[str, str, float, dict]:
+    """One (task, model, seed, config) checkpoint (+ the old-task statistics `old_stats`, (name, n) pairs, its
+    trials' methods declared) for the resolved TrialConfig `cfg` (a Point's config); a Ray task. Returns the checkpoint's path, the id of the node that built
     it, the seconds it took and its metadata."""
     import ray
     import torch
@@ -104,7 +104,7 @@ def _pretrain_one(cfg, cache_dir: str, progress: bool) -> tuple[str, str, float,
     device = "cuda" if cfg.device == "cuda" and torch.cuda.is_available() else "cpu"
     path = pretrain.ensure_pretrained(cfg.task, cfg.model, cfg.seed, pretrain.pretrain_config_for(cfg), cache_dir,
                                       data_dir=cfg.data_dir, device=device, limit=cfg.limit,
-                                      fisher_samples=pretrain.fisher_samples_for(cfg), progress=progress)
+                                      old_stats=old_stats, progress=progress)
     meta = {}
     with contextlib.suppress(OSError, ValueError):  # a URI cache: the local copy may be gone; curves are extras
         meta = json.loads(Path(path).with_suffix(".json").read_text())
@@ -123,14 +123,14 @@ def pretrain_on_cluster(keys: dict, cache_dir: str, cpus: float, gpus: float, qu
     import ray
     t0 = time.perf_counter()
     known = meter.pretrained if meter is not None else {}
-    # A checkpoint built with its Fisher also serves the plain key (no Fisher).
-    built = {k[:4]: meta for k, meta in known.items()}
-    out = {k: known.get(k, built.get(k[:4])) for k in keys if k in known or (k[4] is None and k[:4] in built)}
+    # A checkpoint built with old-task statistics also serves a key that needs a subset of them.
+    built = {k[:4]: (set(k[4]), meta) for k, meta in known.items()}
+    out = {k: built[k[:4]][1] for k in keys if k[:4] in built and set(k[4]) <= built[k[:4]][0]}
     todo = {k: p for k, p in keys.items() if k not in out}
     rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
     todo = dict(sorted(todo.items(), key=lambda kv: rank.get(kv[0][1], len(rank))))
     task = ray.remote(_pretrain_one).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    refs = {task.remote(p.config, cache_dir, not quiet): k for k, p in todo.items()}
+    refs = {task.remote(p.config, k[4], cache_dir, not quiet): k for k, p in todo.items()}
     pending = list(refs)
     while pending:  # in the order they finish: progress shows while the long ones still run
         (ref,), pending = ray.wait(pending, num_returns=1)

@@ -2,8 +2,8 @@
 callback `MlflowLogger` below turns those reports into runs. So any tracking URI works from any node, a sqlite
 store has exactly one writer, and a trial whose worker died is still closed (FAILED, with Ray's error).
 
-Layout (CONTRACT §3): experiment = sweep name; one parent run per sweep folder (tag `sweep_dir`, matched
-exactly on --resume); one child run per Ray trial (tag `ray_trial_id`), `stage` search|confirm.
+Layout (docs/architecture.md, "MLflow layout"): experiment = sweep name; one parent run per sweep folder (tag
+`sweep_dir`, matched exactly on --resume); one child run per Ray trial (tag `ray_trial_id`), `stage` search|confirm.
 Idempotence: a child is found again by its trial id; an evaluation step already in the store is not logged
 again; final metrics are logged only when the run is not FINISHED yet.
 """

@@ -32,11 +32,12 @@ import torch
 
 from profit_bench import UserError, protocol
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
-from profit_bench.methods import METHODS, OPTIMIZERS, MethodContext, get_method, make_optimizer
+from profit_bench.methods import (LOOKAHEAD_BASES, METHODS, OPTIMIZERS, MethodContext, default_weight_decay, get_method,
+                                  make_optimizer)
 from profit_bench.models import MLP_ACTIVATIONS, MLP_DEFAULTS, MLP_LAYERNORMS, MODELS, uses_channels_last
 from profit_bench.optim import DELTA_MODES, MEMORY_MODES, PROFIT, REF_OPTIMIZERS
-from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, fisher_for,
-                                   fisher_samples_for, load_or_pretrain, local_cache, pretrain_config_for)
+from profit_bench.pretrain import (before_metrics, cache_key, cache_path, default_cache_dir, load_or_pretrain,
+                                   local_cache, old_stat, pretrain_config_for)
 from profit_bench.tasks import TASKS, TOY_VARIANTS, ensure_task_data, evaluate, get_task, task_spec
 
 DTYPES = ("fp32", "bf16")
@@ -53,7 +54,7 @@ class TrialConfig:
     method: str = "full"                # a name of methods.METHODS
     optimizer: str | None = None        # main optimizer: a name of methods.OPTIMIZERS
     lr: float | None = None
-    weight_decay: float | None = None   # None → 0 (adamw: 1e-2)
+    weight_decay: float | None = None   # None → methods.default_weight_decay (adamw: 1e-2, else 0)
     scheduler: str | None = None        # none | step | cosine; steps once per *main* step
     step_size: int | None = None        # StepLR period in main steps
     gamma: float | None = None          # StepLR decay factor
@@ -101,10 +102,10 @@ RANGES = {
     "pretrain_lr": (0, None, False),
     "limit": (1, None, True),
 }
-CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,
+FIELD_VALUES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "pretrain_scheduler": SCHEDULERS, "dtype": DTYPES,
            "profit_memory": MEMORY_MODES, "profit_delta": DELTA_MODES, "toy_variant": tuple(TOY_VARIANTS),
            "activation": tuple(MLP_ACTIVATIONS), "layernorm": MLP_LAYERNORMS, "lr_schedule_unit": SCHEDULE_UNITS,
-           "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": OPTIMIZERS, "model": MODELS}
+           "ref_optimizer": REF_OPTIMIZERS, "lookahead_base": LOOKAHEAD_BASES, "model": MODELS}
 
 
 def check_value(name: str, value, hint):
@@ -128,8 +129,8 @@ def check_value(name: str, value, hint):
         if value < low or (value == low and not incl) or (high is not None and value > high):
             bound = f"{'>=' if incl else '>'} {low}" + (f" and <= {high}" if high is not None else "")
             raise UserError(f"{name} must be {bound} (got {value!r})")
-    if name in CHOICES and value not in CHOICES[name]:
-        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(CHOICES[name])}")
+    if name in FIELD_VALUES and value not in FIELD_VALUES[name]:
+        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(FIELD_VALUES[name])}")
     return value
 
 
@@ -150,7 +151,7 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
               if getattr(cfg, k) is None and not (k in ("steps", "epochs") and budget_given)}
     cfg = replace(cfg, **filled)
     if cfg.weight_decay is None:
-        cfg = replace(cfg, weight_decay=1e-2 if cfg.optimizer == "adamw" else 0.0)
+        cfg = replace(cfg, weight_decay=default_weight_decay(cfg.optimizer))
     cfg = replace(cfg, step_size=cfg.step_size or 1, gamma=1.0 if cfg.gamma is None else cfg.gamma)
     hints = typing.get_type_hints(TrialConfig)
     cfg = replace(cfg, **{f.name: check_value(f.name, getattr(cfg, f.name), hints[f.name]) for f in fields(cfg)})
@@ -159,8 +160,6 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
     method = get_method(cfg.method, cfg.model)
     method.resolve_args(cfg.method_args)  # unknown knobs fail here, not after pretraining
     cfg = replace(cfg, profit=cfg.profit or method.profit)  # the recorded config says what actually runs
-    if cfg.lookahead_base == "lookahead":
-        raise UserError("lookahead_base cannot be 'lookahead'; use adam, adamw, sgd, rmsprop or adan")
     if cfg.profit and cfg.profit_memory == "low":
         if cfg.optimizer not in LOW_MEMORY_OPTIMIZERS:
             raise UserError(f"profit_memory 'low' needs a main optimizer with a first moment "
@@ -227,7 +226,7 @@ def _as_config(cfg: TrialConfig | dict) -> TrialConfig:
 
 def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = None, *, return_model=False,
               progress=True):
-    """Fine-tune a pretrained model per `cfg` and return the result dict (keys: CONTRACT §1, docs/architecture.md).
+    """Fine-tune a pretrained model per `cfg` and return the result dict (its keys: docs/architecture.md).
 
     `report(dict)` is called at every evaluation (after each epoch, or every `eval_every` main steps) with
     epoch, step (batches), main_steps, old_val, new_val, old_val_loss, new_val_loss, train_loss, and for
@@ -251,55 +250,82 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     method = get_method(cfg.method, cfg.model)
     margs = method.resolve_args(cfg.method_args)
     task = get_task(cfg.task, data_dir=cfg.data_dir, device=device, seed=cfg.seed, limit=cfg.limit)
+    model, old_stats, before = _pretrained(cfg, task, method.old_task_request(margs), progress)
+
+    # Reseed: fine-tuning must not depend on whether pretraining ran in this process or came from the cache.
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    mem0 = _start_memory_count(device)
+    prepared = method.prepare(model, margs, MethodContext(task, old_stats))
+    model = _placed(prepared.model, cfg, device)
+    params = list({id(p): p for p in prepared.params}.values())
+    opt = _optimizer(cfg, params)
+    history: list[dict] = []
+    on_eval = _evaluator(model, task, history, report)
+    state = _train(model, opt, params, task, cfg, gen, prepared.penalty, on_eval)
+    peak_mem = _peak_memory(device, mem0)
+
+    final = {}
+    for s in ("old_val", "new_val", "old_test", "new_test"):  # the only test evaluation of the trial
+        final[s], final[f"{s}_loss"] = evaluate(model, task, s)
+    result = _result(cfg, task, state, final, before, history, device, peak_mem, t_start,
+                     n_trainable=sum(p.numel() for p in params),
+                     profit_bytes=opt.extra_state_bytes() if cfg.profit else 0,
+                     method_bytes=prepared.extra_state_bytes)
+    return (result, model) if return_model else result
+
+
+def _pretrained(cfg: TrialConfig, task, old_stat_request, progress: bool):
+    """(pretrained model, the old-task statistic its method declared or None, the pretrained model's metrics),
+    from the cache (or pretrained now unless cfg.pretrain_if_missing is False)."""
     pcfg = pretrain_config_for(cfg)
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
     with local_cache(cache_dir, cache_key(task.name, cfg.model, cfg.seed, pcfg)) as local:
         model = load_or_pretrain(task, cfg.model, cfg.seed, pcfg, local, progress=progress,
                                  build=cfg.pretrain_if_missing)
-        fisher = None
-        if method.needs_fisher:  # from the cache, or rebuilt from the checkpoint (old-train data only)
-            ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, local)
-            fisher = fisher_for(model, task, ckpt, fisher_samples_for(cfg), cfg.seed)
-        before = before_metrics(model, task, cache_path(task.name, cfg.model, cfg.seed, pcfg, local))
+        ckpt = cache_path(task.name, cfg.model, cfg.seed, pcfg, local)
+        # The statistic is cached beside the checkpoint, or rebuilt from it on old-train data only.
+        stats = old_stat(model, task, ckpt, *old_stat_request, cfg.seed) if old_stat_request else None
+        return model, stats, before_metrics(model, task, ckpt)
 
-    # Reseed: fine-tuning must not depend on whether pretraining ran in this process or came from the cache.
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+def _start_memory_count(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        mem0 = 0
-    else:
-        _reset_peak_rss()
-        mem0 = _peak_rss_bytes()
+        return 0
+    _reset_peak_rss()
+    return _peak_rss_bytes()
 
-    prepared = method.prepare(model, margs, MethodContext(task, fisher))
-    model = prepared.model
-    params = list({id(p): p for p in prepared.params}.values())
-    channels_last = uses_channels_last(cfg.model, device)
-    if channels_last:
+
+def _peak_memory(device: torch.device, mem0: int) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(max(_peak_rss_bytes() - mem0, 0))
+
+
+def _placed(model, cfg: TrialConfig, device: torch.device):
+    if uses_channels_last(cfg.model, device):
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.backbone.compile()  # in place: parameters and state_dict keys stay as they are
-    n_trainable = sum(p.numel() for p in params)
+    return model
+
+
+def _optimizer(cfg: TrialConfig, params):
+    """The main optimizer, wrapped in PROFIT when the config trains through it."""
     main_opt = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               lookahead_alpha=cfg.lookahead_alpha, lookahead_k=cfg.lookahead_k,
                               lookahead_base=cfg.lookahead_base)
-    opt = (PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, ref=cfg.ref_optimizer, ref_kwargs=cfg.ref_kwargs,
-                  memory=cfg.profit_memory, delta=cfg.profit_delta, diagnostics=True) if cfg.profit else main_opt)
+    if not cfg.profit:
+        return main_opt
+    return PROFIT(main_opt, ratio=cfg.ratio, n_ref=cfg.n_ref, ref=cfg.ref_optimizer, ref_kwargs=cfg.ref_kwargs,
+                  memory=cfg.profit_memory, delta=cfg.profit_delta, diagnostics=True)
 
-    batches_per_epoch = -(-len(task.new_train) // cfg.batch_size)
-    per_main = cfg.n_ref + 1 if cfg.profit else 1
-    if cfg.steps is not None:
-        total_main = cfg.steps
-    else:  # warmup batches are main steps of AdamW; the rest run at per_main batches per main step
-        total_main = cfg.warmup_epochs * batches_per_epoch + \
-            (cfg.epochs - cfg.warmup_epochs) * batches_per_epoch // per_main
-    per_batch = cfg.lr_schedule_unit == "batch"  # then step_size (and cosine's length) count batches
-    lr_factor = make_lr_factor(cfg.scheduler, cfg.step_size, cfg.gamma,
-                               total_main * per_main if per_batch else total_main)
 
-    history = []
-
+def _evaluator(model, task, history: list, report):
+    """The loop's on_eval: validation metrics at θ_ref (PROFIT's anchored()), its diagnostics, into `history` and
+    `report`; False (stop) when a loss is not finite."""
     def on_eval(active_opt, state, train_loss):
         with getattr(active_opt, "anchored", contextlib.nullcontext)():
             old_val, old_val_loss = evaluate(model, task, "old_val")
@@ -312,13 +338,31 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         if report is not None:
             report(rec)
         return all(math.isfinite(v) for v in (old_val_loss, new_val_loss, train_loss))
+    return on_eval
 
+
+def _lr_factor(cfg: TrialConfig, task) -> Callable:
+    """The schedule over the run's length in main steps (or, lr_schedule_unit batch, in batches)."""
+    batches_per_epoch = -(-len(task.new_train) // cfg.batch_size)
+    per_main = cfg.n_ref + 1 if cfg.profit else 1
+    if cfg.steps is not None:
+        total_main = cfg.steps
+    else:  # warmup batches are main steps of AdamW; the rest run at per_main batches per main step
+        total_main = cfg.warmup_epochs * batches_per_epoch + \
+            (cfg.epochs - cfg.warmup_epochs) * batches_per_epoch // per_main
+    per_batch = cfg.lr_schedule_unit == "batch"  # then step_size (and cosine's length) count batches
+    return make_lr_factor(cfg.scheduler, cfg.step_size, cfg.gamma, total_main * per_main if per_batch else total_main)
+
+
+def _train(model, opt, params, task, cfg: TrialConfig, gen, penalty, on_eval) -> LoopState:
+    """AdamW warm-up epochs (if any), then the configured optimizer; PROFIT ends at θ_ref."""
     loop = dict(head="new", loss_fn=task.loss, batch_size=cfg.batch_size, generator=gen, augment=task.augment,
-                lr_factor=lr_factor, lr_per_batch=per_batch, eval_every=cfg.eval_every, on_eval=on_eval,
-                dtype=cfg.dtype,
-                channels_last=channels_last, penalty=prepared.penalty)
+                lr_factor=_lr_factor(cfg, task), lr_per_batch=cfg.lr_schedule_unit == "batch",
+                eval_every=cfg.eval_every, on_eval=on_eval, dtype=cfg.dtype,
+                channels_last=uses_channels_last(cfg.model, task.device), penalty=penalty)
     state = LoopState()
     if cfg.warmup_epochs:
+        # the run's weight decay when the main optimizer is AdamW too, else AdamW's default
         warm = make_optimizer("adamw", params, lr=cfg.lr,
                               weight_decay=cfg.weight_decay if cfg.optimizer == "adamw" else None)
         train_steps(model, warm, task.new_train, state=state, max_epochs=cfg.warmup_epochs, **loop)
@@ -328,29 +372,23 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
                     **loop)
     if cfg.profit:
         opt.finish()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak_mem = torch.cuda.max_memory_allocated(device)
-    else:
-        peak_mem = max(_peak_rss_bytes() - mem0, 0)
+    return state
 
-    final = {}
-    for s in ("old_val", "new_val", "old_test", "new_test"):  # the only test evaluation of the trial
-        final[s], final[f"{s}_loss"] = evaluate(model, task, s)
+
+def _result(cfg: TrialConfig, task, state: LoopState, final: dict, before: dict, history: list, device,
+            peak_mem: int, t_start: float, *, n_trainable: int, profit_bytes: int, method_bytes: int) -> dict:
     # protocol.TRIAL_DIVERGENCE_RULE: non-finite anywhere, or the new-task validation loss exploded from where
     # the pretrained model started (independent of any sweep; the sweep's relative rule adds to it).
     diverged_reason = ("a loss turned non-finite during training" if state.diverged else
                        next((f"{k} is not finite" for k, v in final.items() if not math.isfinite(v)), None) or
                        protocol.trial_divergence_reason(final["new_val_loss"], before.get("new_val_loss_before")))
-    diverged = diverged_reason is not None
     sign = 1.0 if task.higher_is_better else -1.0  # positive forgetting = worse on the old task
-    profit_bytes = opt.extra_state_bytes() if cfg.profit else 0
     config = asdict(cfg)
     config["step_unit"] = ("main steps: a PROFIT main step = n_ref reference + 1 main batch; steps and "
                            "eval_every count main steps, the scheduler " +
-                           ("batches" if per_batch else "main steps"))
-    result = dict(
-        status="diverged" if diverged else "ok", diverged_reason=diverged_reason or "",
+                           ("batches" if cfg.lr_schedule_unit == "batch" else "main steps"))
+    return dict(
+        status="diverged" if diverged_reason is not None else "ok", diverged_reason=diverged_reason or "",
         **final, **before,
         forgetting_val=sign * (before["old_val_before"] - final["old_val"]),
         forgetting_test=sign * (before["old_test_before"] - final["old_test"]),
@@ -361,11 +399,10 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
         wall_time_s=time.perf_counter() - t_start,
         train_time_s=float(sum(state.step_times)),  # training batches only (no evaluation): cost per main step
         n_trainable=n_trainable, profit_state_bytes=profit_bytes,
-        extra_state_bytes=profit_bytes + prepared.extra_state_bytes,
+        extra_state_bytes=profit_bytes + method_bytes,
         main_steps=state.main_steps, batches=state.batches, epochs_done=state.epoch,
         profit=cfg.profit, device=str(device), **_mean_diagnostics(history), history=history, config=config,
     )
-    return (result, model) if return_model else result
 
 
 def to_json(obj, **kw) -> str:
@@ -416,7 +453,7 @@ HELP = {
     "pretrain_if_missing": "pretrain when the cache has no checkpoint (else: error)",
 }
 CHOICE_LISTS = {"task": lambda: TASKS, "method": lambda: sorted(METHODS), **{k: (lambda v=v: v) for k, v in
-                                                                           CHOICES.items()}}
+                                                                           FIELD_VALUES.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:

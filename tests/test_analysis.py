@@ -1,5 +1,6 @@
-"""analysis/: statistics against scipy, and the report end to end from synthetic MLflow stores in the CONTRACT §3
-layout (search runs, protocol-chosen confirmation runs), built in a tmp sqlite file in seconds.
+"""analysis/: statistics against scipy, and the report end to end from synthetic MLflow stores in the MLflow
+layout of docs/architecture.md (search runs, protocol-chosen confirmation runs), built in a tmp sqlite file in
+seconds.
 
 The synthetic sweep: per arm a grid of hyperparameter points; validation metrics trade old against new along the
 grid, test = validation + independent noise. Confirmation runs are the protocol's choices on validation. Optional:

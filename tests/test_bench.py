@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from profit_bench.bench import (bench_methods, kept_bytes, make_variant, method_context, saved_activation_bytes,
+from profit_bench.bench import (bench_methods, kept_bytes, make_variant, method_contexts, saved_activation_bytes,
                                 synthetic_task, train_block, variant_memories)
 from profit_bench import UserError
 from profit_bench.methods import METHODS
@@ -15,7 +15,7 @@ from profit_bench.methods import METHODS
 
 def args(**kw):
     base = dict(model="mlp", batch_size=16, dtype="fp32", device="cpu", steps=4, warmup=2, ratio=100.0, n_ref=1,
-                memory=["all"], methods=[], fisher_samples=4)
+                memory=["all"], methods=[], stat_samples=4)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -75,13 +75,13 @@ def test_bench_cli_prints_side_by_side_ratios(cmd):
 
 def test_bench_step_prints_one_row_per_registry_method():
     out = subprocess.run([sys.executable, "-m", "profit_bench.bench", "step", "--model", "mlp", "--steps", "2",
-                          "--warmup", "1", "--batch-size", "16", "--methods", "all", "--fisher-samples", "4",
+                          "--warmup", "1", "--batch-size", "16", "--methods", "all", "--stat-samples", "4",
                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = {l.split()[0]: l.split() for l in out.stdout.splitlines()
             if l.split() and l.split()[0].endswith(")") and "(" in l.split()[0]}
-    expected = [m for m in METHODS if m not in ("full", "profit") and METHODS[m].supports("mlp")]
-    assert {"l2sp", "ewc", "lwf"} <= set(expected)
+    expected = [m for m in METHODS if METHODS[m].base != "full" and METHODS[m].supports("mlp")]
+    assert {"l2sp", "ewc", "mas", "lwf"} <= set(expected)
     for m in expected:  # name, ms/batch, ± s.e., time ×, peak MiB, mem × (all numbers)
         assert len(rows[f"{m}(AdamW)"]) == 6 and all(float(x) > 0 for x in rows[f"{m}(AdamW)"][1:]), m
     for wrong, says in ((["vpt"], "does not support model 'mlp'"), (["profit"], "row already")):
@@ -91,10 +91,10 @@ def test_bench_step_prints_one_row_per_registry_method():
 
 @pytest.mark.parametrize("model", ["mlp", "resnet_small"])
 def test_l2sp_keeps_exactly_one_anchor_copy_more_than_adamw_and_its_penalty_trains(model):
-    a = args(model=model, batch_size=4, methods=["l2sp", "ewc"])
+    a = args(model=model, batch_size=4, methods=["l2sp", "ewc", "mas"])
     task = synthetic_task(model, 4, "cpu")
-    ctx = method_context(task, a, bench_methods(a))
-    adamw, l2sp = make_variant(None, a, task), make_variant(None, a, task, "l2sp", ctx)
+    ctx = method_contexts(task, a, bench_methods(a))
+    adamw, l2sp = make_variant(None, a, task), make_variant(None, a, task, "l2sp", ctx["l2sp"])
     for v in (adamw, l2sp):
         train_block(v, task, a, 3)
     # L2-SP anchors every pretrained parameter that trains: the whole backbone, and for the toy's regression also
@@ -105,9 +105,8 @@ def test_l2sp_keeps_exactly_one_anchor_copy_more_than_adamw_and_its_penalty_trai
     assert kept_bytes(l2sp) - kept_bytes(adamw) == sum(4 * p.numel() for p in anchored)  # one fp32 copy
     # The penalty reached the loss: from the second step on (θ ≠ θ₀) the two runs part.
     assert any(not torch.equal(p, q) for p, q in zip(adamw.model.parameters(), l2sp.model.parameters()))
-    # EWC keeps anchors + λ·Fisher for the same parameters: twice L2-SP's extra.
-    ewc = make_variant(None, a, task, "ewc", ctx)
-    assert ewc.extra_state_bytes == 2 * l2sp.extra_state_bytes
+    for name in ("ewc", "mas"):  # EWC, MAS: anchors + λ·(Fisher | importance) for the same parameters
+        assert make_variant(None, a, task, name, ctx[name]).extra_state_bytes == 2 * l2sp.extra_state_bytes
 
 
 def test_bench_cuda_without_gpu_is_a_clear_error():

@@ -314,7 +314,7 @@ def test_cache_keys_and_report_figure_names_stay_in_their_folder(tmp_path):
 def _toy_ckpt(cache, seed):
     from profit_bench.pretrain import default_pretrain_config, ensure_pretrained
     pcfg = default_pretrain_config("toy", steps=20, limit=64)
-    return pcfg, Path(ensure_pretrained("toy", "mlp", seed, pcfg, cache, limit=64, fisher_samples=16,
+    return pcfg, Path(ensure_pretrained("toy", "mlp", seed, pcfg, cache, limit=64, old_stats=[("fisher", 16)],
                                         progress=False))
 
 
@@ -323,7 +323,7 @@ def test_another_keys_checkpoint_under_valid_metadata_is_caught_moved_aside_and_
 
     import torch
 
-    from profit_bench.pretrain import before_metrics, fisher_for, fisher_path, load_or_pretrain
+    from profit_bench.pretrain import before_metrics, load_or_pretrain, old_stat, stat_path
     from profit_bench.tasks import get_task
     pcfg, p0 = _toy_ckpt(tmp_path, 0)
     _, p1 = _toy_ckpt(tmp_path, 1000)
@@ -337,11 +337,11 @@ def test_another_keys_checkpoint_under_valid_metadata_is_caught_moved_aside_and_
     assert len(list(tmp_path.glob(f"{p0.name}.corrupt-*"))) == 1
     assert p0.read_bytes() == original  # rebuilt: pretraining is seeded
     assert all(torch.equal(v, torch.load(p0, weights_only=True)[k]) for k, v in model.state_dict().items())
-    # the Fisher: another checkpoint's copied over this one's is caught the same way
-    f0, f1 = fisher_path(p0, 16), fisher_path(p1, 16)
+    # an old-task statistic (EWC's Fisher): another checkpoint's copied over this one's is caught the same way
+    f0, f1 = stat_path(p0, "fisher", 16), stat_path(p1, "fisher", 16)
     fisher_orig = f0.read_bytes()
     shutil.copy(f1, f0)
-    fisher = fisher_for(model, task, p0, 16, 0)
+    fisher = old_stat(model, task, p0, "fisher", 16, 0)
     assert "content hash" in capsys.readouterr().err and f0.read_bytes() == fisher_orig
     assert all(torch.equal(fisher[k], v) for k, v in torch.load(f0, weights_only=True).items())
     # the before-metrics: a number edited in place is caught; the checkpoint's hash ties them to their weights

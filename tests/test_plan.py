@@ -159,19 +159,25 @@ def test_pretrain_keys_one_per_needed_checkpoint(name):
         assert k[:3] == (p.config.task, p.config.model, p.config.seed)
 
 
-def test_one_pretraining_task_per_checkpoint_even_when_ewc_needs_its_fisher():
+def test_one_pretraining_task_per_checkpoint_even_when_methods_need_old_task_statistics():
     spec = load_suite("suite_cpu", only=["digits"]).workloads["digits"]
     plan = Plan(spec)
     assert sweep_seeds(spec) == [0, 1000, 1001, 1002, 1003, 1004]
     keys = plan.pretrain_keys(plan.stage_points(None, sweep_seeds(spec)))
     checkpoints = [k[:4] for k in keys]
     assert len(checkpoints) == len(set(checkpoints)) == 6
-    assert all(k[4] is not None for k in keys)  # the EWC arm's Fisher is built by that one task
+    assert all(("fisher", 1024) in k[4] for k in keys)  # the EWC arm's Fisher is built by that one task
+    with_mas = load_suite("suite_cpu", ["workloads.digits.methods={ewc: {method: ewc, lr: 1.0e-3}, "
+                                        "mas: {method: mas, lr: 1.0e-3}}", "workloads.digits.ablate=null"],
+                          only=["digits"]).workloads["digits"]
+    plan = Plan(with_mas)
+    keys = plan.pretrain_keys(plan.stage_points(None, sweep_seeds(with_mas)))
+    assert len(keys) == 6 and all(k[4] == (("fisher", 1024), ("mas", 1024)) for k in keys)  # both, one task
     no_ewc = load_suite("suite_cpu", ["workloads.digits.methods={adam: {method: full, lr: 1.0e-3}}",
                                       "workloads.digits.ablate=null"],
                         only=["digits"]).workloads["digits"]
     plan = Plan(no_ewc)
-    assert all(k[4] is None for k in plan.pretrain_keys(plan.stage_points(None, sweep_seeds(no_ewc))))
+    assert all(k[4] == () for k in plan.pretrain_keys(plan.stage_points(None, sweep_seeds(no_ewc))))
 
 
 def test_trial_prior_scales_the_pretraining_time_to_the_fine_tuning_budget():

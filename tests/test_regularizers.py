@@ -1,4 +1,5 @@
-"""L2-SP, EWC and LwF (baselines/regularizers.py): penalties, the old-task Fisher, and their effect on the toy."""
+"""L2-SP, EWC, MAS and LwF (baselines/regularizers.py): penalties, the old-task statistics (EWC's Fisher, MAS's
+importance) against per-example loops, the pretraining-time hook that hands them over, and their effect on the toy."""
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.regularizers import DEFAULTS, diagonal_fisher, distillation_loss
-from profit_bench.methods import METHODS
+from baselines.regularizers import DEFAULTS, diagonal_fisher, distillation_loss, mas_importance
 from profit_bench import UserError, tasks
 from profit_bench.methods import METHODS, MethodContext
 from profit_bench.models import TaskModel
 from profit_bench.tasks import Split
-from profit_bench.trial import TrialConfig, run_trial
+from profit_bench.pretrain import load_or_pretrain, pretrain_config_for
+from profit_bench.trial import TrialConfig, resolve, run_trial
 
 torch.set_num_threads(1)
 
@@ -28,8 +29,8 @@ def tiny_model(kind: str, seed: int = 0) -> TaskModel:
                      3 if kind == "classification" else 1, 2, shared_head=kind == "regression")
 
 
-def ctx_for(kind: str, fisher=None) -> MethodContext:
-    return MethodContext(task=SimpleNamespace(kind=kind), fisher=fisher)
+def ctx_for(kind: str, old_stats=None) -> MethodContext:
+    return MethodContext(task=SimpleNamespace(kind=kind), old_stats=old_stats)
 
 
 def perturb(params, seed=1):
@@ -40,9 +41,9 @@ def perturb(params, seed=1):
 
 
 def test_registered_with_their_defaults():
-    for name in ("l2sp", "ewc", "lwf"):
+    for name in ("l2sp", "ewc", "mas", "lwf"):
         assert METHODS[name].args == DEFAULTS[name]
-        assert METHODS[name].needs_fisher == (name == "ewc")
+        assert METHODS[name].old_task_stat == {"ewc": "fisher", "mas": "mas"}.get(name)
 
 
 # ---------------------------------------------------------------------------------------------- penalties
@@ -126,6 +127,81 @@ def test_fisher_matches_per_example_computation(kind):
     assert all(a is b for a, b in zip(model.parameters(), params_before)) and model.training
 
 
+# ---------------------------------------------------------------------------------------------- MAS
+def loop_mas(model, x):
+    """Independent reference: one autograd call per example, |∂‖f(x)‖²/∂θ| averaged (Aljundi et al. 2018)."""
+    model.eval()
+    omega = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for xi in x:
+        out = model(xi[None], task="old")
+        grads = torch.autograd.grad(out.pow(2).sum(), [p for _, p in model.named_parameters()], allow_unused=True)
+        for (k, _), g in zip(model.named_parameters(), grads):
+            if g is not None:
+                omega[k] += g.abs()
+    return {k: o / len(x) for k, o in omega.items()}
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_mas_importance_matches_per_example_computation(kind):
+    model = tiny_model(kind)
+    model.train()
+    x = torch.randn(20, 3)
+    y = torch.randint(0, 3, (20,)) if kind == "classification" else torch.randn(20, 1)
+    omega = mas_importance(model, Split(x, y), n_samples=12, batch_size=5, generator=torch.Generator().manual_seed(0))
+    chosen = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:12].sort().values
+    want = loop_mas(copy.deepcopy(model), x[chosen])
+    assert omega.keys() == want.keys() and model.training
+    for k in omega:
+        torch.testing.assert_close(omega[k], want[k], rtol=1e-5, atol=1e-7)
+    assert sum(o.sum() for o in omega.values()) > 0
+    if kind == "classification":
+        assert omega["heads.new.weight"].abs().sum() == 0  # the old head's output ignores the new head
+
+
+def test_mas_penalty_and_its_gradient_are_the_formula_in_fp64():
+    """λ/2·Σ Ω (θ − θ*)² over the shared parameters, value and gradient against autograd of the formula."""
+    model = tiny_model("classification").double()
+    omega = {k: torch.rand(p.shape, dtype=torch.float64) for k, p in model.named_parameters()}
+    star = {k: p.detach().clone() for k, p in model.named_parameters()}
+    prep = METHODS["mas"].prepare(model, dict(mas_lambda=3.0, mas_samples=8), ctx_for("classification", omega))
+    perturb(prep.params)
+    value = prep.penalty(None, None, None)
+    value.backward()
+    shared = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()
+              if k.startswith("backbone")}
+    want = 3.0 / 2 * sum((omega[k] * (t - star[k]) ** 2).sum() for k, t in shared.items())
+    want.backward()
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, want, rtol=1e-13, atol=0)
+    for k, p in model.named_parameters():
+        if k in shared:
+            torch.testing.assert_close(p.grad, shared[k].grad, rtol=1e-13, atol=0)
+        else:  # the new head trains without a penalty, the old head is frozen
+            assert p.grad is None, k
+    with pytest.raises(UserError, match="MAS importance"):
+        METHODS["mas"].prepare(tiny_model("regression"), DEFAULTS["mas"], ctx_for("regression"))
+
+
+def test_mas_trial_from_a_pretrained_digits_model_gets_the_cached_importance(tmp_path):
+    """End to end through the hook: pretraining caches MAS's importance beside the checkpoint (<stem>.mas-n32.pt),
+    equal to the per-example loop on the pretrained model's old-train examples; the trial runs on it and its penalty
+    changes the result of full fine-tuning."""
+    cfg = tiny_cfg(tmp_path, task="digits", method="mas", method_args=dict(mas_samples=32, mas_lambda=100.0))
+    res, model = run_trial(cfg, return_model=True)
+    assert res["status"] == "ok" and res["extra_state_bytes"] > 0
+    (path,) = (tmp_path / "cache").glob("*.mas-n32.pt")
+    cached = torch.load(path, weights_only=True)
+    task = tasks.get_task("digits", seed=0, limit=64)
+    pretrained = load_or_pretrain(task, "mlp", 0, pretrain_config_for(resolve(cfg)), tmp_path / "cache", build=False)
+    chosen = torch.randperm(len(task.old_train), generator=torch.Generator().manual_seed(0))[:32].sort().values
+    want = loop_mas(pretrained, task.old_train.x[chosen])
+    assert cached.keys() == want.keys()
+    for k in cached:
+        torch.testing.assert_close(cached[k], want[k], rtol=1e-4, atol=1e-6)
+    _, full = run_trial(dataclasses.replace(cfg, method="full", method_args={}), return_model=True)
+    assert any(not torch.equal(a, b) for a, b in zip(weights(model), weights(full)))
+
+
 # ---------------------------------------------------------------------------------------------- LwF
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
@@ -179,7 +255,8 @@ def weights(model) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("task", ["toy", "digits"])
-@pytest.mark.parametrize("method,args", [("l2sp", dict(l2sp_alpha=0.0, l2sp_beta=0.0)), ("lwf", dict(lwf_lambda=0.0))])
+@pytest.mark.parametrize("method,args", [("l2sp", dict(l2sp_alpha=0.0, l2sp_beta=0.0)), ("lwf", dict(lwf_lambda=0.0)),
+                                         ("mas", dict(mas_lambda=0.0, mas_samples=16))])
 def test_zero_strength_is_full_fine_tuning_bit_for_bit(tmp_path, task, method, args):
     full, m_full = run_trial(tiny_cfg(tmp_path, task=task), return_model=True)
     reg, m_reg = run_trial(tiny_cfg(tmp_path, task=task, method=method, method_args=args), return_model=True)

@@ -110,7 +110,7 @@ def test_every_optimizer_changes_the_model(tmp_path, opt):
     assert not torch.equal(model.backbone[1].weight, before.backbone[1].weight)
 
 
-# --------------------------------------------------------------------------------------- the protocol
+# --------------------------------------------------------------------------------------- what a trial trains
 
 @pytest.mark.parametrize("method", ["full", "profit"])
 def test_old_head_frozen_new_head_and_backbone_trained(tmp_path, method):
@@ -432,9 +432,9 @@ def test_missing_checkpoint_without_pretraining_is_a_user_error(tmp_path):
 
 def test_fisher_cached_beside_checkpoint_and_rebuilt_when_missing(tmp_path, monkeypatch):
     pcfg, path = _toy_key(tmp_path)
-    ensure_pretrained("toy", "mlp", 0, pcfg, tmp_path, limit=64, fisher_samples=16, progress=False)
+    ensure_pretrained("toy", "mlp", 0, pcfg, tmp_path, limit=64, old_stats=[("fisher", 16)], progress=False)
     fpath = path.with_name(f"{path.stem}.fisher-n16.pt")
-    first = pretrain.load_fisher(path, 16)
+    first = torch.load(fpath, weights_only=True)
     # every parameter once (toy: the new head IS the old head), computed on old-train only
     assert set(first) == set(torch.load(path, weights_only=True)) - {"heads.new.weight", "heads.new.bias"}
     assert first["backbone.1.weight"].abs().sum() > 0
@@ -443,9 +443,11 @@ def test_fisher_cached_beside_checkpoint_and_rebuilt_when_missing(tmp_path, monk
     r = run_trial(tiny(tmp_path, limit=64, pretrain_steps=10, cache_dir=str(tmp_path), method="ewc",
                        method_args={"ewc_fisher_samples": 16}))
     assert r["status"] == "ok" and fpath.is_file()
-    assert all(torch.equal(first[k], v) for k, v in pretrain.load_fisher(path, 16).items())
+    assert all(torch.equal(first[k], v) for k, v in torch.load(fpath, weights_only=True).items())
     assert r["extra_state_bytes"] > 0 and r["profit_state_bytes"] == 0
 
+
+# --------------------------------------------------------------------------------------- the protocol (selection)
 
 def test_shuffled_test_labels_change_no_choice(tmp_path, monkeypatch):
     """Selection reads validation only: with the test labels of both tasks shuffled, every trial reports the same
@@ -487,7 +489,7 @@ def test_shuffled_test_labels_change_no_choice(tmp_path, monkeypatch):
 
 
 def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, monkeypatch):
-    """A file:// cache URI stands for a bucket: ensure_pretrained uploads the checkpoint (+ Fisher) there, and a
+    """A file:// cache URI stands for a bucket: ensure_pretrained uploads the checkpoint (+ EWC's Fisher) there, and a
     trial on a "fresh node" (an empty local staging folder) finds it there instead of pretraining. The pretrained
     model's val/test metrics (`.before-cpu.json`) travel with it."""
     import shutil
@@ -497,7 +499,7 @@ def test_cache_behind_a_pyarrow_uri_is_shared_without_a_shared_folder(tmp_path, 
     uri = bucket.as_uri()
     cfg = tiny(tmp_path, method="ewc", cache_dir=uri)
     pcfg = pretrain.pretrain_config_for(resolve(cfg))
-    where = ensure_pretrained("toy", "mlp", 0, pcfg, uri, limit=256, fisher_samples=64)
+    where = ensure_pretrained("toy", "mlp", 0, pcfg, uri, limit=256, old_stats=[("fisher", 64)])
     key = pretrain.cache_key("toy", "mlp", 0, pcfg)
     assert where == f"{uri}/{key}.pt"
     assert sorted(p.name for p in bucket.iterdir()) == sorted([f"{key}.json", f"{key}.pt", f"{key}.fisher-n64.pt",
