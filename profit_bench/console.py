@@ -199,8 +199,9 @@ def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
     print(f"MLflow: experiment {experiment!r} in {uri}")
     if uri.startswith("sqlite:"):
         exp_id = children[0].info.experiment_id if children else None
+        parent = children[0].data.tags.get("mlflow.parentRunId") if children else None
         print(f"  open it: mlflow ui --backend-store-uri {uri}   (then "
-              f"{ui_link(exp_id) if exp_id else 'http://127.0.0.1:5000'})")
+              f"{ui_link(exp_id, parent) if exp_id else 'http://127.0.0.1:5000'})")
     print(f"  report:  python -m analysis.report --experiment {shlex.quote(experiment)} --tracking-uri {uri}")
     failed = sum(v for k, v in counts.items() if k.endswith("_failed"))
     if children and failed == len(children):
@@ -210,10 +211,13 @@ def report(children, metrics, exp_dir, experiment, uri, wall) -> int:
     return 0
 
 
-def ui_link(exp_id, base: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in `mlflow ui`: MLflow 3.17 opens its GenAI overview unless the URL (or the
-    browser's stored GenAI / Model training switch) says machine_learning; it does not read mlflow.experimentKind."""
-    return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
+def ui_link(exp_id, view: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in `mlflow ui`, on the sweep's saved view (tracking.Sweep.save_view: its trials
+    with metric columns) when `view` is given. `workflowType`: MLflow 3.17 opens its GenAI overview unless the URL
+    (or the browser's stored GenAI / Model training switch) says machine_learning; it does not read
+    mlflow.experimentKind."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
+    return f"{base}/#/experiments/{exp_id}/runs?{query}"
 
 
 def suite_summary(name, command, meter: Meter, walls: dict, codes: dict, storage: Path, uri: str) -> int:

@@ -48,6 +48,15 @@ KEY_PARAMS = ("task", "model", "method", "optimizer", "profit", "lr", "scheduler
 # run page ahead of the curves. The results that the runs table compares (test metrics, forgetting, costs) stay
 # metrics, logged once at the final step.
 TAG_NUMBERS = ("batches", "epochs_done", "trainable_s")
+# MLflow 3.17's runs table shows no metric or param column by default (its default columns are Source, Models,
+# Dataset) and keeps a parent run collapsed. What it does honour is a saved view: an experiment tag
+# `mlflow.sharedViewState.<id>` holding {name, createdAt, state}, opened by `runs?viewStateShareKey=<id>` and
+# listed under "Views" (mlflow/server/js: useSharedExperimentViewState, savedViewEnvelope). A view cannot expand
+# rows (runsExpanded is not shared), so ours filters on the sweep's children instead of nesting them.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_METRICS = ("old_test", "new_test", "forgetting_test")  # after the objectives: the confirmation's numbers
+VIEW_PARAMS = ("method", "lr")
+VIEW_TAGS = ("stage", "arm", "choice")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -212,6 +221,20 @@ class Sweep:
                 if exp.tags.get("mlflow.experimentKind") is None:  # made by an older version
                     self.client.set_experiment_tag(self.exp_id, *next(iter(EXPERIMENT_KIND.items())))
 
+    def save_view(self, objectives, higher_is_better: bool) -> str:
+        """The saved view of this sweep's trial runs (its id = the parent run id; see VIEW_TAG_PREFIX): stage, arm,
+        method, lr and the metric columns (objectives, test numbers, forgetting), best first on the first
+        objective. Written again on every start, so a view from an older version is replaced."""
+        name = _retry(self.client.get_run, self.parent_id).info.run_name
+        state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                 "orderByKey": f"metrics.`{objectives[0]}`", "orderByAsc": not higher_is_better,
+                 "selectedColumns": [f"tags.`{k}`" for k in VIEW_TAGS] + [f"params.`{k}`" for k in VIEW_PARAMS]
+                 + [f"metrics.`{k}`" for k in dict.fromkeys([*objectives, *VIEW_METRICS])],
+                 "runsHiddenMode": "SHOW_ALL"}  # the chart view draws every trial, not the first 10
+        envelope = {"name": f"{name}: trials", "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+        _retry(self.client.set_experiment_tag, self.exp_id, VIEW_TAG_PREFIX + self.parent_id, json.dumps(envelope))
+        return self.parent_id
+
     def parents(self) -> list:
         if self.exp_id is None:
             return []
@@ -329,6 +352,7 @@ class MlflowLogger(Callback):
         self.finished: set[str] = set()       # trial ids whose run is FINISHED with its final metrics
         self.trials = []                      # Tune's trial list (kept fresh by on_step_end), for reconcile()
         self.load_existing()
+        sweep.save_view(spec.objectives, higher_is_better)  # what the link the sweep prints opens
 
     def __getstate__(self):
         # Tune pickles its callbacks into tuner.pkl; the live logger is put back on restore (sweep.run_stage).

@@ -91,6 +91,12 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
     assert client.get_experiment_by_name("toy").tags["mlflow.experimentKind"] == "custom_model_development"
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["table"] == ""
+    # The printed link opens the sweep's saved view: its trials (MLflow's own search) with metric columns.
+    view = json.loads(client.get_experiment_by_name("toy").tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
+    state = json.loads(view["state"])
+    assert view["name"] == f"{parent.info.run_name}: trials" and f"viewStateShareKey={parent.info.run_id}" in out
+    assert len(client.search_runs([parent.info.experiment_id], state["searchFilter"])) == len(children)
+    assert {"metrics.`old_val`", "metrics.`new_val`", "metrics.`old_test`"} <= set(state["selectedColumns"])
     assert "num_samples: 2" in parent.data.params["sweep.yaml"] and "confirm_seeds: 2" in parent.data.params["sweep.yaml"]
     exp_dir = Path(parent.data.tags["sweep_dir"])
     assert exp_dir.is_dir()
