@@ -184,6 +184,29 @@ def scalars(d: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
 
 
+def view_charts(objectives) -> dict:
+    """The chart view's first section (MLflow's serialized chart cards): each objective's validation curve, the
+    test front (scatter of the objectives' test metrics, one point per run) and a bar per run of each test metric
+    and forgetting. MLflow appends a chart per other metric below, in its own "Model metrics" section."""
+    section = "profit_bench.comparison"
+    tests = [k.replace("_val", "_test") for k in objectives]
+    base = {"metricSectionId": section, "deleted": False, "isGenerated": False, "runsCountToCompare": 100}
+    line = {"type": "LINE", "lineSmoothness": 0, "scaleType": "linear", "xAxisScaleType": "linear",
+            "xAxisKey": "step", "selectedXAxisMetricKey": "", "useGlobalXaxisKey": True,
+            "useGlobalLineSmoothing": True}
+    charts = [{**base, **line, "uuid": f"curve.{k}", "metricKey": k, "selectedMetricKeys": [k]} for k in objectives]
+    if len(tests) == 2:
+        charts.append({**base, "uuid": "front", "type": "SCATTER", "xaxis": {"key": tests[0], "type": "METRIC"},
+                       "yaxis": {"key": tests[1], "type": "METRIC"}})
+    charts += [{**base, "uuid": f"bar.{k}", "type": "BAR", "metricKey": k}
+               for k in dict.fromkeys([*tests, "forgetting_test"])]
+    sections = [{"uuid": section, "name": "PROFIT vs baselines", "display": True,
+                 "isReordered": False, "deleted": False, "isGenerated": False}]
+    sections += [{"uuid": f"profit_bench.{n.split()[0].lower()}", "name": n, "display": True, "isReordered": False,
+                  "deleted": False, "isGenerated": True} for n in ("Model metrics", "System metrics")]
+    return {"compareRunCharts": charts, "compareRunSections": sections, "isAccordionReordered": False}
+
+
 # ---------------------------------------------------------------------------------------------- the sweep
 class Sweep:
     """The experiment and the parent run of one sweep folder."""
@@ -230,7 +253,8 @@ class Sweep:
                  "orderByKey": f"metrics.`{objectives[0]}`", "orderByAsc": not higher_is_better,
                  "selectedColumns": [f"tags.`{k}`" for k in VIEW_TAGS] + [f"params.`{k}`" for k in VIEW_PARAMS]
                  + [f"metrics.`{k}`" for k in dict.fromkeys([*objectives, *VIEW_METRICS])],
-                 "runsHiddenMode": "SHOW_ALL"}  # the chart view draws every trial, not the first 10
+                 "runsHiddenMode": "SHOW_ALL",  # the chart view draws every trial, not the first 10
+                 **view_charts(objectives)}
         envelope = {"name": f"{name}: trials", "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
         _retry(self.client.set_experiment_tag, self.exp_id, VIEW_TAG_PREFIX + self.parent_id, json.dumps(envelope))
         return self.parent_id
@@ -457,7 +481,11 @@ class MlflowLogger(Callback):
         final = {k: v for k, v in scalars(result).items() if k not in RAY_KEYS and k not in TAG_NUMBERS}
         if step <= self.logged.get(tid, -1):  # the last evaluation is the final one: one point per step
             final = {k: v for k, v in final.items() if k not in EVAL_KEYS}
-        self._metrics(run_id, final, step)
+        curves = {k: v for k, v in final.items() if is_curve(k)}
+        self._metrics(run_id, curves, step)
+        # One-off numbers (test metrics, forgetting, costs) at step 0: MLflow's chart view draws a metric whose only
+        # point is at a step >= 1 as a one-dot line chart, one at step 0 as a bar per run.
+        self._metrics(run_id, {k: v for k, v in final.items() if k not in curves}, 0)
         from mlflow.entities import RunTag
         tags = [RunTag("status", str(result.get("status", "ok")))]
         if result.get("diverged_reason"):  # the trial's own rule (protocol.TRIAL_DIVERGENCE_RULE)
@@ -513,6 +541,12 @@ class MlflowLogger(Callback):
         ms = [Metric(k, v if math.isfinite(v) else float("nan"), now, int(step)) for k, v in scalars(values).items()]
         if ms:
             _retry(self.c.log_batch, run_id, metrics=ms)
+
+
+def is_curve(key: str) -> bool:
+    """A metric logged at every evaluation (its final value closes the curve at the last step): the validation
+    metrics and PROFIT's diagnostics (their final value is the mean over the evaluation windows)."""
+    return key in EVAL_KEYS or (key.startswith("profit_") and key != "profit_state_bytes")
 
 
 def compact_params(cfg_dict: dict, spec, point_params: dict) -> dict:

@@ -41,7 +41,7 @@ def _store(tmp_path) -> tuple[str, str, str]:
                                           "stage": "search", "arm": "profit"}).info.run_id
     now = int(time.time() * 1000)
     curve = [Metric(k, v * (1 - s / 40), now, s) for s in (0, 10, 20) for k, v in (("old_val", 0.9), ("new_val", 0.5))]
-    sweep.client.log_batch(child, metrics=curve + [Metric("old_test", 0.8, now, 20)],
+    sweep.client.log_batch(child, metrics=curve + [Metric("old_test", 0.8, now, 0), Metric("new_test", 0.4, now, 0)],
                            params=[Param("method", "profit"), Param("lr", "0.001")])
     sweep.client.set_terminated(child)
     sweep.client.set_terminated(sweep.parent_id)
@@ -86,6 +86,9 @@ def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
         assert "profit r=10 n=2 lr=1e-3" in dom and "<strong>1</strong> matching run<" in dom
         for column in ("metrics.`old_val`", "metrics.`new_val`", "metrics.`old_test`", "tags.`arm`", "params.`lr`"):
             assert f'col-id="{column}"' in dom, column  # a column of the runs table (ag-grid's column id)
+        # The chart view (second icon above the table) opens on the view's comparison section: curves, test front.
+        charts = _dom(url + "&compareRunsMode=CHART")
+        assert "PROFIT vs baselines" in charts and "old_test vs. new_test" in charts
         # Without the view the same page has the collapsed parent and no metric column: the view is what adds them.
         plain = _dom(ui_link(exp_id, None, base))
         assert "toy_sweep" in plain and "matching runs" in plain and 'col-id="metrics.' not in plain

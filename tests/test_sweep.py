@@ -129,6 +129,8 @@ def test_optuna_sweep_equal_budgets_confirmation_and_one_writer(ray_session, tmp
         updates = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "main_steps"))
         assert updates == [(10, 10.0), (20, 20.0)]  # per evaluation: the equal-main-update view's axis
         assert len(client.get_metric_history(r.info.run_id, "old_val_before")) == 1
+        # one-off numbers at step 0: MLflow's chart view draws them as a bar per run, not as a one-dot curve
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "old_test")] == [0]
     # Confirmation: every confirmed config re-run on 2 fresh seeds, under the same parent, same config_key.
     search_keys = {(r.data.tags["arm"], r.data.tags["config_key"]) for r in search}
     assert confirm and len(confirm) % 2 == 0
