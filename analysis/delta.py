@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 
 from analysis.load import DEFAULT_TRACKING_URI, SETTLED, finite, load_runs, suite_experiments
-from analysis.stats import fmt_stat, mean_ci, paired_difference
+from analysis.stats import fmt_n, fmt_stat, mean_ci, paired_difference
 from profit_bench import UserError
 
 
@@ -26,19 +26,21 @@ def delta_table(runs: pd.DataFrame) -> str:
         metric = g["metric_name"].iloc[0]
         lr = g["lr"].iloc[0]
         out += [f"**{exp}** ({g['task'].iloc[0]}, {metric}, Adam lr {lr:.3g}, n_ref {int(g['n_ref'].iloc[0])})", "",
-                "| ratio | λ_ref | lost (exact run) | lost (weights run) | old test, exact | old test, weights | "
-                "old: exact − weights | new test, exact | new test, weights | new: exact − weights |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| ratio | λ_ref | n seeds (exact/weights) | lost (exact run) | lost (weights run) | "
+                "old test, exact | old test, weights | old: exact − weights | new test, exact | new test, weights | "
+                "new: exact − weights |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for ratio, r in g.groupby("ratio"):
             by = {d: r[r["profit_delta"] == d].set_index("seed") for d in ("exact", "weights")}
             seeds = by["exact"].index.intersection(by["weights"].index)
-            cells = [f"{ratio:g}", f"{lr / ratio:.2g}"]
-            cells += [fmt_stat(mean_ci(by[d].get("profit_delta_lost", pd.Series(dtype=float))), "lost", ci=False)
+            cells = [f"{ratio:g}", f"{lr / ratio:.2g}",
+                     fmt_n(*(mean_ci(by[d]["old_test"]) for d in ("exact", "weights")))]
+            cells += [fmt_stat(mean_ci(by[d].get("profit_delta_lost", pd.Series(dtype=float))), "lost")
                       for d in ("exact", "weights")]
             for m in ("old_test", "new_test"):
-                cells += [fmt_stat(mean_ci(by[d][m]), metric, ci=False) for d in ("exact", "weights")]
+                cells += [fmt_stat(mean_ci(by[d][m]), metric) for d in ("exact", "weights")]
                 cells.append(fmt_stat(paired_difference(by["exact"].loc[seeds, m], by["weights"].loc[seeds, m]),
-                                      metric, ci=False))
+                                      metric))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -132,7 +132,7 @@ def pretrain_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, figs: 
                 gain = f"{s['gain']:+.4g} ({100 * s['gain_rel']:+.1f} %)" if load.finite(s["gain_rel"]) else \
                     f"{s['gain']:+.4g}"
                 plateau = "yes" if s["plateau"] else "no (still improving)"
-            rows.append([tables.model_name(model), s["n"], stats.fmt_stat(s["final"], metric, ci=False),
+            rows.append([tables.model_name(model), s["n"], stats.fmt_stat(s["final"], metric),
                          f"{stats.fmt_num(s['best'], metric)} (evaluation {s['best_step']})", last, gain, plateau])
         unit = "acc (%)" if metric == "accuracy" else metric
         title = f"pretraining, old-task validation — {exp}"
@@ -207,8 +207,9 @@ def search_saturation(search: pd.DataFrame, ref) -> dict[str, str]:
 def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, figs: list,
                       tracking_uri: str | None = None) -> str:
     lines = ["## Confirmed results (stage=confirm runs, test metrics)", "",
-             "Each configuration chosen on validation, re-run on the confirmation seeds. Values: mean ± s.e. "
-             "[95 % t-interval] (n seeds); n=1 has no interval. forgetting = old-task loss of quality (positive = "
+             "Each configuration chosen on validation, re-run on the confirmation seeds. Values: mean ± s.e. over "
+             "the n seeds, the 95 % t-interval in the column after each (— for n=1). forgetting = old-task loss of "
+             "quality (positive = "
              "worse); gain = new-task improvement over the pretrained model (positive = better). Hypervolume: the "
              "exact 2-D area each method's confirmed points dominate, against the reference point below, with a "
              "percentile bootstrap 95 % CI over confirmation seeds. Budget: batches of new-task data seen and "
@@ -275,12 +276,13 @@ def _cells_table(c, hyper, metric, plateau: dict | None = None) -> list[str]:
     rows = []
     for _, r in c.assign(_o=c["choice"].map(stats.choice_order)).sort_values(["arm", "_o"]).iterrows():
         rows.append([r["arm"], r["choice"], tables.config_text(r, hyper), r["n"], r["n_bad"]]
-                    + [stats.fmt_stat(r[m + "_stat"], metric) for m in
-                       ("old_test", "new_test", "forgetting_test", "gain_test")]
+                    + [cell for m in ("old_test", "new_test", "forgetting_test", "gain_test")
+                       for cell in stats.stat_ci(r[m + "_stat"], metric)]
                     + [_budget(r), plateau.get(r["config_key"], "—")]
                     + [stats.fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
-    return [md_table(["arm", "choice", "config", "n", "diverged/failed", f"old test {metric}", f"new test {metric}",
-                      "forgetting", "gain", "batches / main updates", "new-task plateau"] + diag, rows), ""]
+    return [md_table(["arm", "choice", "config", "n", "diverged/failed", f"old test {metric}", "old 95 % CI",
+                      f"new test {metric}", "new 95 % CI", "forgetting", "forgetting 95 % CI", "gain", "gain 95 % CI",
+                      "batches / main updates", "new-task plateau"] + diag, rows), ""]
 
 
 def _hv_table(g, c, ref, metric) -> list[str]:
@@ -298,8 +300,9 @@ def paired_section(runs, cells, paired: list[dict] | None = None, paper: dict | 
     paper = paper or {}
     lines = ["## PROFIT vs each baseline, paired by confirmation seed", "",
              "Difference = PROFIT − baseline per seed (same pretrained backbone, same data order), between the "
-             "configurations each method chose for the same role (knee vs knee, ...); mean ± s.e. [95 % t-interval] "
-             "(n seeds), the verdict after Holm's adjustment over the report's family, raw → Holm p, and the minimum "
+             "configurations each method chose for the same role (knee vs knee, ...); mean ± s.e. over the n seeds "
+             "and the 95 % t-interval in the column after it, the verdict after Holm's adjustment over the report's "
+             "family, raw → Holm p, and the minimum "
              f"detectable difference (MDD: paired t, {stats.POWER:.0%} power, α = {stats.ALPHA:g} two-sided, at this "
              "n and this comparison's s.d.; accuracy in points). 'MDD > paper' marks a comparison that could not see "
              "the paper's reported effect (source in brackets) even if it were real; the MDD at 10 seeds (same s.d.) "
@@ -307,7 +310,8 @@ def paired_section(runs, cells, paired: list[dict] | None = None, paper: dict | 
     rows, blind, blind10, with_paper = [], 0, 0, 0
     for p in stats.paired_rows(runs, cells) if paired is None else paired:
         metric, hib = p["metric_name"], p["higher_is_better"]
-        row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"]]
+        row = [p["experiment"], group_title(p["task"], p["model"]), p["profit"], p["baseline"], p["choice"],
+               stats.fmt_n(p["old_test"], p["new_test"])]
         for m in ("old_test", "new_test"):
             v = stats.verdict(p[m], hib, p.get(f"{m}_p_holm", math.nan))
             mdd, mdd10 = p.get(f"{m}_mdd", math.nan), p.get(f"{m}_mdd10", math.nan)
@@ -320,16 +324,17 @@ def paired_section(runs, cells, paired: list[dict] | None = None, paper: dict | 
                     blind10 += bool(load.finite(mdd10) and mdd10 > eff[0])
                     mark = (f" > paper {stats.fmt_num(eff[0], metric)} ({eff[1]}); at 10 seeds "
                             f"{stats.fmt_num(mdd10, metric)}")
-            row += [stats.fmt_stat(p[m], metric), v or "— (n<2)",
+            row += [*stats.stat_ci(p[m], metric), v or "— (n<2)",
                     f"{_p(p.get(f'{m}_p'))} → {_p(p.get(f'{m}_p_holm'))}", stats.fmt_num(mdd, metric) + mark]
         rows.append(row)
     if not rows:
         return "\n".join(lines + ["No PROFIT and baseline arms confirmed on shared seeds.", ""])
     note = ([f"MDD larger than the paper's reported effect in {blind} of {with_paper} comparisons that have one; "
              f"with 10 confirmation seeds (same spread) still in {blind10}.", ""] if with_paper else [])
-    return "\n".join(lines + [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "Δ old test",
-                                        "old (Holm)", "old p raw → Holm", "old MDD", "Δ new test", "new (Holm)",
-                                        "new p raw → Holm", "new MDD"], rows), ""] + note)
+    return "\n".join(lines + [md_table(["experiment", "task", "PROFIT arm", "baseline", "choice", "n", "Δ old test",
+                                        "Δ old 95 % CI", "old (Holm)", "old p raw → Holm", "old MDD", "Δ new test",
+                                        "Δ new 95 % CI", "new (Holm)", "new p raw → Holm", "new MDD"], rows), ""]
+                      + note)
 
 
 def equal_updates_section(runs, cells, tracking_uri) -> str:
@@ -379,15 +384,16 @@ def grid_section(runs, hyper, paper) -> str:
         metric = g["metric_name"].iloc[0]
         rows = []
         for (arm, ck), c in g.groupby(["arm", "config_key"], sort=True):
-            rows.append([arm, tables.config_text(c.iloc[0], hyper)]
-                        + [stats.fmt_stat(stats.mean_ci(c[m]), metric, ci=False) for m in ("old_val", "new_val")]
+            vals = [stats.mean_ci(c[m]) for m in ("old_val", "new_val")]
+            rows.append([arm, tables.config_text(c.iloc[0], hyper), stats.fmt_n(*vals)]
+                        + [stats.fmt_stat(v, metric) for v in vals]
                         + [stats.fmt_num(c[d].mean()) if c["is_profit"].iloc[0] else "—" for d in diag])
         table = g["table"].iloc[0]
         prow = tables.paper_lookup(paper.get(f"table{table}", {"rows": []}), method="profit") if table else None
         note = f" Paper's PROFIT row (table {table}): old {prow['old']}, new {prow['new']}." if prow else ""
         lines += [f"### {key[0]}: {group_title(*key[1:])}", "",
-                  f"Search stage, validation, mean ± s.e. over the search seeds of each configuration.{note}", "",
-                  md_table(["arm", "config", f"old val {metric}", f"new val {metric}"] + diag, rows), ""]
+                  f"Search stage, validation, mean ± s.e. over the n search seeds of each configuration.{note}", "",
+                  md_table(["arm", "config", "n", f"old val {metric}", f"new val {metric}"] + diag, rows), ""]
     if not lines:
         return ""
     return "\n".join(["## Search grid (validation, every configuration with ≥ 2 seeds)", ""] + lines)
@@ -403,7 +409,8 @@ def knee_ablation_section(runs, cells, paper, palette, out: Path, figs: list) ->
     lines = ["## Ablations around the confirmed PROFIT configuration (test, confirmation seeds)", "",
              "One knob of a PROFIT arm's confirmed knee configuration varied at a time, every other setting as the "
              "knee's, run on the confirmation seeds (stage=ablation); the knee's row is its own confirmation runs on "
-             "the same seeds. Test metrics, mean ± s.e. [95 % t-interval] (n seeds); n=1 has no interval. The "
+             "the same seeds. Test metrics, mean ± s.e. over the n seeds, the 95 % t-interval after each (— for "
+             "n=1). The "
              "paper's columns are its Table 8 (n_ref) / Table 9 (ratio) row for the same backbone family, measured "
              "on CIFAR-10 → CIFAR-100: compare the trend over the knob, not the values.", ""]
     diag = stats.DIAG_FRAC if stats.DIAG_FRAC in runs and runs[stats.DIAG_FRAC].notna().any() else None
@@ -417,7 +424,8 @@ def knee_ablation_section(runs, cells, paper, palette, out: Path, figs: list) ->
         num = tables.ABLATION_TABLES[knob] if knob in tables.ABLATION_TABLES else None
         family = tables.PAPER_FAMILY.get(model)
         has_paper = bool(num and paper.get(f"table{num}") and family)
-        head = ["arm", knob, "n seeds", "diverged/failed", f"old test {unit}", f"new test {unit}"]
+        head = ["arm", knob, "n seeds", "diverged/failed", f"old test {unit}", "old 95 % CI", f"new test {unit}",
+                "new 95 % CI"]
         head += [f"{diag} (mean ± s.e.)"] if diag else []
         if has_paper:
             head += [f"paper Table {num} {tables.model_name(family)} old (CIFAR-10, %)",
@@ -426,8 +434,8 @@ def knee_ablation_section(runs, cells, paper, palette, out: Path, figs: list) ->
         for ab in group:
             for p in ab["points"]:
                 row = [ab["arm"], tables.fmt_param(p["value"]) + (" (confirmed knee)" if p["knee"] else ""), p["n"],
-                       p["n_bad"], stats.fmt_stat(p["old_test"], metric), stats.fmt_stat(p["new_test"], metric)]
-                row += [stats.fmt_stat(p[diag], "mse", ci=False)] if diag else []
+                       p["n_bad"], *stats.stat_ci(p["old_test"], metric), *stats.stat_ci(p["new_test"], metric)]
+                row += [stats.fmt_stat(p[diag], "mse")] if diag else []
                 if has_paper:
                     pr = tables.paper_ablation_row(paper, knob, model, p["value"]) or {}
                     row += [tables.fmt_pct(pr.get("old")), tables.fmt_pct(pr.get("new"))]

@@ -159,15 +159,31 @@ def fmt_num(v, metric: str = "mse") -> str:
     return format(v * scale, spec)
 
 
-def fmt_stat(s: Stat, metric: str = "mse", ci: bool = True) -> str:
-    """"m ± se [lo, hi] (n=k)"; n = 1 prints "m (n=1)", never "± nan"; no value prints "—"."""
+def fmt_stat(s: Stat, metric: str = "mse") -> str:
+    """A table cell: "m ± se"; n = 1 prints "m" (never "± nan"); no value prints "—". The 95 % interval goes in a
+    column of its own (fmt_ci) and n in the header or its own column (fmt_n): cells stay short."""
     if s.n == 0:
         return "—"
     if s.n == 1:
-        return f"{fmt_num(s.mean, metric)} (n=1)"
+        return fmt_num(s.mean, metric)
     se = 0.0 if s.se < 1e-12 * max(1.0, abs(s.mean)) else s.se  # identical values: float noise, not spread
-    text = f"{fmt_num(s.mean, metric)} ± {fmt_num(se, metric)}"
-    return text + (f" [{fmt_num(s.lo, metric)}, {fmt_num(s.hi, metric)}] (n={s.n})" if ci else f" (n={s.n})")
+    return f"{fmt_num(s.mean, metric)} ± {fmt_num(se, metric)}"
+
+
+def fmt_ci(s: Stat, metric: str = "mse") -> str:
+    """The 95 % t-interval "[lo, hi]" of `s`; "—" below two values (no interval)."""
+    return f"[{fmt_num(s.lo, metric)}, {fmt_num(s.hi, metric)}]" if s.n >= 2 else "—"
+
+
+def fmt_n(*stats: Stat) -> str:
+    """The n of a row's statistics: "5", or "5/4" when they differ (a metric missing on some runs)."""
+    ns = list(dict.fromkeys(s.n for s in stats))
+    return "/".join(map(str, ns)) if ns else "0"
+
+
+def stat_ci(s: Stat, metric: str = "mse") -> list[str]:
+    """The two cells of a statistic with its interval: mean ± s.e., then the 95 % CI."""
+    return [fmt_stat(s, metric), fmt_ci(s, metric)]
 
 
 # ---------------------------------------------------------------------------------------------- selection

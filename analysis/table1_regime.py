@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from analysis.load import load_runs
-from analysis.stats import fmt_stat, mean_ci
+from analysis.stats import fmt_ci, fmt_stat, mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "table1_regime"
@@ -90,7 +90,8 @@ def distances(summary: pd.DataFrame, split: str) -> pd.DataFrame:
 def _cell(summary_row, metric: str) -> str:
     s = mean_ci([])._replace(mean=summary_row[metric], se=summary_row[f"{metric}_se"], lo=summary_row[f"{metric}_lo"],
                              hi=summary_row[f"{metric}_hi"], n=int(summary_row[f"{metric}_n"]))
-    return fmt_stat(s, "mse")
+    # The study's tables in docs/results.md keep one cell per value (issue 25's section): interval and n inside it.
+    return f"{fmt_stat(s, 'mse')} {fmt_ci(s, 'mse')} (n={s.n})" if s.n >= 2 else f"{fmt_stat(s, 'mse')} (n={s.n})"
 
 
 def readings_markdown(summary: pd.DataFrame, ranked: pd.DataFrame, split: str) -> str:

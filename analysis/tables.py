@@ -1,7 +1,7 @@
 """The paper's tables 1, 2, 7, 8, 9, 11, 12, ours beside the paper's numbers (analysis/paper_tables.yaml).
 
 A run feeds Table N when its sweep's parent run carries the tag `table=N` (the YAML `table:` key). Our numbers
-are confirmed cells only (stage=confirm runs, test metrics, mean ± s.e. [95 % CI] (n)); Table 11's time and
+are confirmed cells only (stage=confirm runs, test metrics, mean ± s.e. | 95 % CI | n); Table 11's time and
 memory come from every finished search and confirm run, since cost is not a selected quantity. Tables 8 / 9 rows
 also sit beside the ablation stage's rows (report.knee_ablation_section, via `paper_ablation_row`).
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.stats import choice_order, fmt_num, fmt_param, fmt_stat, mean_ci
+from analysis.stats import choice_order, fmt_n, fmt_num, fmt_param, fmt_stat, mean_ci, stat_ci
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.yaml")
 MODEL_NAMES = {"mlp": "MLP", "resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small"}
@@ -129,6 +129,10 @@ def _sorted(cells: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return cells.assign(_o=cells["choice"].map(choice_order)).sort_values(by + ["_o"]).drop(columns="_o")
 
 
+CELL_NOTE = ("mean ± s.e. over the n confirmation seeds, the 95 % t-interval in the column after it (— for "
+             "n = 1).")
+
+
 def fmt_pct(v) -> str:
     """A paper percentage as printed (two decimals), "—" for none."""
     return "—" if v is None else f"{v:.2f}"
@@ -160,19 +164,19 @@ def table1(cells, paper, hyper, runs) -> str | None:
     parts = []
     for task, ct in c.groupby("task"):
         mine = runs[(runs["task"] == task) & (runs["table"] == "1")]
-        rows = [["pretrained (before fine-tuning)", "—", "—", fmt_stat(pretrained(mine, "old_test_before"), "mse"),
-                 pp["old"], fmt_stat(pretrained(mine, "new_test_before"), "mse"), pp["new"]] + ["—"] * len(diag)]
+        before = [pretrained(mine, "old_test_before"), pretrained(mine, "new_test_before")]
+        rows = [["pretrained (before fine-tuning)", "—", "—", fmt_n(*before), *stat_ci(before[0], "mse"), pp["old"],
+                 *stat_ci(before[1], "mse"), pp["new"]] + ["—"] * len(diag)]
         for _, r in _sorted(ct, ["arm"]).iterrows():
             p = paper_lookup(t, method=paper_method_key(r)) or {}
-            rows.append([r["arm"], r["choice"], config_text(r, hyper), fmt_stat(r["old_test_stat"], "mse"),
-                         p.get("old", "—"), fmt_stat(r["new_test_stat"], "mse"), p.get("new", "—")]
-                        + [fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
-        body = md_table(["method (arm)", "choice", "config", "old test MSE ours", "old MSE paper",
-                         "new test MSE ours", "new MSE paper"] + [f"{k} (mean)" for k in diag], rows)
+            rows.append([r["arm"], r["choice"], config_text(r, hyper), fmt_n(r["old_test_stat"], r["new_test_stat"]),
+                         *stat_ci(r["old_test_stat"], "mse"), p.get("old", "—"), *stat_ci(r["new_test_stat"], "mse"),
+                         p.get("new", "—")] + [fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
+        body = md_table(["method (arm)", "choice", "config", "n", "old test MSE ours", "old 95 % CI", "old MSE paper",
+                         "new test MSE ours", "new 95 % CI", "new MSE paper"] + [f"{k} (mean)" for k in diag], rows)
         parts.append(_headed(f"Table 1 — {dataset_text(task, t)}",
                              ["paper: " + t["title"], arms_text(runs, task, "1", ct["arm"])], body,
-                             "MSE on test, lower is better; mean ± s.e. [95 % CI] (n confirmation seeds). Paper: "
-                             + t["note"]))
+                             f"MSE on test, lower is better; {CELL_NOTE} Paper: " + t["note"]))
     return "\n".join(parts)
 
 
@@ -193,18 +197,19 @@ def _accuracy_table(num: int, cells, paper, hyper, *, select, key_cols, paper_ke
             p = paper_key(t, r) or {}
             row = [model_name(r["model"])] + [fmt_param(r[k]) for k in key_cols] + [
                 r["arm"], r["choice"], config_text(r, [h for h in hyper if h not in key_cols])]
+            row.append(fmt_n(*(r[f"{col}_test_stat"] for col in cols)))
             for col in cols:
-                row += [fmt_stat(r[f"{col}_test_stat"], metric), _pct(p.get(col))]
+                row += [*stat_ci(r[f"{col}_test_stat"], metric), _pct(p.get(col))]
             rows.append(row)
         unit = "acc (%)" if metric == "accuracy" else metric
-        header = ["backbone"] + key_cols + ["arm", "choice", "config"]
+        header = ["backbone"] + key_cols + ["arm", "choice", "config", "n"]
         for col in cols:
-            header += [f"{col} test {unit} ours", f"{col} paper (%)"]
+            header += [f"{col} test {unit} ours", f"{col} 95 % CI", f"{col} paper (%)"]
         parts.append(_headed(f"Table {num} — {dataset_text(task, t)}",
                              ["paper: " + t["title"], arms_text(arm_runs, task, str(num), ct["arm"])],
                              md_table(header, rows),
-                             "Confirmed configurations only (chosen on validation); test metric, mean ± s.e. "
-                             "[95 % CI] (n confirmation seeds); ours as percent."))
+                             f"Confirmed configurations only (chosen on validation); test metric, {CELL_NOTE} "
+                             "Ours as percent."))
     return "\n".join(parts)
 
 
@@ -212,9 +217,10 @@ def _pretrained_row(r, runs, paper, key_cols, cols, metric) -> list:
     """The backbone before fine-tuning, beside the paper's Table 6 (old task only)."""
     mine = runs[(runs["task"] == r["task"]) & (runs["model"] == r["model"]) & (runs["table"] == r["table"])]
     p6 = paper_lookup(paper["table6"], model=r["model"]) or {}
-    row = [model_name(r["model"])] + ["—"] * len(key_cols) + ["pretrained", "—", "—"]
+    before = {col: pretrained(mine, f"{col}_test_before") for col in cols}
+    row = [model_name(r["model"])] + ["—"] * len(key_cols) + ["pretrained", "—", "—", fmt_n(*before.values())]
     for col in cols:
-        row += [fmt_stat(pretrained(mine, f"{col}_test_before"), metric), _pct(p6.get(col))]
+        row += [*stat_ci(before[col], metric), _pct(p6.get(col))]
     return row
 
 
@@ -259,16 +265,19 @@ def table12(cells, paper, hyper, runs) -> str | None:
             prof = bool(r["is_profit"])
             p = paper_lookup(t, optimizer="profit", ratio=int(r["ratio"])) if prof else \
                 paper_lookup(t, optimizer="adamw")
+            st = [r[f"{m}_test_stat"] for m in ("old", "new", "forgetting")]
             rows.append([r["arm"], fmt_param(r.get("ratio")) if prof else "—", r["choice"],
-                         config_text(r, [h for h in hyper if h != "ratio"]), fmt_stat(r["old_test_stat"], metric),
-                         fmt_stat(r["new_test_stat"], metric), fmt_stat(r["forgetting_test_stat"], metric),
+                         config_text(r, [h for h in hyper if h != "ratio"]), fmt_n(*st),
+                         *[cell for x in st for cell in stat_ci(x, metric)],
                          p["accuracy"] if p else "—", p["final_score"] if p else "—"])
-        header = ["arm", "ratio", "choice", "config", f"old test {metric} ours", f"new test {metric} ours",
-                  "forgetting ours", "paper accuracy (%)", "paper final score"]
+        header = ["arm", "ratio", "choice", "config", "n", f"old test {metric} ours", "old 95 % CI",
+                  f"new test {metric} ours", "new 95 % CI", "forgetting ours", "forgetting 95 % CI",
+                  "paper accuracy (%)", "paper final score"]
         title = f"Table 12 — STAND-IN: ours fine-tunes {model_name(model)} on {task_title(task)}, not DriveLM"
         note = ("The paper's Table 12 fine-tunes LLaMA-Adapter-v2 on DriveLM, which cannot be run offline; our rows "
                 "run the same ablation (AdamW main, n_ref = 1, ratio grid) on a transformer we can run. Metrics "
-                "differ (AdamW row from paper Table 4): compare the trend over ratio, not the values.")
+                f"differ (AdamW row from paper Table 4): compare the trend over ratio, not the values. Ours: "
+                f"{CELL_NOTE}")
         parts.append(_headed(title, [f"ours: {task_title(task)} (stand-in for {t['dataset']})",
                                      "paper: " + t["title"]], md_table(header, rows), note))
     return "\n".join(parts)
@@ -294,6 +303,7 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
                 else pd.Series(np.nan, index=a.index)
             step = mean_ci(per_step.dropna() * 1e3)
             trial = mean_ci(a["wall_time_s"].dropna())
+            epoch = mean_ci(per_epoch(a).dropna())
             n_tr = float(a["n_trainable"].median())
             # extra_state_bytes already holds PROFIT's state plus the method's; older runs only have PROFIT's.
             state = float(a["extra_state_bytes"].fillna(a["profit_state_bytes"]).fillna(0).median())
@@ -301,11 +311,21 @@ def cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
             rows.append(dict(task=task, backbone=model_name(model), model=model, optimizer=opt, arm=arm,
                              is_profit=bool(a["is_profit"].iloc[0]), n=len(a), step_ms=step.mean,
                              step_ms_se=step.se, step_stat=step, trial_s=trial.mean, trial_s_se=trial.se,
-                             trial_stat=trial, schedule=_schedule_text(a), params_mib=n_tr * 4 / 2**20,
+                             trial_stat=trial, epoch_s=epoch.mean, epoch_stat=epoch, schedule=_schedule_text(a),
+                             params_mib=n_tr * 4 / 2**20,
                              grads_mib=n_tr * 4 / 2**20,
                              state_mib=state / 2**20,
                              peak_mib=float(a["peak_mem_bytes"].mean()) / 2**20 if cuda else np.nan))
     return pd.DataFrame(rows)
+
+
+def per_epoch(runs: pd.DataFrame) -> pd.Series:
+    """Training-batch seconds per epoch of runs whose budget is in epochs (the image and digits tasks; the toy's is in
+    main steps: NaN there): train_time_s / epochs_done, the unit of the paper's Table 11 (s/epoch)."""
+    if "train_time_s" not in runs or "epochs_done" not in runs:
+        return pd.Series(np.nan, index=runs.index)
+    budget = runs["epochs"] if "epochs" in runs else pd.Series(np.nan, index=runs.index)
+    return runs["train_time_s"] / runs["epochs_done"].where((runs["epochs_done"] > 0) & budget.notna())
 
 
 def table11(rows: pd.DataFrame, paper) -> str | None:
@@ -315,6 +335,7 @@ def table11(rows: pd.DataFrame, paper) -> str | None:
     parts = []
     for task, ct in rows.groupby("task"):
         out = []
+        epochs = bool(np.isfinite(ct["epoch_s"]).any()) if "epoch_s" in ct else False  # a budget in epochs
         for (model, opt), g in ct.groupby(["model", "optimizer"]):
             base = g[~g["is_profit"]].iloc[0]
             pa, pp = paper_lookup(t, model=model, optimizer="adam"), paper_lookup(t, model=model, optimizer="profit")
@@ -324,19 +345,23 @@ def table11(rows: pd.DataFrame, paper) -> str | None:
                 base_mem = base["params_mib"] + base["grads_mib"] + base["state_mib"]
                 role = f"PROFIT over {opt}" if r["is_profit"] else f"main optimizer {opt} alone"
                 out.append([r["backbone"], f"{r['arm']} ({role})", r["schedule"], r["n"],
-                            fmt_stat(r["step_stat"], "ms", ci=False), _ratio(r["step_ms"], base["step_ms"]),
-                            fmt_stat(r["trial_stat"], "s", ci=False), _ratio(r["trial_s"], base["trial_s"]),
-                            f"{r['state_mib']:.2f}", f"{mem:.2f}", f"{mem / base_mem:.2f}",
+                            fmt_stat(r["step_stat"], "ms"), _ratio(r["step_ms"], base["step_ms"]),
+                            fmt_stat(r["trial_stat"], "s"), _ratio(r["trial_s"], base["trial_s"])]
+                           + ([fmt_stat(r["epoch_stat"], "s"), _ratio(r["epoch_s"], base["epoch_s"])] if epochs else [])
+                           + [f"{r['state_mib']:.2f}", f"{mem:.2f}", f"{mem / base_mem:.2f}",
                             "—" if np.isnan(r["peak_mib"]) else f"{r['peak_mib']:.1f}",
                             p["time"] if p else "—", p["memory"] if p else "—",
                             f"{p['time'] / pa['time']:.2f}" if p and pa else "—",
                             f"{p['memory'] / pa['memory']:.2f}" if p and pa else "—"])
-        header = ["backbone", "arm (role)", "schedule, budget", "n runs", "ms / main step", "× main",
-                  "s / trial", "× main", "PROFIT/method state MiB", "params+grads+state MiB", "mem × main",
-                  "CUDA peak MiB", "paper s/epoch", "paper GB", "time ×Adam paper", "mem ×Adam paper"]
+        header = (["backbone", "arm (role)", "schedule, budget", "n runs", "ms / main step", "× main",
+                   "s / trial", "× main"] + (["s / epoch", "× main"] if epochs else [])
+                  + ["PROFIT/method state MiB", "params+grads+state MiB", "mem × main",
+                     "CUDA peak MiB", "paper s/epoch", "paper GB", "time ×Adam paper", "mem ×Adam paper"])
         note = ("Time: mean ± s.e. over the arm's runs. A main step is one update of the main optimizer; PROFIT's "
                 "costs a whole cycle (n_ref reference batches + 1 main batch), training batches only; a trial's "
-                "time is its wall time (evaluations included). × main = this row over the main optimizer's row. "
+                "time is its wall time (evaluations included); an epoch's (budgets in epochs only) is the training "
+                "batches' time over the epochs run, the paper's unit. × main = this row over the main optimizer's "
+                "row. "
                 "Memory is tensor accounting (fp32 trainable parameters + their gradients + PROFIT's / the method's "
                 "extra state; the main optimizer's state is the same on both rows and left out), not process RSS. "
                 "The CUDA column is torch's max allocated, GPU runs only. Units differ from the paper's (s/epoch and "

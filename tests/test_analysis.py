@@ -47,10 +47,13 @@ def test_paired_ci_matches_scipy():
 
 
 def test_one_seed_prints_n1_never_nan():
-    assert stats.fmt_stat(stats.mean_ci([0.25]), "mse") == "0.25 (n=1)"
+    one = stats.mean_ci([0.25])
+    assert (stats.fmt_stat(one, "mse"), stats.fmt_ci(one, "mse"), stats.fmt_n(one)) == ("0.25", "—", "1")
     assert stats.fmt_stat(stats.mean_ci([np.nan]), "mse") == "—"
-    s = stats.mean_ci([0.5, 0.7])
-    assert stats.fmt_stat(s, "accuracy") == f"60.00 ± 10.00 [{s.lo * 100:.2f}, {s.hi * 100:.2f}] (n=2)"
+    s = stats.mean_ci([0.5, 0.7])  # compact cell: mean ± s.e.; the 95 % t-interval is a cell of its own
+    lo, hi = scipy.stats.t.interval(0.95, 1, loc=0.6, scale=scipy.stats.sem([0.5, 0.7]))
+    assert stats.stat_ci(s, "accuracy") == ["60.00 ± 10.00", f"[{lo * 100:.2f}, {hi * 100:.2f}]"]
+    assert stats.fmt_n(s, s, stats.mean_ci([1.0, 2.0, 3.0])) == "2/3"  # a row whose cells have different n
 
 
 @pytest.mark.parametrize("hib", [(True, True), (False, False)])
@@ -328,20 +331,22 @@ def test_tables_come_from_confirmation_runs_only(base):
         if r["arm"] == "profit" and "knee" in r["choice"]:
             key, choice = r["config_key"], r["choice"]
     olds = [r["values"][2] for r in base["confirm"]["table1"] if r["config_key"] == key]
-    want = stats.fmt_stat(stats.mean_ci(olds), "mse")
-    row = next(line for line in t1.splitlines() if line.startswith(f"| profit | {choice} |"))
-    assert want in row and "(n=3)" in row and "| 0.046 |" in row  # beside the paper's PROFIT row
+    row = _row(t1, f"| profit | {choice} |")
+    # n, then mean ± s.e. and the 95 % t-interval in their own cells (numpy/scipy), beside the paper's PROFIT row
+    assert row[3:7] == ["3", *_t_cells(olds, 1, ".4g"), "0.046"], row
+    assert "| n | old test MSE ours | old 95 % CI | old MSE paper |" in t1
     t9 = section(tables, "### Table 9 —", "\n### ")
     assert "stand-in for CIFAR-10 → CIFAR-100" in t9
-    assert all("(n=3)" in line for line in t9.splitlines()[6:] if line.startswith("| ResNet-18 | 10"))
+    rows9 = [_row(line, "|") for line in t9.splitlines() if line.startswith("| ResNet-18 | 10")]
+    assert rows9 and all(r[5] == "3" and " ± " in r[6] and r[7].startswith("[") for r in rows9)
 
 
 def test_search_grid_cells_are_validation_means_over_search_seeds(base):
     runs = pd.read_csv(base["out"] / "runs.csv")
     grid = section(base["md"], "## Search grid")
     g = runs[(runs["experiment"] == "table9") & (runs["stage"] == "search") & (runs["ratio"] == 100.0)]
-    want = stats.fmt_stat(stats.mean_ci(g["old_val"]), "accuracy", ci=False)
-    assert want.endswith("(n=2)") and f"| profit | lr=0.0001, ratio=100 | {want} |" in grid
+    want = _t_cells(g["old_val"], 100, ".2f")[0]
+    assert len(g) == 2 and f"| profit | lr=0.0001, ratio=100 | 2 | {want} |" in grid
     assert "Paper's PROFIT row (table 1): old 0.046, new 0.501." in grid
 
 
@@ -356,7 +361,8 @@ def test_paired_differences_in_the_report_match_scipy(base):
     paired = section(md, "## PROFIT vs each baseline")
     row = next(line for line in paired.splitlines() if "| profit | full |" in line and "knee" in line
                and line.startswith("| table1 |"))
-    assert f"[{lo:.4g}, {hi:.4g}] (n=3)" in row
+    cells = _row(row, "|")
+    assert cells[5] == "3" and cells[7] == f"[{lo:.4g}, {hi:.4g}]"  # n, Δ old, its 95 % CI
 
 
 def test_histories_keep_the_evaluation_where_the_final_result_shares_its_step(base):
@@ -387,6 +393,35 @@ def test_cost_table_times_whole_main_steps_and_trials_beside_the_main_optimizer(
     assert cells[col["ms / main step"]].startswith("6") and cells[col["ms / main step"] + 1] == "3.00"
     assert cells[col["s / trial"]].startswith("2.5") and cells[col["s / trial"] + 1] == "2.50"
     assert "main steps" in cells[col["schedule, budget"]]
+
+
+def test_cost_table_gives_seconds_per_epoch_where_the_budget_is_in_epochs():
+    """Table 11's s / epoch = training-batch seconds / epochs run (the paper's unit), mean ± s.e. over the arm's
+    runs, beside × main; a task whose budget is in main steps (the toy) has no such column."""
+    from analysis.tables import cost_rows, table11
+
+    def run(arm, is_profit, train, task, epochs):
+        return dict(status="ok", step_time_median_s=0.01, method="full", stage="confirm", task=task, model="mlp",
+                    optimizer="adam", is_profit=is_profit, arm=arm, train_time_s=train, main_steps=100,
+                    wall_time_s=train + 1, n_trainable=1000, extra_state_bytes=0.0, profit_state_bytes=0.0,
+                    device="cpu", peak_mem_bytes=np.nan, scheduler="step", steps=100.0 if np.isnan(epochs) else np.nan,
+                    epochs=epochs, epochs_done=4.0)
+    times = {"full": [2.0, 2.2, 2.6], "profit": [6.0, 6.6, 7.8]}
+    runs = pd.DataFrame([run(arm, arm == "profit", t, task, 4.0 if task == "digits" else np.nan)
+                         for task in ("digits", "toy") for arm, ts in times.items() for t in ts])
+    text = table11(cost_rows(runs), load_paper())
+    digits = section(text, "ours on sklearn digits", "\n### ")
+    header = [c.strip() for c in digits.split("| backbone", 1)[1].splitlines()[0].split("|")[:-1]]
+    header[0] = "backbone"
+    col = header.index("s / epoch")
+    cells = {arm: _row(digits, "| MLP | " + arm)[col:col + 2] for arm in times}
+    per_epoch = {arm: np.array(ts) / 4.0 for arm, ts in times.items()}
+    for arm, v in per_epoch.items():  # 4 epochs run: 0.5667 ± 0.0441 s for the main optimizer, 1.7 ± 0.1323 PROFIT
+        assert cells[arm][0] == f"{v.mean():.4g} ± {scipy.stats.sem(v):.4g}", arm
+    assert cells["profit"][1] == f"{per_epoch['profit'].mean() / per_epoch['full'].mean():.2f}" == "3.00"
+    assert "step, 4 epochs" in digits
+    toy = section(text, "ours on 2-D toy", "\n### ")
+    assert "| s / trial | × main | PROFIT/method state MiB |" in toy and "100 main steps" in toy
 
 
 def test_figures_are_pngs_of_the_stated_size(base):
@@ -559,15 +594,16 @@ def test_unreachable_tracking_server_fails_fast_on_one_line():
 
 
 # ---------------------------------------------------------------------------------------------- ablation stage
-def _t_text(values, scale: float, spec: str) -> str:
-    """mean ± s.e. [95 % t-interval] (n=k) of `values`, computed with numpy/scipy, in the report's format."""
+def _t_cells(values, scale: float, spec: str) -> list[str]:
+    """The report's two cells of `values`, computed with numpy/scipy: "mean ± s.e." and the 95 % t-interval
+    "[lo, hi]" ("—" for one value)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 1:
-        return f"{format(v[0] * scale, spec)} (n=1)"
+        return [format(v[0] * scale, spec), "—"]
     m, se = v.mean(), scipy.stats.sem(v)
     lo, hi = scipy.stats.t.interval(0.95, len(v) - 1, loc=m, scale=se)
     f = lambda x: format(x * scale, spec)  # noqa: E731
-    return f"{f(m)} ± {f(se)} [{f(lo)}, {f(hi)}] (n={len(v)})"
+    return [f"{f(m)} ± {f(se)}", f"[{f(lo)}, {f(hi)}]"]
 
 
 def _row(text: str, start: str) -> list[str]:
@@ -584,11 +620,11 @@ def test_ablation_section_matches_scipy_and_marks_the_knee(base):
     for v in (10.0, 1000.0, 10000.0):
         recs = [r for r in base["ablation"]["table1"] if r["knob"] == "ratio" and r["value"] == v]
         row = _row(t1, f"| profit | {v:g} |")
-        assert row[2:6] == ["3", "0", _t_text([r["values"][2] for r in recs], 1, ".4g"),
-                            _t_text([r["values"][3] for r in recs], 1, ".4g")], v
+        assert row[2:8] == ["3", "0", *_t_cells([r["values"][2] for r in recs], 1, ".4g"),
+                            *_t_cells([r["values"][3] for r in recs], 1, ".4g")], v
     knee = [r for r in base["confirm"]["table1"] if r["arm"] == "profit" and "knee" in r["choice"]]
     row = _row(t1, "| profit | 100 (confirmed knee) |")  # the knee's ratio, from its confirm runs
-    assert row[4] == _t_text([r["values"][2] for r in knee], 1, ".4g")
+    assert row[4:6] == _t_cells([r["values"][2] for r in knee], 1, ".4g")
     assert "no backbone of the MLP's family" in t1 and "paper Table" not in t1.split("\n- ")[0]
     # accuracy on vit_micro, n_ref over 2 of the 3 confirmation seeds: the knee row on those seeds only,
     # beside the paper's ViT-Tiny rows (CIFAR); a failed run leaves n = 1 and is counted
@@ -597,14 +633,14 @@ def test_ablation_section_matches_scipy_and_marks_the_knee(base):
     knee = [r for r in base["confirm"]["vit_ablation"] if r["arm"] == "profit" and "knee" in r["choice"]
             and r["seed"] in CONFIRM_SEEDS[:2]]
     row = _row(v_nref, "| profit | 1 (confirmed knee) |")
-    assert row[2:6] == ["2", "0", _t_text([r["values"][2] for r in knee], 100, ".2f"),
-                        _t_text([r["values"][3] for r in knee], 100, ".2f")]
+    assert row[2:8] == ["2", "0", *_t_cells([r["values"][2] for r in knee], 100, ".2f"),
+                        *_t_cells([r["values"][3] for r in knee], 100, ".2f")]
     assert row[-2:] == ["56.75", "62.35"]
     assert _row(v_nref, "| profit | 2 |")[-2:] == ["53.10", "61.67"]
     v_ratio = section(abl, "### vit_ablation: Fashion-MNIST 0–4 → 5–9 — vit_micro — ratio", "\n### ")
     ok = [r for r in base["ablation"]["vit_ablation"] if r["value"] == 10000.0 and r["status"] == "ok"]
     row = _row(v_ratio, "| profit | 10000 |")
-    assert row[2:5] == ["1", "1", _t_text([ok[0]["values"][2]], 100, ".2f")] and row[4].endswith("(n=1)")
+    assert row[2:6] == ["1", "1", *_t_cells([ok[0]["values"][2]], 100, ".2f")] and row[5] == "—"  # n=1: no CI
     assert _row(v_ratio, "| profit | 1000 (confirmed knee) |")[-2:] == ["58.53", "62.20"]
     assert "the knee row uses its confirmation runs on the ablation's seeds (1000, 1001)" in v_ratio
     # the failed ablation run is listed with the runs left out; ablation runs never reach selection or cells
@@ -638,7 +674,7 @@ def test_pretrain_section_flags_a_curve_still_improving(base):
         best = np.argmax(sign * mean)
         row = _row(section(pre, f"### {exp}: ", "\n### ") if exp == "table1" else pre.split("### vit_ablation")[1],
                    f"| {name} |")
-        assert row[1:5] == [str(len(seeds)), f"{f(final.mean())} ± {f(scipy.stats.sem(final))} (n={len(seeds)})",
+        assert row[1:5] == [str(len(seeds)), f"{f(final.mean())} ± {f(scipy.stats.sem(final))}",
                             f"{f(mean[best])} (evaluation {best + 1})", " → ".join(f(v) for v in mean[-4:])], name
         if metric == "accuracy":
             assert row[5] == f"{100 * gain:+.2f} points"
@@ -775,7 +811,7 @@ def test_delta_table_pairs_exact_and_weights_by_seed_and_counts_below_chance_run
             for seed in (1, 2, 3) for delta, new in (("exact", 0.3 + seed / 100), ("weights", 0.5 + seed / 50))]
     text = delta_table(pd.DataFrame(rows))
     # new: (0.3 + s/100) − (0.5 + s/50) = −0.2 − s/100 → −0.21, −0.22, −0.23: mean −22 %, s.e. 0.01/√3 = 0.58 %
-    assert "-22.00 ± 0.58 (n=3)" in text and "| 100 | 1e-05 |" in text and "0.00 ± 0.00 (n=3)" in text
+    assert "| 100 | 1e-05 | 3 |" in text and "| -22.00 ± 0.58 |" in text and "| 0.00 ± 0.00 |" in text
 
 
 def test_table1_regime_distance_is_the_mean_abs_log_ratio_to_the_papers_baselines():

@@ -52,7 +52,8 @@ def _store(tmp_path) -> tuple[str, str, str]:
 def _dom(url: str) -> str:
     # wide: the runs table only renders the columns in view (ag-grid column virtualisation)
     return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                           "--window-size=3200,1000", "--virtual-time-budget=30000", url], timeout=180, capture_output=True, text=True).stdout
+                           "--window-size=3200,1000", "--virtual-time-budget=30000", url], timeout=180,
+                          capture_output=True, text=True).stdout
 
 
 def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
