@@ -420,6 +420,8 @@ def test_cost_table_gives_seconds_per_epoch_where_the_budget_is_in_epochs():
         assert cells[arm][0] == f"{v.mean():.4g} ± {scipy.stats.sem(v):.4g}", arm
     assert cells["profit"][1] == f"{per_epoch['profit'].mean() / per_epoch['full'].mean():.2f}" == "3.00"
     assert "step, 4 epochs" in digits
+    # epochs_done (a tag of new runs) is a count of the run, never a knob in a configuration's text
+    assert "epochs_done" not in load.param_columns(runs) and "lr" in load.param_columns(runs.assign(lr=1e-3))
     toy = section(text, "ours on 2-D toy", "\n### ")
     assert "| s / trial | × main | PROFIT/method state MiB |" in toy and "100 main steps" in toy
 
