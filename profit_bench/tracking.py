@@ -376,7 +376,10 @@ class MlflowLogger(Callback):
         self.finished: set[str] = set()       # trial ids whose run is FINISHED with its final metrics
         self.trials = []                      # Tune's trial list (kept fresh by on_step_end), for reconcile()
         self.load_existing()
-        sweep.save_view(spec.objectives, higher_is_better)  # what the link the sweep prints opens
+        try:  # what the link the sweep prints opens; a store that refuses the tag must not stop the sweep
+            sweep.save_view(spec.objectives, higher_is_better)
+        except Exception as e:  # noqa: BLE001 - MLflow wraps store errors in its own types
+            print(f"warning: could not save the sweep's MLflow view ({e}); the runs are in the experiment as usual")
 
     def __getstate__(self):
         # Tune pickles its callbacks into tuner.pkl; the live logger is put back on restore (sweep.run_stage).
