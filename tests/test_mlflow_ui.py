@@ -49,10 +49,10 @@ def _store(tmp_path) -> tuple[str, str, str]:
     return uri, sweep.exp_id, sweep.parent_id
 
 
-def _dom(url: str) -> str:
+def _dom(url: str, budget_ms: int = 30000) -> str:
     # wide: the runs table only renders the columns in view (ag-grid column virtualisation)
     return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                           "--window-size=3200,1000", "--virtual-time-budget=30000", url], timeout=180,
+                           "--window-size=3200,1000", f"--virtual-time-budget={budget_ms}", url], timeout=300,
                           capture_output=True, text=True).stdout
 
 
@@ -88,7 +88,7 @@ def test_experiment_page_opens_on_runs_with_metric_names(tmp_path):
         for column in ("metrics.`old_val`", "metrics.`new_val`", "metrics.`old_test`", "tags.`arm`", "params.`lr`"):
             assert f'col-id="{column}"' in dom, column  # a column of the runs table (ag-grid's column id)
         # The chart view (second icon above the table) opens on the view's comparison section: curves, test front.
-        charts = _dom(url + "&compareRunsMode=CHART")
+        charts = _dom(url + "&compareRunsMode=CHART", 90000)  # the chart code is a chunk of its own: slower
         assert "PROFIT vs baselines" in charts and "old_test vs. new_test" in charts
         # Without the view the same page has the collapsed parent and no metric column: the view is what adds them.
         plain = _dom(ui_link(exp_id, None, base))
