@@ -30,7 +30,7 @@ FINAL_METRICS = [
     "old_val", "new_val", "old_val_loss", "new_val_loss", "old_test", "new_test", "old_test_loss", "new_test_loss",
     "old_val_before", "new_val_before", "old_test_before", "new_test_before", "new_val_loss_before", "forgetting_val",
     "forgetting_test", "chance_old", "chance_new", "peak_mem_bytes", "step_time_median_s", "train_time_s",
-    "wall_time_s", "n_trainable",
+    "wall_time_s", "cpu_time_s", "n_trainable",
     "profit_state_bytes", "extra_state_bytes", "main_steps", "batches", "epochs_done"]
 # Not hyperparameters: they do not change what is learned, so they never distinguish two configurations.
 BOOKKEEPING = {"seed", "device", "dtype", "data_dir", "cache_dir", "eval_every", "compile", "ray_trial_id",

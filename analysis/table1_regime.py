@@ -41,18 +41,29 @@ def reading_name(r) -> str:
     return f"{r['activation']} / LN {r['layernorm'].replace('_act', '')} / batch {int(r['batch_size'])}"
 
 
+def fill_reading(runs: pd.DataFrame) -> pd.DataFrame:
+    """The reading knobs of every run: as logged (a sweep logs its arms' knobs, its `trial:` block's model/data
+    knobs and the knobs a logged toy_variant fills), else its toy_variant's value, else today's (runs logged
+    before tracking.MODEL_DATA_KNOBS existed ran a `trial:` toy_variant of today only)."""
+    from profit_bench.tasks import TOY_VARIANTS
+    out = runs.copy()
+    variant = out["toy_variant"] if "toy_variant" in out else pd.Series(None, index=out.index, dtype=object)
+    for c in READING:
+        implied = variant.map(lambda v, c=c: TOY_VARIANTS.get(v, TOY_VARIANTS["today"])[c]
+                              if isinstance(v, str) else TOY_VARIANTS["today"][c])
+        out[c] = out[c].fillna(implied) if c in out else implied
+    return out
+
+
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per reading × seed × row (pretrained, full, head[, PROFIT cells]) with its four MSEs."""
-    ok = runs[(runs["status"] == "ok") & ~runs["diverged"]].copy()
-    from profit_bench.tasks import TOY_VARIANTS
-    for c in READING:  # a run that did not log a knob ran it at its default: today's reading
-        ok[c] = ok[c].fillna(TOY_VARIANTS["today"][c]) if c in ok else TOY_VARIANTS["today"][c]
+    ok = fill_reading(runs[(runs["status"] == "ok") & ~runs["diverged"]])
     rows = []
     for _, r in ok.iterrows():
         key = {c: r[c] for c in READING} | {"seed": int(r["seed"])}
         # runs from before issue 27 have no profit_delta: their Δ was θ − θ_ref ("weights")
         delta = r.get("profit_delta") if isinstance(r.get("profit_delta"), str) else "weights"
-        name = r["arm"] if not r["is_profit"] else (f"PROFIT ratio {r['ratio']:g}, lr decay per "
+        name = r["method"] if not r["is_profit"] else (f"PROFIT ratio {r['ratio']:g}, lr decay per "
                                                     f"{r['lr_schedule_unit']}, Δ {delta}")
         rows.append({**key, "row": name, **{m: r[m] for m in METRICS}})
         rows.append({**key, "row": "pretrained", **{m: r[f"{m}_before"] for m in METRICS}})
@@ -121,6 +132,82 @@ def profit_markdown(summary: pd.DataFrame) -> str:
         s = summary[summary["row"] == row].iloc[0]
         p = paper[ref.get(row, "profit")]
         lines.append(f"| {row} | {_cell(s, 'old_test')} | {p['old']} | {_cell(s, 'new_test')} | {p['new']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- compute
+def pretrain_metas(runs: pd.DataFrame, cache_dir: Path) -> list[dict]:
+    """The cache metadata (wall_time_s, cpu_time_s, ...) of every checkpoint the study's runs fine-tuned from."""
+    import json
+
+    from profit_bench.pretrain import cache_path, default_pretrain_config
+    metas = []
+    for (seed, act, ln, bs), _ in fill_reading(runs).groupby(["seed", "activation", "layernorm",
+                                                               "pretrain_batch_size"]):
+        pcfg = default_pretrain_config("toy", batch_size=int(bs), activation=act, layernorm=ln)
+        path = cache_path("toy", "mlp", int(seed), pcfg, cache_dir).with_suffix(".json")
+        metas.append(json.loads(path.read_text()) if path.is_file() else {"missing": str(path)})
+    return metas
+
+
+def compute_markdown(stages: dict[str, pd.DataFrame], cache_dir: Path) -> str:
+    """Core-seconds of the study: every trial's process CPU time and every checkpoint's pretraining CPU time
+    (what a loaded shared machine's wall clock hides), with their wall times beside them."""
+    lines = ["| part | count | CPU core-s | wall s (as measured, under load) |", "|---|---|---|---|"]
+    cpu_all = 0.0
+    for name, runs in stages.items():
+        metas = pretrain_metas(runs, cache_dir)
+        got = [m for m in metas if "cpu_time_s" in m]
+        pre_cpu, pre_wall = sum(m["cpu_time_s"] for m in got), sum(m["wall_time_s"] for m in got)
+        note = f" ({len(metas) - len(got)} without a CPU time)" if len(got) < len(metas) else ""
+        lines.append(f"| {name}: pretraining | {len(metas)}{note} | {pre_cpu:.0f} | {pre_wall:.0f} |")
+        lines.append(f"| {name}: fine-tuning trials | {len(runs)} | {runs['cpu_time_s'].sum():.0f} | "
+                     f"{runs['wall_time_s'].sum():.0f} |")
+        cpu_all += pre_cpu + runs["cpu_time_s"].sum()
+    lines.append(f"| **total** | | **{cpu_all:.0f}** | |")
+    return ("\n".join(lines) + f"\n\n{cpu_all:.0f} core-seconds ⇒ ≥ {cpu_all / 2 / 60:.0f} min on 2 free cores "
+            f"(2 trials or pretrainings at a time, one thread each; Ray start-up, MLflow and stage barriers "
+            f"come on top).\n")
+
+
+def unit_costs(stages: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[dict, dict]:
+    """Measured mean CPU seconds per fine-tuning trial (method, PROFIT or not, batch size) and per pretraining
+    (batch size), over every run of the study that recorded a CPU time."""
+    trials, pre = {}, {}
+    for runs in stages.values():
+        runs = fill_reading(runs[runs["cpu_time_s"].notna()]) if "cpu_time_s" in runs else runs.iloc[:0]
+        for key, g in runs.groupby(["method", "is_profit", "batch_size"]):
+            trials.setdefault((key[0], bool(key[1]), int(key[2])), []).extend(g["cpu_time_s"])
+        for m in pretrain_metas(runs, cache_dir):
+            if "cpu_time_s" in m:
+                pre.setdefault(int(m["config"]["batch_size"]), []).append(m["cpu_time_s"])
+    return ({k: float(np.mean(v)) for k, v in trials.items()}, {k: float(np.mean(v)) for k, v in pre.items()})
+
+
+def projection_markdown(stages: dict[str, pd.DataFrame], cache_dir: Path, suite: str = "table1_regime") -> str:
+    """The whole one-command study (every workload of `suite`) in core-seconds: its trials and checkpoints
+    counted from the YAML, each costed at the measured mean of its kind (unit_costs)."""
+    from profit_bench.pretrain import pretrain_config_for
+    from profit_bench.spec import grid_points, load_suite, resolved_config, trial_dict
+    trial_cost, pre_cost = unit_costs(stages, cache_dir)
+    lines = ["| workload | trials | checkpoints | projected CPU core-s (trials + pretraining) |", "|---|---|---|---|"]
+    total, unmeasured = 0.0, set()
+    for name, spec in load_suite(suite).workloads.items():
+        cfgs = [resolved_config(trial_dict(spec, p)) for p in grid_points(spec)]
+        keys = {(c.seed, pretrain_config_for(c)) for c in cfgs}
+        t = p = 0.0
+        for c in cfgs:
+            k = (c.method if not c.profit else "profit", bool(c.profit), c.batch_size)
+            t += trial_cost.get(k, math.nan)
+            unmeasured |= {f"trial {k}"} if k not in trial_cost else set()
+        for _, pc in keys:
+            p += pre_cost.get(pc.batch_size, math.nan)
+            unmeasured |= {f"pretraining batch {pc.batch_size}"} if pc.batch_size not in pre_cost else set()
+        total += t + p
+        lines.append(f"| {name} | {len(cfgs)} | {len(keys)} | {t + p:.0f} ({t:.0f} + {p:.0f}) |")
+    lines.append(f"| **total** | | | **{total:.0f}** ⇒ ≥ {total / 2 / 60:.0f} min on 2 free cores |")
+    if unmeasured:
+        lines.append(f"\nNot measured (NaN above): {', '.join(sorted(unmeasured))}.")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--cache-dir", default="ray_results/pretrain_cache", help="the sweep's pretraining cache")
+    p.add_argument("--earlier", nargs="*", default=[], metavar="CSV",
+                   help="per-seed CSVs (readings_per_seed.csv format) of readings an earlier run measured; a "
+                        "reading × seed × row this run has too is taken from this run")
     p.add_argument("--figure", nargs=5, metavar=("VARIANT", "SEED", "RATIO", "UNIT", "DELTA"),
                    help="also draw the Figure-3-style plot for this toy_variant / fresh seed / PROFIT ratio / "
                         "lr_schedule_unit / profit_delta")
@@ -211,6 +301,10 @@ def main(argv=None) -> int:
 
     runs = load_runs(["table1_regime_readings"], args.tracking_uri)
     seeds = per_seed(runs)
+    for path in args.earlier:  # readings an earlier run measured (same seeds, same code path): this run's win
+        earlier = pd.read_csv(path)
+        seeds = pd.concat([seeds, earlier]).drop_duplicates(subset=READING + ["seed", "row"], keep="first")
+        seeds = seeds.sort_values(READING + ["row", "seed"]).reset_index(drop=True)
     seeds.to_csv(out / "readings_per_seed.csv", index=False, float_format="%.6g")
     summary = summarise(seeds)
     ranked = distances(summary, "val").merge(distances(summary, "test"), on=READING)
@@ -218,6 +312,7 @@ def main(argv=None) -> int:
     summary.merge(ranked, on=READING).to_csv(out / "readings.csv", index=False, float_format="%.6g")
     (out / "readings_val.md").write_text(readings_markdown(summary, ranked, "val"))
     (out / "readings_test.md").write_text(readings_markdown(summary, ranked, "test"))
+    (out / "top5.md").write_text(readings_markdown(summary, ranked.head(5), "test"))
     print(ranked.to_string())
     n_div = int((runs["status"] != "ok").sum() + runs["diverged"].sum())
     print(f"readings: {len(runs)} trials, {n_div} not ok / diverged")
@@ -234,6 +329,10 @@ def main(argv=None) -> int:
         psum.to_csv(out / "profit.csv", index=False, float_format="%.6g")
         (out / "profit.md").write_text(profit_markdown(psum))
         print(profit_markdown(psum))
+    stages = {"readings": runs} | ({"profit": prof} if prof is not None else {})
+    (out / "compute.md").write_text(compute_markdown(stages, Path(args.cache_dir)) + "\n" +
+                                    projection_markdown(stages, Path(args.cache_dir)))
+    print((out / "compute.md").read_text())
     if args.figure:
         variant, seed, ratio, unit, delta = args.figure
         print(figure3(variant, int(seed), float(ratio), unit, delta, Path(args.cache_dir), out / "figure3.png"))

@@ -29,7 +29,8 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from profit_bench import UserError
 from profit_bench.plan import run_name
-from profit_bench.spec import applicable_params
+from profit_bench.spec import GRID_ONLY, applicable_params
+from profit_bench.tasks import TOY_VARIANTS
 
 # main_steps per evaluation: the axis of the report's equal-main-update view (a PROFIT run makes fewer main updates
 # per batch than a plain optimizer; epochs-budgeted runs are logged per epoch)
@@ -57,6 +58,9 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_METRICS = ("old_test", "new_test", "forgetting_test")  # after the objectives: the confirmation's numbers
 VIEW_PARAMS = ("method", "lr")
 VIEW_TAGS = ("stage", "arm", "choice")
+# Sweep-wide `trial:` knobs that change the pretrained model or the data a run trains on: params too, so a run of
+# table1 in reading `tanh` is told apart from one in `today` without its config.json (analysis reads them).
+MODEL_DATA_KNOBS = GRID_ONLY | {"pretrain_steps", "pretrain_epochs", "pretrain_lr", "pretrain_scheduler", "limit"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -553,13 +557,17 @@ def is_curve(key: str) -> bool:
 
 
 def compact_params(cfg_dict: dict, spec, point_params: dict) -> dict:
-    """The params of a trial run: KEY_PARAMS and every knob some arm of the sweep fixes or searches (and the
-    point's own), where they apply to this run (spec.applicable_params). A method's own knobs (l2sp_alpha,
-    ewc_lambda, ...) live in the config's method_args: they are params under their own names, as the spec names
-    them, so the report can tell two configurations of one arm apart."""
+    """The params of a trial run: KEY_PARAMS, every knob some arm of the sweep fixes or searches (and the point's
+    own) and the `trial:` block's MODEL_DATA_KNOBS (with a toy_variant, the knobs it fills), where they apply to
+    this run (spec.applicable_params); other sweep-wide fields (eval_every, dtype, ...) stay in config.json. A
+    method's own knobs (l2sp_alpha, ewc_lambda, ...) live in the config's method_args: they are params under their
+    own names, as the spec names them, so the report can tell two configurations of one arm apart."""
     knobs = set(KEY_PARAMS) | set(point_params)
+    knobs |= {k for k, v in spec.trial.items() if v is not None and k in MODEL_DATA_KNOBS}
     for a in spec.arms:
         knobs |= set(a.fixed) | set(a.space)
+    if "toy_variant" in knobs and cfg_dict.get("toy_variant") in TOY_VARIANTS:
+        knobs |= set(TOY_VARIANTS[cfg_dict["toy_variant"]])
     flat = {**(cfg_dict.get("method_args") or {}), **applicable_params(cfg_dict)}
     return {k: v for k, v in flat.items() if k in knobs}
 

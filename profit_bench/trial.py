@@ -244,7 +244,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     A non-finite loss or metric stops training and returns status "diverged" (metrics as last evaluated).
     `return_model=True` returns (result, fine-tuned model) instead, for tests and notebooks.
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = resolve(_as_config(cfg))
     device = pick_device(cfg.device)
     method = get_method(cfg.method, cfg.model)
@@ -397,6 +397,7 @@ def _result(cfg: TrialConfig, task, state: LoopState, final: dict, before: dict,
         peak_mem_bytes=int(peak_mem),
         step_time_median_s=statistics.median(state.step_times) if state.step_times else float("nan"),
         wall_time_s=time.perf_counter() - t_start,
+        cpu_time_s=time.process_time() - cpu_start,  # this process's CPU seconds, all threads: compute on a busy host
         train_time_s=float(sum(state.step_times)),  # training batches only (no evaluation): cost per main step
         n_trainable=n_trainable, profit_state_bytes=profit_bytes,
         extra_state_bytes=profit_bytes + method_bytes,

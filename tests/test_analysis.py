@@ -829,3 +829,17 @@ def test_table1_regime_distance_is_the_mean_abs_log_ratio_to_the_papers_baseline
     d = distances(pd.DataFrame(rows), "val")
     assert list(d.columns) == READING + ["distance_val"]
     assert d["distance_val"].iloc[0] == pytest.approx(2 * math.log(2) / 6)  # two of six off by a factor 2
+
+
+def test_table1_regime_reading_of_a_run_is_logged_else_its_toy_variants_else_todays():
+    import pandas as pd
+
+    from analysis.table1_regime import fill_reading
+    runs = pd.DataFrame([
+        dict(toy_variant="gelu_ln_after", activation=None, layernorm=None),  # a `trial:` reading, knobs not logged
+        dict(toy_variant="gelu_ln_after", activation="tanh", layernorm="none"),  # logged knobs win
+        dict(toy_variant=None, activation=None, layernorm=None)])  # logged before toy_variant was a param: today
+    out = fill_reading(runs)
+    assert list(out["activation"]) == ["gelu", "tanh", "relu"]
+    assert list(out["layernorm"]) == ["after_act", "none", "before_act"]
+    assert list(out["batch_size"]) == [32, 32, 32]

@@ -233,9 +233,13 @@ def test_table1_regime_study_and_table1_default_validate(capsys):
     suite = load_suite("table1_regime")
     readings = suite.workloads["readings"]
     points = Plan(readings).search_points()
-    cells = {(p.arm, p.params["activation"], p.params["layernorm"]) for p in points}
-    assert len(cells) == 2 * 2 * 2 and {p.seed for p in points} == {0, 1, 2, 3, 4}
-    assert {(p.config.activation, p.config.layernorm) for p in points} == {c[1:] for c in cells}
+    cells = {(p.arm, p.config.activation, p.config.layernorm, p.config.batch_size) for p in points}
+    seen = {cell[1:] for cell in cells}  # batch 32: {relu, tanh} × LN {before, after}, GELU, no LN; batch 8
+    assert seen == {(a, ln, 32) for a in ("relu", "tanh", "gelu") for ln in ("before_act", "after_act")} | \
+        {("relu", "none", 32), ("relu", "before_act", 8)}
+    assert len(cells) == 2 * len(seen) and {p.seed for p in points} == {0, 1, 2, 3, 4}
+    assert {a.fixed["batch_size"] for a in readings.arms} == {32, 8}
+    assert all(a.fixed["batch_size"] == a.fixed["pretrain_batch_size"] for a in readings.arms)
     profit = suite.workloads["profit"]
     assert not set(profit.seeds) & set(readings.seeds)  # stage 2 runs on fresh seeds
     assert main(["table1_regime", "--dry-run"]) == 0

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,23 @@ def test_a_methods_own_knobs_are_params_under_their_own_names():
     params = compact_params(_asdict(resolved_config(trial_dict(spec, point))), spec, point["params"])
     assert (params["lr"], params["lwf_lambda"], params["lwf_temperature"]) == (1e-3, 0.5, 2.0)
     assert "method_args" not in params and "ratio" not in params  # PROFIT's knobs apply to PROFIT runs only
+
+
+def test_compact_params_log_the_trial_block_knobs_that_change_model_or_data_only():
+    """A sweep-wide `trial:` reading (table1's toy_variant) is a run param with the knobs it fills, so runs of two
+    readings stay distinguishable without config.json; other sweep-wide fields (eval_every) stay out."""
+    from profit_bench.plan import Plan
+    from profit_bench.spec import load_spec
+    from profit_bench.tracking import compact_params
+
+    def first(spec, arm=None):
+        point = next(p for p in Plan(spec).search_points() if arm is None or p.arm == arm)
+        return compact_params(asdict(point.config), spec, point.params)
+
+    params = first(load_spec("table1", ["trial.toy_variant=tanh_ln_after", "trial.pretrain_steps=50"]))
+    assert params["toy_variant"] == "tanh_ln_after" and params["pretrain_steps"] == 50
+    assert (params["activation"], params["layernorm"], params["lr_schedule_unit"]) == ("tanh", "after_act", "main")
+    assert "eval_every" not in params and "dtype" not in params
+    params = first(load_spec("table1", ["trial.toy_variant=null", "methods.full.toy_variant=gelu"]), "full")
+    assert (params["toy_variant"], params["activation"], params["layernorm"]) == ("gelu", "gelu", "before_act")
+    assert not {"toy_variant", "activation", "layernorm"} & set(first(load_spec("table1", ["trial.toy_variant=null"])))

@@ -19,7 +19,7 @@ from profit_bench.trial import TrialConfig, resolve, run_trial, to_json
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"wall_time_s", "step_time_median_s", "train_time_s", "peak_mem_bytes"}
+TIMING_KEYS = {"wall_time_s", "cpu_time_s", "step_time_median_s", "train_time_s", "peak_mem_bytes"}
 
 
 def tiny(tmp_path, **kw) -> TrialConfig:
@@ -585,3 +585,15 @@ def test_trial_pretrains_and_fine_tunes_the_reading_it_names(tmp_path):
     files = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
     run_trial(tiny(tmp_path))  # the original reading: its own checkpoint beside the first
     assert len(sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))) == len(files) + 1
+
+
+def test_trial_and_pretraining_record_their_process_cpu_seconds(tmp_path):
+    """cpu_time_s: the compute a loaded shared machine's wall clock hides (the Table 1 regime study's budget)."""
+    import json
+    cfg = tiny(tmp_path)
+    r = run_trial(cfg, progress=False)
+    assert 0 < r["cpu_time_s"] < 60 and r["cpu_time_s"] <= r["wall_time_s"] * torch.get_num_threads() + 0.5
+    ckpt = cache_path("toy", resolve(cfg).model, 0, default_pretrain_config("toy", steps=30, limit=256),
+                      tmp_path / "cache")
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert 0 < meta["cpu_time_s"] <= meta["wall_time_s"] * torch.get_num_threads() + 0.5
