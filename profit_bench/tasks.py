@@ -459,6 +459,7 @@ TOY_VARIANTS: dict[str, dict] = {
     "tanh_ln_after": {**_TODAY, "activation": "tanh", "layernorm": "after_act"},
     "gelu": {**_TODAY, "activation": "gelu"},
     "gelu_ln_after": {**_TODAY, "activation": "gelu", "layernorm": "after_act"},
+    "batch_8": {**_TODAY, "batch_size": 8, "pretrain_batch_size": 8},
     "batch_256": {**_TODAY, "batch_size": 256, "pretrain_batch_size": 256},
     "decay_per_batch": {**_TODAY, "lr_schedule_unit": "batch"},
 }
