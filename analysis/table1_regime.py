@@ -71,6 +71,14 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(READING + ["row", "seed"]).reset_index(drop=True)
 
 
+def merge_earlier(seeds: pd.DataFrame, paths: list[str]) -> pd.DataFrame:
+    """`seeds` plus the rows of earlier runs' per-seed CSVs (same seeds, same code path: the trials are
+    deterministic on the CPU) that this run does not have; a reading × seed × row this run has is this run's."""
+    for path in paths:
+        seeds = pd.concat([seeds, pd.read_csv(path)]).drop_duplicates(subset=READING + ["seed", "row"], keep="first")
+    return seeds.sort_values(READING + ["row", "seed"]).reset_index(drop=True)
+
+
 def summarise(seeds: pd.DataFrame) -> pd.DataFrame:
     """mean, s.e., 95 % CI and n of each MSE per reading × row."""
     out = []
@@ -98,6 +106,22 @@ def distances(summary: pd.DataFrame, split: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def distance_se(seeds: pd.DataFrame, split: str, draws: int = 300) -> pd.DataFrame:
+    """Bootstrap s.e. of each reading's distance: its seeds resampled with replacement (the same seeds for its
+    three rows: one draw = one set of pretrained models), `draws` times, fixed generator."""
+    rng = np.random.default_rng(0)
+    out = []
+    for key, g in seeds.groupby(READING, sort=False):
+        ids = np.array(sorted(g["seed"].unique()))
+        vals = []
+        for _ in range(draws):
+            pick = rng.choice(ids, size=len(ids), replace=True)
+            boot = pd.concat([g[g["seed"] == i] for i in pick])
+            vals.append(distances(summarise(boot), split)[f"distance_{split}"].iloc[0])
+        out.append({**dict(zip(READING, key)), f"distance_{split}_se": float(np.nanstd(vals, ddof=1))})
+    return pd.DataFrame(out)
+
+
 def _cell(summary_row, metric: str) -> str:
     s = mean_ci([])._replace(mean=summary_row[metric], se=summary_row[f"{metric}_se"], lo=summary_row[f"{metric}_lo"],
                              hi=summary_row[f"{metric}_hi"], n=int(summary_row[f"{metric}_n"]))
@@ -107,15 +131,16 @@ def _cell(summary_row, metric: str) -> str:
 
 def readings_markdown(summary: pd.DataFrame, ranked: pd.DataFrame, split: str) -> str:
     paper = paper_rows()
-    lines = [f"| rank | reading | distance (val) | distance (test) | row | old {split} MSE | new {split} MSE |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| rank | reading | distance (val) ± bootstrap s.e. | distance (test) | row | old {split} MSE | "
+             f"new {split} MSE |", "|---|---|---|---|---|---|---|"]
     for i, (_, r) in enumerate(ranked.iterrows(), 1):
         g = summary.set_index(READING).loc[tuple(r[c] for c in READING)]
         for row in ("pretrained", "full", "head"):
             s = g[g["row"] == row].iloc[0]
             first = row == "pretrained"
             lines.append(f"| {i if first else ''} | {reading_name(r) if first else ''} | "
-                         f"{f'{r.distance_val:.3f}' if first else ''} | {f'{r.distance_test:.3f}' if first else ''} | "
+                         f"{f'{r.distance_val:.3f} ± {r.distance_val_se:.3f}' if first else ''} | "
+                         f"{f'{r.distance_test:.3f}' if first else ''} | "
                          f"{row} | {_cell(s, f'old_{split}')} | {_cell(s, f'new_{split}')} |")
     lines.append(f"| | **paper** | | | pretrained / full / head | {paper['pretrained']['old']} / "
                  f"{paper['full']['old']} / {paper['head']['old']} | {paper['pretrained']['new']} / "
@@ -124,15 +149,20 @@ def readings_markdown(summary: pd.DataFrame, ranked: pd.DataFrame, split: str) -
 
 
 def profit_markdown(summary: pd.DataFrame) -> str:
+    """Stage 2, one table per reading: the pretrained row, the baselines and every PROFIT cell beside the paper."""
     paper = paper_rows()
     ref = {"pretrained": "pretrained", "full": "full", "head": "head"}
-    lines = ["| row | old test MSE | paper | new test MSE | paper |", "|---|---|---|---|---|"]
-    order = ["pretrained", "full", "head"] + sorted(r for r in summary["row"] if r.startswith("PROFIT"))
-    for row in order:
-        s = summary[summary["row"] == row].iloc[0]
-        p = paper[ref.get(row, "profit")]
-        lines.append(f"| {row} | {_cell(s, 'old_test')} | {p['old']} | {_cell(s, 'new_test')} | {p['new']} |")
-    return "\n".join(lines) + "\n"
+    out = []
+    for key, g in summary.groupby(READING, sort=False):
+        lines = [f"**{reading_name(dict(zip(READING, key)))}**", "",
+                 "| row | old test MSE | paper | new test MSE | paper |", "|---|---|---|---|---|"]
+        order = ["pretrained", "full", "head"] + sorted(r for r in g["row"] if r.startswith("PROFIT"))
+        for row in order:
+            s = g[g["row"] == row].iloc[0]
+            p = paper[ref.get(row, "profit")]
+            lines.append(f"| {row} | {_cell(s, 'old_test')} | {p['old']} | {_cell(s, 'new_test')} | {p['new']} |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -161,7 +191,7 @@ def compute_markdown(stages: dict[str, pd.DataFrame], cache_dir: Path) -> str:
         pre_cpu, pre_wall = sum(m["cpu_time_s"] for m in got), sum(m["wall_time_s"] for m in got)
         note = f" ({len(metas) - len(got)} without a CPU time)" if len(got) < len(metas) else ""
         lines.append(f"| {name}: pretraining | {len(metas)}{note} | {pre_cpu:.0f} | {pre_wall:.0f} |")
-        lines.append(f"| {name}: fine-tuning trials | {len(runs)} | {runs['cpu_time_s'].sum():.0f} | "
+        lines.append(f"| {name}: fine-tuning trials | {runs['cpu_time_s'].notna().sum()} | {runs['cpu_time_s'].sum():.0f} | "
                      f"{runs['wall_time_s'].sum():.0f} |")
         cpu_all += pre_cpu + runs["cpu_time_s"].sum()
     lines.append(f"| **total** | | **{cpu_all:.0f}** | |")
@@ -291,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--earlier", nargs="*", default=[], metavar="CSV",
                    help="per-seed CSVs (readings_per_seed.csv format) of readings an earlier run measured; a "
                         "reading × seed × row this run has too is taken from this run")
+    p.add_argument("--earlier-profit", nargs="*", default=[], metavar="CSV",
+                   help="the same for stage 2 (profit_per_seed.csv format)")
     p.add_argument("--figure", nargs=5, metavar=("VARIANT", "SEED", "RATIO", "UNIT", "DELTA"),
                    help="also draw the Figure-3-style plot for this toy_variant / fresh seed / PROFIT ratio / "
                         "lr_schedule_unit / profit_delta")
@@ -300,14 +332,11 @@ def main(argv=None) -> int:
     pd.set_option("display.width", 200)
 
     runs = load_runs(["table1_regime_readings"], args.tracking_uri)
-    seeds = per_seed(runs)
-    for path in args.earlier:  # readings an earlier run measured (same seeds, same code path): this run's win
-        earlier = pd.read_csv(path)
-        seeds = pd.concat([seeds, earlier]).drop_duplicates(subset=READING + ["seed", "row"], keep="first")
-        seeds = seeds.sort_values(READING + ["row", "seed"]).reset_index(drop=True)
+    seeds = merge_earlier(per_seed(runs), args.earlier)
     seeds.to_csv(out / "readings_per_seed.csv", index=False, float_format="%.6g")
     summary = summarise(seeds)
     ranked = distances(summary, "val").merge(distances(summary, "test"), on=READING)
+    ranked = ranked.merge(distance_se(seeds, "val"), on=READING)
     ranked = ranked.sort_values("distance_val").reset_index(drop=True)
     summary.merge(ranked, on=READING).to_csv(out / "readings.csv", index=False, float_format="%.6g")
     (out / "readings_val.md").write_text(readings_markdown(summary, ranked, "val"))
@@ -323,7 +352,7 @@ def main(argv=None) -> int:
         print(f"profit stage: {e}", file=sys.stderr)
         prof = None
     if prof is not None:
-        pseeds = per_seed(prof)
+        pseeds = merge_earlier(per_seed(prof), args.earlier_profit)
         pseeds.to_csv(out / "profit_per_seed.csv", index=False, float_format="%.6g")
         psum = summarise(pseeds)
         psum.to_csv(out / "profit.csv", index=False, float_format="%.6g")
