@@ -191,7 +191,8 @@ def compute_markdown(stages: dict[str, pd.DataFrame], cache_dir: Path) -> str:
         pre_cpu, pre_wall = sum(m["cpu_time_s"] for m in got), sum(m["wall_time_s"] for m in got)
         note = f" ({len(metas) - len(got)} without a CPU time)" if len(got) < len(metas) else ""
         lines.append(f"| {name}: pretraining | {len(metas)}{note} | {pre_cpu:.0f} | {pre_wall:.0f} |")
-        lines.append(f"| {name}: fine-tuning trials | {runs['cpu_time_s'].notna().sum()} | {runs['cpu_time_s'].sum():.0f} | "
+        done = runs["cpu_time_s"].notna()
+        lines.append(f"| {name}: fine-tuning trials | {done.sum()} | {runs['cpu_time_s'].sum():.0f} | "
                      f"{runs['wall_time_s'].sum():.0f} |")
         cpu_all += pre_cpu + runs["cpu_time_s"].sum()
     lines.append(f"| **total** | | **{cpu_all:.0f}** | |")
@@ -206,8 +207,8 @@ def unit_costs(stages: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[dict, 
     trials, pre = {}, {}
     for runs in stages.values():
         runs = fill_reading(runs[runs["cpu_time_s"].notna()]) if "cpu_time_s" in runs else runs.iloc[:0]
-        for key, g in runs.groupby(["method", "is_profit", "batch_size"]):
-            trials.setdefault((key[0], bool(key[1]), int(key[2])), []).extend(g["cpu_time_s"])
+        for key, g in runs.groupby(["method", "is_profit", "batch_size"]):  # PROFIT: any method through it
+            trials.setdefault(("profit" if key[1] else key[0], bool(key[1]), int(key[2])), []).extend(g["cpu_time_s"])
         for m in pretrain_metas(runs, cache_dir):
             if "cpu_time_s" in m:
                 pre.setdefault(int(m["config"]["batch_size"]), []).append(m["cpu_time_s"])
