@@ -218,13 +218,14 @@ def unit_costs(stages: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[dict, 
 def projection_markdown(stages: dict[str, pd.DataFrame], cache_dir: Path, suite: str = "table1_regime") -> str:
     """The whole one-command study (every workload of `suite`) in core-seconds: its trials and checkpoints
     counted from the YAML, each costed at the measured mean of its kind (unit_costs)."""
+    from profit_bench.plan import Plan
     from profit_bench.pretrain import pretrain_config_for
-    from profit_bench.spec import grid_points, load_suite, resolved_config, trial_dict
+    from profit_bench.spec import load_suite
     trial_cost, pre_cost = unit_costs(stages, cache_dir)
     lines = ["| workload | trials | checkpoints | projected CPU core-s (trials + pretraining) |", "|---|---|---|---|"]
     total, unmeasured = 0.0, set()
     for name, spec in load_suite(suite).workloads.items():
-        cfgs = [resolved_config(trial_dict(spec, p)) for p in grid_points(spec)]
+        cfgs = [p.config for p in Plan(spec).search_points()]
         keys = {(c.seed, pretrain_config_for(c)) for c in cfgs}
         t = p = 0.0
         for c in cfgs:
