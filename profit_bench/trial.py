@@ -268,7 +268,7 @@ def run_trial(cfg: TrialConfig | dict, report: Callable[[dict], None] | None = N
     final = {}
     for s in ("old_val", "new_val", "old_test", "new_test"):  # the only test evaluation of the trial
         final[s], final[f"{s}_loss"] = evaluate(model, task, s)
-    result = _result(cfg, task, state, final, before, history, device, peak_mem, t_start,
+    result = _result(cfg, task, state, final, before, history, device, peak_mem, t_start, cpu_start,
                      n_trainable=sum(p.numel() for p in params),
                      profit_bytes=opt.extra_state_bytes() if cfg.profit else 0,
                      method_bytes=prepared.extra_state_bytes)
@@ -376,7 +376,8 @@ def _train(model, opt, params, task, cfg: TrialConfig, gen, penalty, on_eval) ->
 
 
 def _result(cfg: TrialConfig, task, state: LoopState, final: dict, before: dict, history: list, device,
-            peak_mem: int, t_start: float, *, n_trainable: int, profit_bytes: int, method_bytes: int) -> dict:
+            peak_mem: int, t_start: float, cpu_start: float, *, n_trainable: int, profit_bytes: int,
+            method_bytes: int) -> dict:
     # protocol.TRIAL_DIVERGENCE_RULE: non-finite anywhere, or the new-task validation loss exploded from where
     # the pretrained model started (independent of any sweep; the sweep's relative rule adds to it).
     diverged_reason = ("a loss turned non-finite during training" if state.diverged else
@@ -397,7 +398,7 @@ def _result(cfg: TrialConfig, task, state: LoopState, final: dict, before: dict,
         peak_mem_bytes=int(peak_mem),
         step_time_median_s=statistics.median(state.step_times) if state.step_times else float("nan"),
         wall_time_s=time.perf_counter() - t_start,
-        cpu_time_s=time.process_time() - cpu_start,  # this process's CPU seconds, all threads: compute on a busy host
+        cpu_time_s=time.process_time() - cpu_start,  # this process's CPU seconds (all threads): compute under load
         train_time_s=float(sum(state.step_times)),  # training batches only (no evaluation): cost per main step
         n_trainable=n_trainable, profit_state_bytes=profit_bytes,
         extra_state_bytes=profit_bytes + method_bytes,
