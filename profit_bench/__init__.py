@@ -1,3 +1,13 @@
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where pretrained checkpoints (and downloaded data, under data/) go: $PROFIT_BENCH_CACHE or
+    ~/.cache/profit_bench. Here, not in pretrain.py, so that tasks.py can name it without importing pretraining."""
+    return Path(os.environ.get("PROFIT_BENCH_CACHE", Path.home() / ".cache" / "profit_bench"))
+
+
 class UserError(Exception):
     """Bad input a user can fix; CLIs print it on one line and exit 2."""
 

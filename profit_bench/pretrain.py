@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from profit_bench import UserError, safe_name
+from profit_bench import UserError, default_cache_dir, safe_name
 from profit_bench.loop import LoopState, make_lr_factor, train_steps
 from profit_bench.methods import OLD_TASK_STATS, get_method, make_optimizer
 from profit_bench.tasks import TaskData, evaluate, get_task, task_spec
@@ -86,10 +86,6 @@ def pretrain_config_for(cfg) -> PretrainConfig:
 
 def mlp_options(pcfg: PretrainConfig) -> dict:
     return dict(activation=pcfg.activation, layernorm=pcfg.layernorm)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PROFIT_BENCH_CACHE", Path.home() / ".cache" / "profit_bench"))
 
 
 # Fields added after checkpoints were cached: left out of the hash at their default, so those keys stay valid.

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from profit_bench import UserError
+from profit_bench import UserError, default_cache_dir
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
 FMNIST_FILES = {
@@ -303,7 +303,6 @@ def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np
 def default_data_dir() -> Path:
     """Where datasets go without --data-dir: data/ under the pretrained-model cache ($PROFIT_BENCH_CACHE or
     ~/.cache/profit_bench)."""
-    from profit_bench.pretrain import default_cache_dir
     return default_cache_dir() / "data"
 
 
