@@ -181,10 +181,10 @@ def test_one_pretraining_task_per_checkpoint_even_when_methods_need_old_task_sta
 
 
 def test_trial_prior_scales_the_pretraining_time_to_the_fine_tuning_budget():
-    spec = load_suite("suite_cpu", only=["fmnist_vit"]).workloads["fmnist_vit"]  # 4 epochs
+    spec = load_suite("suite_cpu", only=["fmnist_vit"]).workloads["fmnist_vit"]  # 5 epochs
     metas = [{"wall_time_s": 200.0, "config": {"epochs": 40}}, {"wall_time_s": 220.0, "config": {"epochs": 40}},
              {"wall_time_s": 210.0, "config": {"epochs": 40}}, None]
-    assert trial_prior_s(spec, metas) == pytest.approx(21.0)  # the median checkpoint: 210 s / 40 × 4
+    assert trial_prior_s(spec, metas) == pytest.approx(26.25)  # the median checkpoint: 210 s / 40 × 5
     toy = load_suite("suite_cpu", only=["toy"]).workloads["toy"]  # 1500 steps
     assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"steps": 10000, "epochs": None}}]) == 3.0
     assert trial_prior_s(toy, [{"wall_time_s": 20.0, "config": {"epochs": 3}}]) is None
