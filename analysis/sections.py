@@ -242,14 +242,15 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
 
 
 def plateaus(runs, cells, tracking_uri) -> dict:
-    """config_key → "yes" / "no (still improving, +x)" / "—": the new-task validation curve rule
+    """cell (stats.CELL_KEYS) → "yes" / "no (still improving, +x)" / "—": the new-task validation curve rule
     (stats.new_task_plateau) on each confirmed cell's confirmation runs (MLflow metric histories)."""
     if runs is None or not len(cells):
         return {}
     out = {}
     conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
     for _, c in cells.iterrows():
-        mine = conf[conf["config_key"] == c["config_key"]]
+        # the cell's own runs: a config_key (arm, model, params) recurs across a suite's workloads
+        mine = conf[(conf[stats.CELL_KEYS] == c[stats.CELL_KEYS]).all(axis=1)]
         if mine.empty:
             continue
         hist = load.metric_histories({str(int(s)): rid for s, rid in zip(mine["seed"], mine["run_id"])},
@@ -257,11 +258,15 @@ def plateaus(runs, cells, tracking_uri) -> dict:
         hist = hist[hist["step"] > 0].rename(columns={"run": "seed"})
         s = stats.new_task_plateau(hist, c["metric_name"], bool(c["higher_is_better"])) if len(hist) else None
         if s is None or s["plateau"] is None:
-            out[c["config_key"]] = "— (fewer than 4 evaluations)"
+            out[_cell(c)] = "— (fewer than 4 evaluations)"
         else:
             gain = f"{s['gain']:+.2f} points" if c["metric_name"] == "accuracy" else f"{100 * s['gain_rel']:+.1f} %"
-            out[c["config_key"]] = "yes" if s["plateau"] else f"**no** (still improving, {gain})"
+            out[_cell(c)] = "yes" if s["plateau"] else f"**no** (still improving, {gain})"
     return out
+
+
+def _cell(c) -> tuple:
+    return tuple(str(c[k]) for k in stats.CELL_KEYS)
 
 
 def _budget(r) -> str:
@@ -278,7 +283,7 @@ def _cells_table(c, hyper, metric, plateau: dict | None = None) -> list[str]:
         rows.append([r["arm"], r["choice"], tables.config_text(r, hyper), r["n"], r["n_bad"]]
                     + [cell for m in ("old_test", "new_test", "forgetting_test", "gain_test")
                        for cell in stats.stat_ci(r[m + "_stat"], metric)]
-                    + [_budget(r), plateau.get(r["config_key"], "—")]
+                    + [_budget(r), plateau.get(_cell(r), "—")]
                     + [stats.fmt_num(r[k]) if r["is_profit"] else "—" for k in diag])
     return [md_table(["arm", "choice", "config", "n", "diverged/failed", f"old test {metric}", "old 95 % CI",
                       f"new test {metric}", "new 95 % CI", "forgetting", "forgetting 95 % CI", "gain", "gain 95 % CI",

@@ -295,3 +295,21 @@ def test_table1_regime_reading_of_a_run_is_logged_else_its_toy_variants_else_tod
     assert list(out["activation"]) == ["gelu", "tanh", "relu"]
     assert list(out["layernorm"]) == ["after_act", "none", "before_act"]
     assert list(out["batch_size"]) == [32, 32, 32]
+
+
+def test_plateau_flags_read_each_cells_own_runs_when_a_config_key_recurs_across_workloads(monkeypatch):
+    """A suite draws the same lr for an arm on every workload, so (arm, model, params) — the config_key — recurs
+    across experiments; each cell's plateau flag must come from its own experiment's runs (issue 29: the toy's
+    flags were read from the Fashion-MNIST MLP's curves)."""
+    import pandas as pd
+    from analysis import load, sections
+    flat, rising = [0.5, 0.5, 0.5, 0.5], [0.2, 0.4, 0.6, 0.8]
+    curve = {"rA": flat, "rB": rising}
+    monkeypatch.setattr(load, "metric_histories", lambda ids, uri, keys: pd.DataFrame(
+        [dict(run=s, key="new_val", step=i + 1, value=v) for s, rid in ids.items() for i, v in enumerate(curve[rid])]))
+    base = dict(task="t", model="mlp", arm="adam", config_key="k", stage="confirm", status="ok", seed=1000)
+    runs = pd.DataFrame([dict(base, experiment="A", run_id="rA"), dict(base, experiment="B", run_id="rB")])
+    cells = pd.DataFrame([dict(base, experiment=e, metric_name="accuracy", higher_is_better=True) for e in "AB"])
+    got = sections.plateaus(runs, cells, "sqlite:///unused.db")
+    assert got[("A", "t", "mlp", "adam", "k")] == "yes"
+    assert got[("B", "t", "mlp", "adam", "k")].startswith("**no**")

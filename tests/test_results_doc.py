@@ -1,11 +1,11 @@
 """docs/results.md cannot drift from its data: the CPU suite's headline counts (the `<!-- suite_cpu counts: ... -->`
 block, the sentence that states them, the per-workload table) are checked against the committed report
-(docs/results/suite_cpu/report.md, its "Where PROFIT wins, ties or loses" table) and against the paired
-differences recomputed from docs/results/suite_cpu/runs.csv with the project's own analysis (analysis.stats).
+(docs/results/suite_cpu/report.md, its "Where PROFIT wins, loses or is not separated" table and per-experiment
+counts) and against the paired differences recomputed from docs/results/suite_cpu/runs.csv with the project's own
+analysis (analysis.stats: the same pairing, Holm's adjustment over the same family).
 
-The committed report predates Holm's adjustment: its verdicts are the unadjusted 95 % t-intervals, which is what
-`stats.verdict` gives without an adjusted p-value. When the suite is re-run (issue 29), regenerate the report and
-update the block, the sentence and the table together; this test says which number disagrees."""
+When the suite is re-run, regenerate the report and update the block, the sentence and the table together; this
+test names the number that disagrees."""
 from __future__ import annotations
 
 import re
@@ -19,11 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results.md"
 SUITE = ROOT / "docs" / "results" / "suite_cpu"
 KINDS = ("tradeoff", "tie", "worse_tie", "worse_both", "better_tie", "better_both")
-SHORT = {"PROFIT better": "better", "PROFIT worse": "worse", "≈": "tie", "not separated": "tie"}
+SHORT = {"PROFIT better": "better", "PROFIT worse": "worse", "not separated": "tie", "≈": "tie",
+         "— (n<2)": "untested"}
 
 
 def kind(old: str, new: str) -> str:
-    """One comparison's pattern over (old test, new test) verdicts, each 'better' / 'worse' / 'tie'."""
+    """One comparison's pattern over (old test, new test) verdicts, each 'better' / 'worse' / 'tie' / 'untested'."""
+    if "untested" in (old, new):
+        return "untested"
     v = sorted((old, new))
     if v == ["better", "worse"]:
         return "tradeoff"
@@ -33,21 +36,26 @@ def kind(old: str, new: str) -> str:
 
 
 def tally(verdicts: list[tuple[str, str, str]]) -> dict[str, int]:
-    """Counts of a list of (experiment, old, new) verdicts: every kind, the total, tie-old-worse-new."""
+    """Counts of (experiment, old, new) Holm verdicts: every pattern, the comparisons, the untested ones."""
     c = Counter(kind(o, n) for _, o, n in verdicts)
     out = {k: c.get(k, 0) for k in KINDS}
     out["comparisons"] = len(verdicts)
-    out["tie_old_worse_new"] = sum(1 for _, o, n in verdicts if (o, n) == ("tie", "worse"))
+    out["untested"] = c.get("untested", 0)
     return out
 
 
-def per_workload(verdicts: list[tuple[str, str, str]]) -> dict[str, tuple[int, int, int]]:
-    """workload → (PROFIT better, tie, PROFIT worse) over old and new test, as the results.md table counts."""
+def per_workload(holm, raw) -> dict[str, tuple[int, ...]]:
+    """workload → (comparisons, Holm better, not separated, worse, raw better, not separated, worse), counting old
+    and new test verdicts separately, as the report's per-experiment lines do."""
     out = {}
-    for exp, o, n in verdicts:
+    for (exp, ho, hn), (_, ro, rn) in zip(holm, raw):
         w = exp.removeprefix("suite_cpu_")
-        b, t, l = out.get(w, (0, 0, 0))
-        out[w] = (b + [o, n].count("better"), t + [o, n].count("tie"), l + [o, n].count("worse"))
+        c = list(out.get(w, (0,) * 7))
+        c[0] += 1
+        for i, v in enumerate(("better", "tie", "worse")):
+            c[1 + i] += [ho, hn].count(v)
+            c[4 + i] += [ro, rn].count(v)
+        out[w] = tuple(c)
     return out
 
 
@@ -58,100 +66,104 @@ def headline_block(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
+PROSE = {  # the headline sentence's fixed phrasing: key → regex of its number
+    "comparisons": r"Of the (\d+) paired PROFIT-vs-baseline comparisons",
+    "tradeoff": r"(\d+) (?:is a trade-off|are trade-offs) \(better on one task, worse on the other\)",
+    "tie": r"(\d+) (?:is|are) not separated on either task",
+    "worse_tie": r"(\d+) (?:is|are) worse on one task and not separated on the other",
+    "worse_both": r"(\d+) (?:is|are) worse on both",
+    "better_tie": r"(\d+) (?:is|are) better on one task and not separated on the other",
+    "better_both": r"(\d+) (?:is|are) better on both",
+}
+
+
 def headline_prose(text: str) -> dict[str, int]:
-    """The counts as the sentence after the block states them, in its fixed phrasing."""
-    flat = re.sub(r"\s+", " ", text)
-    patterns = {
-        ("comparisons", "n5", "n2"): r"Of the (\d+) paired PROFIT-vs-baseline comparisons \((\d+) on 5 seeds, "
-                                     r"(\d+) on 2 seeds\)",
-        ("tradeoff",): r"(\d+) are trade-offs \(better on one task, worse on the other\)",
-        ("tie",): r"(\d+) ties on both",
-        ("worse_tie",): r"(\d+) worse on one task and tied on the other",
-        ("worse_both",): r"(\d+) worse on both",
-        ("tie_old_worse_new", "comparisons_again"): r"\((\d+) of (\d+), a plurality\) is a tie on the old task and a "
-                                                    r"loss on the new one",
-    }
+    flat = re.sub(r"\s+", " ", text.split("<!-- suite_cpu counts", 1)[-1].split("-->", 1)[-1])
     out = {}
-    for keys, pat in patterns.items():
+    for key, pat in PROSE.items():
         m = re.search(pat, flat)
         assert m, f"docs/results.md: the headline sentence no longer says {pat!r}"
-        out.update({k: int(v) for k, v in zip(keys, m.groups())})
-    none_better = "none has PROFIT better on one task without being worse on the other" in flat
-    out["better_tie"] = out["better_both"] = 0 if none_better else -1  # -1: the sentence does not claim 0
+        out[key] = int(m.group(1))
     return out
 
 
-def workload_table(text: str) -> dict[str, tuple[int, int, int]]:
-    m = re.search(r"\| workload \| PROFIT better \| ≈ [^|]*\| PROFIT worse \|\n\|[-|]+\|\n((?:\|.*\|\n)+)", text)
-    assert m, "docs/results.md: the per-workload 'PROFIT better | ≈ | PROFIT worse' table is missing"
+def workload_table(text: str) -> dict[str, tuple[int, ...]]:
+    m = re.search(r"\| workload \| comparisons \| Holm: PROFIT better [^\n]*\n\|[-|]+\|\n((?:\|.*\|\n)+)", text)
+    assert m, "docs/results.md: the per-workload 'comparisons | Holm: PROFIT better | …' table is missing"
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in m.group(1).strip().splitlines()]
-    return {r[0]: tuple(int(x) for x in r[1:4]) for r in rows}
+    return {r[0]: tuple(int(x) for x in r[1:8]) for r in rows}
 
 
 # ---------------------------------------------------------------------------------------------- report.md
-def report_verdicts(text: str) -> list[tuple[str, str, str]]:
-    """(experiment, old, new) of every row of the report's "Where PROFIT wins, ties or loses" table."""
+def report_rows(text: str) -> tuple[list, list]:
+    """(experiment, old, new) per row of the report's verdict table: Holm verdicts, then raw verdicts."""
     section = text.split("## Where PROFIT wins", 1)[1].split("\n## ", 1)[0]
-    out = []
+    holm, raw = [], []
     for line in section.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-        if len(cells) == 7 and cells[0].startswith("suite_cpu_"):
-            out.append((cells[0], SHORT[cells[5]], SHORT[cells[6]]))
-    return out
+        if len(cells) == 11 and cells[0].startswith("suite_cpu_"):
+            holm.append((cells[0], SHORT[cells[5]], SHORT[cells[8]]))
+            raw.append((cells[0], SHORT[cells[6]], SHORT[cells[9]]))
+    return holm, raw
 
 
-def report_bullets(text: str) -> dict[str, tuple[int, int, int]]:
-    return {e.removeprefix("suite_cpu_"): (int(w), int(t), int(l)) for e, w, t, l in
-            re.findall(r"\*\*(suite_cpu_\w+)\*\*: wins (\d+), ties (\d+), losses (\d+)", text)}
+def report_bullets(text: str) -> dict[str, tuple[int, ...]]:
+    pat = (r"\*\*(suite_cpu_\w+)\*\*: Holm: wins (\d+), not separated (\d+), losses (\d+)[^;]*; raw \(unadjusted\): "
+           r"wins (\d+), not separated (\d+), losses (\d+)[^;]*; of (\d+) comparisons")
+    return {m[0].removeprefix("suite_cpu_"): (int(m[7]) // 2, *map(int, m[1:7])) for m in re.findall(pat, text)}
 
 
 # ---------------------------------------------------------------------------------------------- runs.csv
 @pytest.fixture(scope="module")
 def recomputed() -> list[dict]:
-    """The paired rows, recomputed from runs.csv by analysis.stats (the confirm runs carry their choice tags;
-    selection.csv is the fallback the report used). The method names go through the registry's `canonical`, as
-    analysis.load does for runs read from MLflow."""
+    """The paired rows, recomputed from runs.csv by analysis.stats (Holm over the same family). The method names go
+    through the registry's `canonical`, as analysis.load does for runs read from MLflow."""
     from analysis import stats
     from profit_bench.methods import canonical
     runs = pd.read_csv(SUITE / "runs.csv")
-    canon = [canonical(m, p is True) for m, p in zip(runs["method"], runs["profit"])]
+    canon = [canonical(m, p is True or str(p) == "True") for m, p in zip(runs["method"], runs["profit"])]
     runs["method"] = [m for m, _ in canon]
     cells = stats.confirmed_cells(runs, [], pd.read_csv(SUITE / "selection.csv"))
     return stats.paired_rows(runs, cells)
 
 
-def recomputed_verdicts(paired: list[dict]) -> list[tuple[str, str, str]]:
+def recomputed_verdicts(paired: list[dict], adjusted: bool) -> list[tuple[str, str, str]]:
     from analysis import stats
-    return [(p["experiment"], *(SHORT[stats.verdict(p[m], p["higher_is_better"])] for m in ("old_test", "new_test")))
-            for p in paired]
+
+    def one(p, m):
+        v = stats.verdict(p[m], p["higher_is_better"], p[f"{m}_p_holm"] if adjusted else None)
+        return "untested" if v is None else SHORT[v]
+    return [(p["experiment"], one(p, "old_test"), one(p, "new_test")) for p in paired]
 
 
 def problems(results_text: str, report_text: str, paired: list[dict] | None = None) -> list[str]:
     """Every disagreement between results.md's headline and the data (empty: consistent)."""
     out = []
     block, prose = headline_block(results_text), headline_prose(results_text)
-    verdicts = report_verdicts(report_text)
-    data = tally(verdicts)
+    holm, raw = report_rows(report_text)
+    data = tally(holm)
     for k, v in block.items():
-        if k in ("n5", "n2"):
+        if k.startswith("seeds"):
             continue
         if data.get(k) != v:
             out.append(f"counts block {k}={v}, report table gives {data.get(k)}")
     for k, v in prose.items():
-        want = block.get("comparisons") if k == "comparisons_again" else block.get(k)
-        if want != v:
-            out.append(f"headline sentence says {k}={v}, counts block {want}")
-    if per_workload(verdicts) != report_bullets(report_text):
-        out.append(f"report table {per_workload(verdicts)} vs its own counts {report_bullets(report_text)}")
-    if workload_table(results_text) != per_workload(verdicts):
-        out.append(f"results.md per-workload table {workload_table(results_text)} vs report {per_workload(verdicts)}")
+        if block.get(k) != v:
+            out.append(f"headline sentence says {k}={v}, counts block {block.get(k)}")
+    if per_workload(holm, raw) != report_bullets(report_text):
+        out.append(f"report table {per_workload(holm, raw)} vs its own counts {report_bullets(report_text)}")
+    if workload_table(results_text) != per_workload(holm, raw):
+        out.append(f"results.md per-workload table {workload_table(results_text)} vs report "
+                   f"{per_workload(holm, raw)}")
     if paired is not None:
-        if recomputed_verdicts(paired) != verdicts:
-            out.append("the report's verdicts differ from those recomputed from runs.csv")
+        if recomputed_verdicts(paired, True) != holm:
+            out.append("the report's Holm verdicts differ from those recomputed from runs.csv")
+        if recomputed_verdicts(paired, False) != raw:
+            out.append("the report's raw verdicts differ from those recomputed from runs.csv")
         ns = Counter(p["old_test"].n if p["old_test"].n == p["new_test"].n else -1 for p in paired)
-        if dict(ns) != {5: block.get("n5"), 2: block.get("n2")}:
-            out.append(f"seeds per comparison from runs.csv {dict(ns)} vs block n5={block.get('n5')} "
-                       f"n2={block.get('n2')}")
+        stated = {int(k[5:]): v for k, v in block.items() if k.startswith("seeds")}
+        if dict(ns) != stated:
+            out.append(f"seeds per comparison from runs.csv {dict(ns)} vs block {stated}")
     return out
 
 
@@ -161,29 +173,39 @@ def test_results_doc_matches_report_and_runs(recomputed):
 
 def test_report_verdicts_are_its_paired_intervals(recomputed):
     """Independent of results.md: the report table's rows are exactly the recomputed comparisons, in order."""
-    verdicts = report_verdicts((SUITE / "report.md").read_text())
-    assert len(verdicts) == len(recomputed) > 0
-    assert [(p["experiment"]) for p in recomputed] == [e for e, _, _ in verdicts]
+    holm, _ = report_rows((SUITE / "report.md").read_text())
+    assert len(holm) == len(recomputed) > 0
+    assert [p["experiment"] for p in recomputed] == [e for e, _, _ in holm]
 
 
-@pytest.mark.parametrize("old, new", [
-    ("20 worse on one task and tied on the other", "21 worse on one task and tied on the other"),  # the prose
-    ("worse_tie=20", "worse_tie=21"),                                                              # the block
-    ("tradeoff=16 tie=17", "tradeoff=17 tie=16"),                                                  # both moved
-    ("| toy | 7 | 4 | 9 |", "| toy | 7 | 5 | 8 |"),                                                # the table
-    ("(52 on 5 seeds, 2 on 2 seeds)", "(54 on 5 seeds, 0 on 2 seeds)"),                            # n stated
-])
-def test_an_edited_count_is_caught(old, new, recomputed):
+def _mutations():
+    """Edits of one stated number each (found in today's text, so the cases follow the document)."""
     text = RESULTS.read_text()
-    assert text.count(old) == 1
-    edited = text.replace(old, new)
+    block = re.search(r"<!-- suite_cpu counts[^:]*:(.*?)-->", text, re.S).group(0)
+    k, v = re.search(r"(tradeoff)=(\d+)", block).groups()
+    yield "block", block, block.replace(f"{k}={v}", f"{k}={int(v) + 1}")
+    m = re.search(PROSE["worse_tie"], re.sub(r"\s+", " ", text))
+    yield "prose", m.group(0), m.group(0).replace(m.group(1), str(int(m.group(1)) + 1), 1)
+    row = re.search(r"\| digits \| (\d+) \| (\d+) \|", text)
+    yield "table", row.group(0), f"| digits | {row.group(1)} | {int(row.group(2)) + 1} |"
+    seeds = re.search(r"seeds(\d+)=(\d+)", block)
+    yield "seeds", seeds.group(0), f"seeds{seeds.group(1)}={int(seeds.group(2)) + 1}"
+
+
+@pytest.mark.parametrize("what", ["block", "prose", "table", "seeds"])
+def test_an_edited_count_is_caught(what, recomputed):
+    text = RESULTS.read_text()
+    old, new = next((o, n) for w, o, n in _mutations() if w == what)
+    flat_old = old if old in text else None
+    assert flat_old is not None or what == "prose"
+    edited = text.replace(old, new, 1) if flat_old else re.sub(r"\s+", " ", text).replace(old, new, 1)
     assert problems(edited, (SUITE / "report.md").read_text(), recomputed) != []
 
 
 def test_kind_counts_patterns():
     """The classification, on hand-made verdicts: one of each pattern."""
     v = [("e", "better", "worse"), ("e", "worse", "better"), ("e", "tie", "tie"), ("e", "tie", "worse"),
-         ("e", "worse", "tie"), ("e", "worse", "worse"), ("e", "better", "tie")]
+         ("e", "worse", "tie"), ("e", "worse", "worse"), ("e", "better", "tie"), ("e", "untested", "tie")]
     assert tally(v) == {"tradeoff": 2, "tie": 1, "worse_tie": 2, "worse_both": 1, "better_tie": 1,
-                        "better_both": 0, "comparisons": 7, "tie_old_worse_new": 1}
-    assert per_workload(v) == {"e": (3, 5, 6)}  # better 3, tie 5, worse 6 of the 14 verdicts
+                        "better_both": 0, "comparisons": 8, "untested": 1}
+    assert per_workload(v, v) == {"e": (8, 3, 6, 6, 3, 6, 6)}
