@@ -152,7 +152,7 @@ def selection_section(runs, chosen, hyper) -> str:
     lines = ["## Selection (search stage, validation metrics only)", ""]
     for key, g in _groups(runs):
         metric = g["metric_name"].iloc[0]
-        ch = chosen[(chosen[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)]
+        ch = stats.rows_of(chosen, stats.GROUP, key)
         ref = stats.val_reference(g)
         lines += [f"### {g['experiment'].iloc[0]}: {group_title(*key[1:])}", "",
                   f"Validation reference point: old = {stats.fmt_num(ref[0], metric)}, new = "
@@ -219,7 +219,7 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
              f"applied to the mean new_val curve of the confirmation runs ({stats.PLATEAU_RULE}) 'no' = the "
              "budget may have stopped it early, a longer run could change its numbers.", ""]
     for key, g in _groups(runs):
-        c = cells[(cells[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)] if len(cells) else cells
+        c = stats.rows_of(cells, stats.GROUP, key)
         title = f"{key[0]}: {group_title(*key[1:])}"
         metric = g["metric_name"].iloc[0]
         lines += [f"### {title}", ""]
@@ -230,7 +230,7 @@ def confirmed_section(runs, cells, chosen, hyper, paper, palette, out: Path, fig
             lines += _cells_table(c, hyper, metric, plateaus(runs if tracking_uri else None, c, tracking_uri))
             lines += _hv_table(g, c, ref, metric)
         table = g["table"].iloc[0]
-        ch = chosen[(chosen[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)]
+        ch = stats.rows_of(chosen, stats.GROUP, key)
         refs = dict(val=stats.val_reference(g), test=ref)
         name = figures.plot_pareto(g[g["stage"] == "search"], ch, c, refs,
                                    tables.paper_points(paper, table, key[2]) if table else [], palette, title,
@@ -250,7 +250,7 @@ def plateaus(runs, cells, tracking_uri) -> dict:
     conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
     for _, c in cells.iterrows():
         # the cell's own runs: a config_key (arm, model, params) recurs across a suite's workloads
-        mine = conf[(conf[stats.CELL_KEYS] == c[stats.CELL_KEYS]).all(axis=1)]
+        mine = stats.rows_of(conf, stats.CELL_KEYS, c[stats.CELL_KEYS])
         if mine.empty:
             continue
         hist = load.metric_histories({str(int(s)): rid for s, rid in zip(mine["seed"], mine["run_id"])},
@@ -543,7 +543,7 @@ def curves_section(runs, cells, palette, tracking_uri, wanted: set, out: Path, f
     lines = ["### Validation curves and PROFIT diagnostics per evaluation", ""]
     diag_keys = load.profit_metric_keys(runs)
     for key, g in _groups(runs):
-        c = cells[(cells[stats.GROUP] == pd.Series(key, index=stats.GROUP)).all(axis=1)] if len(cells) else cells
+        c = stats.rows_of(cells, stats.GROUP, key)
         arm_of = dict(zip(g["run_id"], g["arm"]))
         xlabel = "main step" if "steps" in g and g["steps"].notna().any() else "epoch"
         metric, hib = g["metric_name"].iloc[0], bool(g["higher_is_better"].iloc[0])

@@ -256,6 +256,11 @@ def choice_order(choice: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- paired
+def rows_of(df: pd.DataFrame, cols: list[str], values) -> pd.DataFrame:
+    """The rows of `df` whose `cols` equal `values` (a GROUP or CELL_KEYS key); an empty frame stays as it is."""
+    return df[(df[cols] == pd.Series(list(values), index=cols)).all(axis=1)] if len(df) else df
+
+
 def comparison_pairs(cells: pd.DataFrame):
     """(group key, PROFIT cell, baseline cell, shared choice) for every comparison the report makes: a PROFIT arm vs
     each baseline arm of the same experiment × task × backbone, matched by selection choice (PROFIT's knee vs the
@@ -283,7 +288,7 @@ def paired_rows(runs: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
     conf = runs[(runs["stage"] == "confirm") & (runs["status"] == "ok")]
     out = []
     for key, p, b, choice in comparison_pairs(cells):
-        mine = conf[(conf[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
+        mine = rows_of(conf, GROUP, key)
         pr = per_seed(mine, p["config_key"], ["old_test", "new_test"])
         br = per_seed(mine, b["config_key"], ["old_test", "new_test"])
         seeds = sorted(set(pr.index) & set(br.index))
@@ -332,7 +337,7 @@ def equal_update_rows(runs: pd.DataFrame, cells: pd.DataFrame, histories: pd.Dat
     curves = {rid: updates_curve(h) for rid, h in histories.groupby("run")} if len(histories) else {}
     out = []
     for key, p, b, choice in comparison_pairs(cells):
-        mine = conf[(conf[GROUP] == pd.Series(key, index=GROUP)).all(axis=1)]
+        mine = rows_of(conf, GROUP, key)
         first = {side: mine[mine["config_key"] == c["config_key"]].drop_duplicates("seed").set_index("seed")
                  for side, c in (("p", p), ("b", b))}
         reads = []  # per seed: (count, PROFIT reading, baseline reading)
